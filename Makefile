@@ -1,0 +1,37 @@
+# Every target installs what it needs first; `make demo` and `make test` are all a user types.
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedspeech-installed
+PYTEST_ARGS ?=
+export FLWR_TELEMETRY_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install demo test test-all lint typecheck bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fedspeech demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/mfcc_speed.py
+
+clean:
+	rm -rf $(VENV) .fedspeech .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,89 @@
+"""Audio I/O: read WAV/FLAC/OGG/MP3 with soundfile, mix down to mono, resample to 16 kHz (soxr)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from features.errors import AudioError, SkipReport
+
+TARGET_SAMPLE_RATE = 16_000
+# Shorter than one 25 ms analysis window: no MFCC frame can be computed from it.
+MIN_DURATION_S = 0.025
+
+
+def audio_duration(path: str | Path) -> float:
+    """Duration in seconds from the file header (no decoding). Raises AudioError naming the file."""
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise AudioError(f"{path}: not a readable audio file ({_short(exc)})") from exc
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise AudioError(f"{path}: empty audio file (0 samples)")
+    return float(info.frames) / float(info.samplerate)
+
+
+def load_audio(
+    path: str | Path,
+    sample_rate: int = TARGET_SAMPLE_RATE,
+    *,
+    min_duration_s: float = MIN_DURATION_S,
+    max_duration_s: float | None = None,
+) -> np.ndarray:
+    """Decode ``path`` to a mono float32 waveform at ``sample_rate``.
+
+    Multi-channel audio is averaged to mono; other rates are resampled with soxr (high quality).
+    Samples outside [-1, 1] (float files) are scaled down to peak 1.
+
+    Returns:
+        ``(N,)`` float32 array.
+
+    Raises:
+        AudioError: unreadable/corrupt/truncated file, no samples, non-finite samples, or a
+            duration outside ``[min_duration_s, max_duration_s]``. The message names the file.
+    """
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (N, C)
+    except Exception as exc:
+        raise AudioError(f"{path}: cannot decode audio ({_short(exc)})") from exc
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: empty audio file (0 samples)")
+    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]  # (N,)
+    if not np.all(np.isfinite(wave)):
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    if sr != sample_rate:
+        wave = soxr.resample(wave, sr, sample_rate, quality="HQ").astype(np.float32)  # (N',)
+    duration = wave.shape[0] / sample_rate
+    if duration < min_duration_s:
+        raise AudioError(f"{path}: too short ({duration:.3f} s < {min_duration_s:.3f} s)")
+    if max_duration_s is not None and duration > max_duration_s:
+        raise AudioError(f"{path}: too long ({duration:.1f} s > {max_duration_s:.1f} s)")
+    peak = float(np.abs(wave).max())
+    if peak > 1.0:
+        wave = wave / peak
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def load_many(
+    paths: Iterable[str | Path], sample_rate: int = TARGET_SAMPLE_RATE, **limits: float | None
+) -> tuple[list[tuple[Path, np.ndarray]], SkipReport]:
+    """Load every readable file; unreadable ones are skipped, named and counted in the report."""
+    report = SkipReport("load audio")
+    loaded: list[tuple[Path, np.ndarray]] = []
+    for p in paths:
+        try:
+            loaded.append((Path(p), load_audio(p, sample_rate, **limits)))  # type: ignore[arg-type]
+        except AudioError as exc:
+            report.skip(p, exc)
+        else:
+            report.kept += 1
+    return loaded, report
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
