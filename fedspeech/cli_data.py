@@ -1,0 +1,131 @@
+"""``fedspeech data ...``: build manifests from corpora, partition them, extract features."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedspeech")
+
+
+def register(sub: Any) -> None:
+    """Add the ``data`` command group to the top-level subparsers."""
+    data = sub.add_parser("data", help="build manifests, partition them, extract features")
+    dsub = data.add_subparsers(required=True, metavar="SOURCE")
+
+    p = dsub.add_parser("synthetic", help="the built-in multi-speaker espeak-ng corpus")
+    p.add_argument("--out", type=Path, required=True, help="output folder (wavs/ + manifest.tsv)")
+    p.add_argument("--utterances", type=int, default=1200)
+    p.add_argument("--voices", type=int, default=16, help="distinct synthetic speakers (>= 12)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", action="store_true", help="add noise/reverb (deterministic)")
+    p.set_defaults(handler=_synthetic)
+
+    p = dsub.add_parser("librispeech", help="a LibriSpeech folder (speaker/chapter/*.flac)")
+    p.add_argument("root", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="manifest.tsv to write")
+    p.set_defaults(handler=_librispeech)
+
+    p = dsub.add_parser("commonvoice", help="a Common Voice *.tsv and its clips folder")
+    p.add_argument("tsv", type=Path, help="e.g. cv-corpus/en/validated.tsv")
+    p.add_argument("--clips", type=Path, help="clips folder (default: clips/ beside the tsv)")
+    p.add_argument("--out", type=Path, required=True, help="manifest.tsv to write")
+    p.set_defaults(handler=_commonvoice)
+
+    p = dsub.add_parser("fsdd", help="a Free Spoken Digit Dataset recordings folder")
+    p.add_argument("root", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="manifest.tsv to write")
+    p.set_defaults(handler=_fsdd)
+
+    p = dsub.add_parser("folder", help="any folder of audio files with same-name .txt transcripts")
+    p.add_argument("root", type=Path)
+    p.add_argument("--speaker", help="one speaker for all files (default: parent folder name)")
+    p.add_argument("--out", type=Path, required=True, help="manifest.tsv to write")
+    p.set_defaults(handler=_folder)
+
+    p = dsub.add_parser("partition", help="split a manifest into N client manifests")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--clients", type=int, required=True)
+    p.add_argument("--method", choices=["speaker", "iid", "dirichlet"], default="speaker")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder for client_<i>/manifest.tsv")
+    p.set_defaults(handler=_partition)
+
+    p = dsub.add_parser("features", help="extract (and cache) features of a manifest")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--cache", type=Path, help="cache folder (default: beside the manifest)")
+    p.add_argument("--run-config", default="", help='feature overrides, e.g. "n-mfcc=13"')
+    p.set_defaults(handler=_features)
+
+
+def _report_exit(report: Any) -> int:
+    report.log_summary(log)
+    return 0 if report.kept else 1
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from features.corpora.synthetic import build_synthetic_corpus
+
+    manifest, report = build_synthetic_corpus(
+        args.out,
+        num_utterances=args.utterances,
+        seed=args.seed,
+        num_voices=args.voices,
+        augment=args.augment,
+    )
+    print(manifest)
+    return _report_exit(report)
+
+
+def _librispeech(args: argparse.Namespace) -> int:
+    from features.corpora.librispeech import build_librispeech
+
+    return _report_exit(build_librispeech(args.root, args.out))
+
+
+def _commonvoice(args: argparse.Namespace) -> int:
+    from features.corpora.commonvoice import build_commonvoice
+
+    return _report_exit(build_commonvoice(args.tsv, args.out, clips_dir=args.clips))
+
+
+def _fsdd(args: argparse.Namespace) -> int:
+    from features.corpora.fsdd import build_fsdd
+
+    return _report_exit(build_fsdd(args.root, args.out))
+
+
+def _folder(args: argparse.Namespace) -> int:
+    from features.corpora.folder import build_folder
+
+    return _report_exit(build_folder(args.root, args.out, speaker=args.speaker))
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from features.manifest import read_manifest
+    from features.partition import partition_utterances, summary_table, write_partitions
+
+    parts = partition_utterances(
+        read_manifest(args.manifest),
+        args.clients,
+        method=args.method,
+        seed=args.seed,
+        alpha=args.alpha,
+    )
+    for path in write_partitions(parts, args.out):
+        log.info("wrote %s", path)
+    print(summary_table(parts))
+    return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    from fedspeech.config import RunConfig, parse_overrides
+    from fedspeech.pipeline import extract_features_for_manifest
+
+    cfg = RunConfig.from_flat(parse_overrides(args.run_config))
+    summary = extract_features_for_manifest(args.manifest, cfg.features, cache_dir=args.cache)
+    print(summary)
+    return 0

@@ -1,0 +1,158 @@
+"""Run configuration: one flat kebab-case table (pyproject ``[tool.flwr.app.config]``) -> frozen dataclasses.
+
+Every section dataclass owns a disjoint set of keys; ``RunConfig.from_flat`` rejects unknown keys and
+values of the wrong type, so a typo in a preset or ``--run-config`` fails loudly instead of silently
+falling back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from features.mfcc import FeatureConfig
+
+PartitionMethod = Literal["speaker", "iid", "dirichlet"]
+
+
+class ConfigError(ValueError):
+    """A run-config key that is unknown, or a value of the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus to use and how it is split into clients."""
+
+    corpus: str = "synthetic"  # "synthetic" or a path to a manifest.tsv
+    synthetic_utterances: int = 1200
+    synthetic_seed: int = 0
+    synthetic_augment: bool = False
+    num_partitions: int = 6
+    partition: PartitionMethod = "speaker"
+    dirichlet_alpha: float = 0.5
+    partition_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.synthetic_utterances < 1:
+            raise ConfigError("synthetic-utterances must be >= 1")
+        if self.num_partitions < 1:
+            raise ConfigError("num-partitions must be >= 1")
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError("dirichlet-alpha must be > 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole resolved run configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build from a flat kebab-case mapping; unknown keys and wrong types raise ConfigError."""
+        remaining = dict(flat)
+        sections: dict[str, Any] = {}
+        for section in fields(cls):
+            section_type = _section_types()[section.name]
+            kwargs = {}
+            for f in fields(section_type):
+                key = f.name.replace("_", "-")
+                if key in remaining:
+                    kwargs[f.name] = _coerce(key, remaining.pop(key), _field_type(section_type, f))
+            try:
+                sections[section.name] = section_type(**kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"invalid {section.name} config: {exc}") from exc
+        if remaining:
+            known = ", ".join(sorted(flat_keys()))
+            raise ConfigError(f"unknown run-config keys {sorted(remaining)}; known keys: {known}")
+        return cls(**sections)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat kebab-case form (e.g. for MLflow params or a config.json)."""
+        out: dict[str, Any] = {}
+        for section in fields(self):
+            for key, value in dataclasses.asdict(getattr(self, section.name)).items():
+                out[key.replace("_", "-")] = value
+        return out
+
+
+def _section_types() -> dict[str, type]:
+    return {"data": DataConfig, "features": FeatureConfig}
+
+
+def flat_keys() -> set[str]:
+    """Every kebab-case key the run config accepts."""
+    return {
+        f.name.replace("_", "-") for t in _section_types().values() for f in fields(t)
+    }
+
+
+def load_pyproject_config(pyproject: str | Path) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of a pyproject.toml."""
+    with open(pyproject, "rb") as fh:
+        data = tomllib.load(fh)
+    try:
+        table: dict[str, Any] = data["tool"]["flwr"]["app"]["config"]
+    except KeyError as exc:
+        raise ConfigError(f"{pyproject}: no [tool.flwr.app.config] table") from exc
+    return table
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"key=value key2=value2"`` (TOML values; bare words are strings) as Flower does."""
+    out: dict[str, Any] = {}
+    for item in text.split():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+def _field_type(owner: type, f: dataclasses.Field[Any]) -> Any:
+    return typing.get_type_hints(owner)[f.name]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        if value not in get_args(annotation):
+            raise ConfigError(f"{key} must be one of {list(get_args(annotation))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        for option in options:
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")

@@ -1,0 +1,66 @@
+"""The pyproject run config and the config dataclasses are one source of truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedspeech.config import (
+    ConfigError,
+    RunConfig,
+    flat_keys,
+    load_pyproject_config,
+    parse_overrides,
+)
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_keys_equal_dataclass_fields() -> None:
+    # Prepare
+    table = load_pyproject_config(PYPROJECT)
+    # Assert: no key without a field, no field without a key
+    assert set(table) == flat_keys()
+
+
+def test_pyproject_values_equal_dataclass_defaults() -> None:
+    # Execute
+    from_pyproject = RunConfig.from_flat(load_pyproject_config(PYPROJECT))
+    # Assert: running without pyproject (installed package) behaves like running in the repo
+    assert from_pyproject == RunConfig()
+
+
+def test_unknown_key_is_rejected_with_the_known_keys_listed() -> None:
+    with pytest.raises(ConfigError, match=r"unknown run-config keys \['n-mfc'\].*n-mfcc"):
+        RunConfig.from_flat({"n-mfc": 13})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("n-mfcc", "13"), ("cmvn", 1), ("partition", "random"), ("win-ms", True)],
+)
+def test_wrong_type_or_choice_is_rejected(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_flat({key: value})
+
+
+def test_out_of_range_value_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="num-partitions"):
+        RunConfig.from_flat({"num-partitions": 0})
+
+
+def test_overrides_parse_toml_values_and_round_trip() -> None:
+    # Execute
+    overrides = parse_overrides('n-mfcc=13 cmvn=false win-ms=20 partition="iid" corpus=a/b.tsv')
+    cfg = RunConfig.from_flat(overrides)
+    # Assert
+    assert cfg.features.n_mfcc == 13 and cfg.features.cmvn is False
+    assert cfg.features.win_ms == 20.0 and isinstance(cfg.features.win_ms, float)
+    assert cfg.data.partition == "iid" and cfg.data.corpus == "a/b.tsv"
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+def test_malformed_override_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides("n-mfcc")
