@@ -42,7 +42,11 @@ class SkipReport:
         """Record ``item`` as skipped and log the reason as a warning naming it."""
         entry = Skipped(str(item), str(reason))
         self.skipped.append(entry)
-        logging.getLogger("fedspeech").warning("%s: skipped %s: %s", self.what, entry.item, entry.reason)
+        # Error messages already start with the item's name: don't print it twice.
+        message = (
+            entry.reason if entry.reason.startswith(entry.item) else f"{entry.item}: {entry.reason}"
+        )
+        logging.getLogger("fedspeech").warning("%s: skipped %s", self.what, message)
 
     def log_summary(self, logger: logging.Logger | None = None) -> None:
         """Log one line: how many items were kept and how many skipped."""

@@ -30,7 +30,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the CLI's last line of defence: a clear message, not a traceback
         from features.errors import FedspeechDataError
-
         from fedspeech.config import ConfigError
 
         if isinstance(exc, FedspeechDataError | ConfigError | FileNotFoundError):
@@ -54,6 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the synthetic corpus, partition it, extract features")
     demo.add_argument("--out", type=Path, default=Path(".fedspeech/demo"), help="working folder")
     demo.add_argument("--run-config", default="", help='overrides, e.g. "synthetic-utterances=600"')
+    demo.add_argument("--preset", help="experiments/NAME.toml or a TOML file")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -61,7 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedspeech.demo import run_demo
 
-    run_demo(args.out, overrides=args.run_config)
+    run_demo(args.out, preset=args.preset, overrides=args.run_config)
     return 0
 
 

@@ -62,7 +62,7 @@ def register(sub: Any) -> None:
 
 
 def _report_exit(report: Any) -> int:
-    report.log_summary(log)
+    """Exit code of a build: the builder has logged its summary; failing only if nothing was kept."""
     return 0 if report.kept else 1
 
 
@@ -122,10 +122,10 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
-    from fedspeech.config import RunConfig, parse_overrides
-    from fedspeech.pipeline import extract_features_for_manifest
+    from fedspeech.config import resolve_run_config
+    from fedspeech.pipeline import load_examples
 
-    cfg = RunConfig.from_flat(parse_overrides(args.run_config))
-    summary = extract_features_for_manifest(args.manifest, cfg.features, cache_dir=args.cache)
+    cfg = resolve_run_config(None, args.run_config)
+    _, _, summary = load_examples(args.manifest, cfg.features, cache_root=args.cache)
     print(summary)
     return 0

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from features.mfcc import FeatureConfig
-
-PartitionMethod = Literal["speaker", "iid", "dirichlet"]
+from features.partition import PartitionMethod
 
 
 class ConfigError(ValueError):
@@ -90,9 +89,7 @@ def _section_types() -> dict[str, type]:
 
 def flat_keys() -> set[str]:
     """Every kebab-case key the run config accepts."""
-    return {
-        f.name.replace("_", "-") for t in _section_types().values() for f in fields(t)
-    }
+    return {f.name.replace("_", "-") for t in _section_types().values() for f in fields(t)}
 
 
 def load_pyproject_config(pyproject: str | Path) -> dict[str, Any]:
@@ -155,4 +152,39 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
     else:
         return value
-    raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(
+        f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def presets_dir() -> Path:
+    """The repository's ``experiments/`` folder, where named presets (TOML) live."""
+    return Path(__file__).resolve().parents[1] / "experiments"
+
+
+def resolve_run_config(
+    preset: str | None = None, overrides: str | Mapping[str, Any] = "", *, cwd: Path | None = None
+) -> RunConfig:
+    """Layer the run config: defaults <- ./pyproject.toml <- preset <- overrides.
+
+    ``preset`` is a TOML file path or the name of ``experiments/<name>.toml``; its top level is the
+    same flat kebab-case table as ``[tool.flwr.app.config]``.
+    """
+    flat: dict[str, Any] = {}
+    pyproject = (cwd or Path.cwd()) / "pyproject.toml"
+    if pyproject.is_file():
+        with open(pyproject, "rb") as fh:
+            project = tomllib.load(fh)
+        if project.get("project", {}).get("name") == "fedspeech":
+            flat.update(project["tool"]["flwr"]["app"]["config"])
+    if preset:
+        path = Path(preset)
+        if not path.is_file():
+            path = presets_dir() / f"{preset}.toml"
+        if not path.is_file():
+            names = sorted(p.stem for p in presets_dir().glob("*.toml"))
+            raise ConfigError(f"preset {preset!r} not found (a TOML file or one of {names})")
+        with open(path, "rb") as fh:
+            flat.update(tomllib.load(fh))
+    flat.update(parse_overrides(overrides) if isinstance(overrides, str) else overrides)
+    return RunConfig.from_flat(flat)

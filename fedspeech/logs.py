@@ -9,13 +9,16 @@ import sys
 def setup_logging(verbosity: int = 0) -> None:
     """Log to stderr: WARNING with -q (verbosity < 0), INFO by default, DEBUG with -v."""
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
+    root = logging.getLogger()
+    if root.handlers:  # embedded (tests, notebooks): keep the host's handlers
+        root.setLevel(level)
+    else:
+        logging.basicConfig(
+            level=level,
+            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stderr,
+        )
     # Third-party chatter that drowns the pipeline's own progress lines.
     for noisy in ("numba", "matplotlib", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,227 @@
+"""Acoustic model: MFCC frames -> (front-end) -> (bi)directional RNN -> LayerNorm -> CTC log-probs.
+
+Two flavours share one state-dict layout (that of a plain ``nn.GRU``/``nn.LSTM``/``nn.RNN``):
+
+* ``BiGRUCTC(cfg)`` uses the fused cuDNN/MKL recurrent layer: inference and non-private training.
+* ``BiGRUCTC(cfg, dp=True)`` uses Opacus's ``DPGRU``/``DPLSTM``/``DPRNN`` (a Python loop over time
+  steps whose ``RNNLinear`` layers Opacus can compute per-sample gradients for): DP-SGD training.
+
+``plain_state_dict`` exports either flavour (also inside Opacus's ``GradSampleModule``) under the
+plain names, and ``convert_model`` moves weights between flavours; outputs agree to float rounding.
+
+>>> cfg = ModelConfig(input_dim=120, hidden_size=32, num_layers=2)
+>>> model = BiGRUCTC(cfg)
+>>> model(torch.zeros(2, 50, 120), torch.tensor([50, 31])).shape
+torch.Size([2, 50, 29])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from opacus.layers import DPGRU, DPLSTM, DPRNN
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+CellType = Literal["gru", "lstm", "rnn"]
+
+_PLAIN_CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+_DP_CELLS: dict[str, type[nn.Module]] = {"gru": DPGRU, "lstm": DPLSTM, "rnn": DPRNN}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the acoustic model (stored in a model directory's config.json).
+
+    Attributes:
+        input_dim: width of one feature frame (``FeatureConfig.frame_dim``).
+        vocab_size: output symbols including the CTC blank (``CharTokenizer.vocab_size``).
+        hidden_size: units per direction of each recurrent layer.
+        num_layers: stacked recurrent layers.
+        bidirectional: read the utterance both ways (a unidirectional model can stream).
+        cell: recurrent cell type.
+        dropout: dropout on the recurrent stack's input and output (both flavours alike).
+        frontend_dim: width of a Linear+GELU front-end before the RNN; 0 means none.
+    """
+
+    input_dim: int
+    vocab_size: int = 29
+    hidden_size: int = 256
+    num_layers: int = 3
+    bidirectional: bool = True
+    cell: CellType = "gru"
+    dropout: float = 0.1
+    frontend_dim: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("input_dim", "hidden_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2 (blank + one symbol), got {self.vocab_size}")
+        if self.cell not in get_args(CellType):
+            raise ValueError(f"cell must be one of {get_args(CellType)}, got {self.cell!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.frontend_dim < 0:
+            raise ValueError(
+                f"frontend_dim must be >= 0 (0 = no front-end), got {self.frontend_dim}"
+            )
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the recurrent stack's output: hidden_size x directions."""
+        return self.hidden_size * (2 if self.bidirectional else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; unknown keys raise ValueError (a newer/foreign config)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class BiGRUCTC(nn.Module):
+    """(Bi)directional recurrent CTC acoustic model emitting per-frame log-probabilities.
+
+    Args:
+        cfg: model shape.
+        dp: build the Opacus-trainable flavour (``DPGRU`` etc.). Its ``forward`` needs batches
+            sorted by decreasing length (see ``forward``).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dp: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dp = dp
+        rnn_input = cfg.frontend_dim or cfg.input_dim
+        # No BatchNorm anywhere: it mixes examples, which per-sample clipping cannot allow.
+        self.frontend: nn.Module = (
+            nn.Sequential(nn.Linear(cfg.input_dim, cfg.frontend_dim), nn.GELU())
+            if cfg.frontend_dim
+            else nn.Identity()
+        )
+        # Dropout sits outside the recurrent layer in both flavours: nn.GRU drops between layers,
+        # whereas Opacus's DPRNNBase drops every time step's hidden state, recurrent path
+        # included. Keeping it outside makes DP and non-DP training the same model.
+        rnn_cls = _DP_CELLS[cfg.cell] if dp else _PLAIN_CELLS[cfg.cell]
+        self.rnn = rnn_cls(
+            rnn_input,
+            cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            batch_first=True,
+            bidirectional=cfg.bidirectional,
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm = nn.LayerNorm(cfg.output_dim)
+        self.head = nn.Linear(cfg.output_dim, cfg.vocab_size)
+
+    def forward(self, feats: Tensor, lengths: Tensor) -> Tensor:
+        """Log-probabilities of every frame.
+
+        Padding frames (index >= ``lengths[b]``) do not influence the valid frames; their own
+        outputs are meaningless. The DP flavour needs ``lengths`` in decreasing order so that
+        Opacus's per-sample gradients of the recurrent layer (computed in packed = sorted order)
+        line up with those of the other layers (batch order).
+
+        Args:
+            feats: ``(B, T, D)`` padded feature frames.
+            lengths: ``(B,)`` number of valid frames per utterance (1..T).
+
+        Returns:
+            ``(B, T, V)`` log-softmax over the vocabulary.
+
+        Raises:
+            ValueError: lengths out of range, or unsorted lengths in the DP flavour.
+        """
+        total = feats.shape[1]
+        lengths = lengths.to(device="cpu", dtype=torch.int64)  # pack_padded_sequence wants CPU
+        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > total):
+            raise ValueError(f"lengths must be in [1, {total}], got {lengths.tolist()}")
+        if self.dp and bool((lengths[1:] > lengths[:-1]).any()):
+            raise ValueError("the DP model needs a batch sorted by decreasing length")
+        x = self.dropout(self.frontend(feats))  # (B, T, F) with F = frontend_dim or D
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=self.dp)
+        out, _ = self.rnn(packed)
+        y, _ = pad_packed_sequence(out, batch_first=True, total_length=total)  # (B, T, H*dirs)
+        y = self.norm(self.dropout(y))  # (B, T, H*dirs)
+        return torch.log_softmax(self.head(y), dim=-1)  # (B, T, V)
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters; shared/aliased parameters counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Weights under the plain fused-RNN names, detached CPU copies.
+
+    Accepts either flavour of ``BiGRUCTC``, also inside Opacus's ``GradSampleModule``. Opacus's
+    DP layers already register their parameters under the ``nn.GRU`` names (``weight_ih_l0``,
+    ``bias_hh_l1_reverse``, ...) with the same gate order (GRU r,z,n; LSTM i,f,g,o), but a nested
+    DP layer's ``state_dict()`` also lists internal aliases (``rnn.l0.ih.weight``); these are
+    dropped here.
+
+    Raises:
+        ValueError: ``model`` is not (a wrapper of) a ``BiGRUCTC``.
+    """
+    inner = unwrap(model)
+    expected = BiGRUCTC(inner.cfg, dp=False).state_dict()  # cheap: tiny init, names + shapes
+    # named_parameters() yields each Parameter once, first under its plain (renamed) name.
+    tensors: dict[str, Tensor] = dict(inner.named_parameters())
+    tensors.update(inner.named_buffers())
+    out: dict[str, Tensor] = {}
+    for name, ref in expected.items():
+        if name not in tensors or tensors[name].shape != ref.shape:
+            raise ValueError(f"model has no tensor {name!r} of shape {tuple(ref.shape)}")
+        out[name] = tensors[name].detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def load_plain_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load plain-named weights into either flavour (in place), strictly.
+
+    Raises:
+        ValueError: keys missing or unexpected, or shapes differ.
+    """
+    inner = unwrap(model)
+    params: dict[str, Tensor] = dict(inner.named_parameters())
+    params.update(inner.named_buffers())
+    expected = set(BiGRUCTC(inner.cfg, dp=False).state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, value in state.items():
+            target = params[name]
+            if target.shape != value.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(target.shape)}")
+            target.copy_(value)
+
+
+def convert_model(model: nn.Module, *, dp: bool) -> BiGRUCTC:
+    """A new ``BiGRUCTC`` of the requested flavour with ``model``'s weights (same device, dtype)."""
+    inner = unwrap(model)
+    ref = next(inner.parameters())
+    out = BiGRUCTC(inner.cfg, dp=dp).to(device=ref.device, dtype=ref.dtype)
+    load_plain_state_dict(out, plain_state_dict(inner))
+    out.train(inner.training)
+    return out
+
+
+def unwrap(model: nn.Module) -> BiGRUCTC:
+    """The ``BiGRUCTC`` inside Opacus's ``GradSampleModule`` (or the model itself)."""
+    inner = getattr(model, "_module", model)
+    if not isinstance(inner, BiGRUCTC):
+        raise ValueError(f"expected a BiGRUCTC (optionally Opacus-wrapped), got {type(model)}")
+    return inner

@@ -1,0 +1,78 @@
+"""Glue between stages: a manifest on disk -> training examples, with a printable summary."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from features.cache import FeatureCache
+from features.dataset import Example, extract_manifest
+from features.errors import SkipReport
+from features.manifest import read_manifest
+from features.mfcc import FeatureConfig, FeatureExtractor
+from features.text import CharTokenizer
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    """What one feature pass over a manifest produced."""
+
+    manifest: Path
+    examples: int
+    skipped: int
+    audio_minutes: float
+    frames: int
+    frame_dim: int
+    seconds: float
+    cache_hits: int
+    cache_misses: int
+
+    def __str__(self) -> str:
+        speed = self.audio_minutes * 60 / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"{self.manifest}: {self.examples} examples ({self.skipped} skipped), "
+            f"{self.audio_minutes:.1f} min of audio -> {self.frames} frames x {self.frame_dim}, "
+            f"{self.seconds:.1f} s ({speed:.0f}x real time), "
+            f"cache {self.cache_hits} hits / {self.cache_misses} misses"
+        )
+
+
+def load_examples(
+    manifest: str | Path,
+    cfg: FeatureConfig,
+    *,
+    cache_root: str | Path | None = None,
+    tokenizer: CharTokenizer | None = None,
+) -> tuple[list[Example], SkipReport, FeatureSummary]:
+    """Read a manifest and extract (cached) features and labels of every usable utterance.
+
+    Args:
+        manifest: a manifest.tsv.
+        cfg: feature settings.
+        cache_root: feature cache folder; default ``.fedspeech-cache/`` beside the manifest.
+        tokenizer: transcript -> ids; default the character tokenizer.
+    """
+    manifest = Path(manifest)
+    start = time.perf_counter()
+    utterances = read_manifest(manifest)
+    cache = (
+        FeatureCache(cache_root, cfg)
+        if cache_root is not None
+        else FeatureCache.for_manifest(manifest, cfg)
+    )
+    examples, report = extract_manifest(
+        utterances, FeatureExtractor(cfg), cache, tokenizer or CharTokenizer()
+    )
+    summary = FeatureSummary(
+        manifest=manifest,
+        examples=len(examples),
+        skipped=len(report.skipped),
+        audio_minutes=sum(e.duration_s for e in examples) / 60,
+        frames=sum(int(e.feats.shape[0]) for e in examples),
+        frame_dim=cfg.frame_dim,
+        seconds=time.perf_counter() - start,
+        cache_hits=cache.hits,
+        cache_misses=cache.misses,
+    )
+    return examples, report, summary
