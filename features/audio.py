@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from features.errors import AudioError, SkipReport
 TARGET_SAMPLE_RATE = 16_000
 # Shorter than one 25 ms analysis window: no MFCC frame can be computed from it.
 MIN_DURATION_S = 0.025
+# A WAV header is a handful of chunks (fmt, LIST, fact, ...) before "data"; stop looking after this.
+_MAX_WAV_CHUNKS = 64
 
 
 def audio_duration(path: str | Path) -> float:
@@ -52,6 +56,9 @@ def load_audio(
         raise AudioError(f"{path}: cannot decode audio ({_short(exc)})") from exc
     if data.shape[0] == 0:
         raise AudioError(f"{path}: empty audio file (0 samples)")
+    truncated = _wav_truncation(path)
+    if truncated:
+        raise AudioError(f"{path}: truncated WAV file ({truncated})")
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]  # (N,)
     if not np.all(np.isfinite(wave)):
         raise AudioError(f"{path}: audio contains NaN or infinite samples")
@@ -82,6 +89,36 @@ def load_many(
         else:
             report.kept += 1
     return loaded, report
+
+
+def _wav_truncation(path: str | Path) -> str | None:
+    """Describe how a RIFF/WAVE file is cut short, or None if it is complete (or not a WAV).
+
+    libsndfile silently decodes the samples that are present when a WAV's data chunk is shorter
+    than its header declares (a half-copied file reads as half the audio, with no error), so the
+    declared size is checked against the bytes on disk here.
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None  # not a WAV (or RF64/W64): nothing to check
+            for _ in range(_MAX_WAV_CHUNKS):
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return None
+                chunk_id, chunk_size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if chunk_id == b"data":
+                    available = size - fh.tell()
+                    # 0 and 0xFFFFFFFF mean "unknown length" (streamed writers): not checkable.
+                    if chunk_size in (0, 0xFFFFFFFF) or chunk_size <= available:
+                        return None
+                    return f"header declares {chunk_size} data bytes, file holds {available}"
+                fh.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)  # chunks are word-aligned
+    except OSError:
+        return None  # sf.read could open it; a failure here is not evidence of truncation
+    return None
 
 
 def _short(exc: BaseException) -> str:

@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,38 +38,55 @@ def read_manifest(path: str | Path) -> list[Utterance]:
         raise ManifestError(f"{path}: manifest not found")
     root = path.resolve().parent
     report = SkipReport(f"read manifest {path}")
-    rows: list[Utterance] = []
-    with path.open(encoding="utf-8", newline="") as fh:
+    # utf-8-sig: a manifest saved by a spreadsheet or Windows editor may start with a BOM.
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != MANIFEST_COLUMNS:
-            expected = "\t".join(MANIFEST_COLUMNS)
-            raise ManifestError(f"{path}: header must be {expected!r}, got {header!r}")
-        for lineno, fields in enumerate(reader, start=2):
-            if not fields or not "".join(fields).strip():
-                continue
-            where = f"{path}:{lineno}"
-            if len(fields) != len(MANIFEST_COLUMNS):
-                report.skip(where, f"expected {len(MANIFEST_COLUMNS)} columns, got {len(fields)}")
-                continue
-            audio, transcript, speaker, duration = fields
-            try:
-                seconds = float(duration)
-            except ValueError:
-                report.skip(where, f"duration_s {duration!r} is not a number")
-                continue
-            audio_path = Path(audio)
-            rows.append(
-                Utterance(
-                    path=audio_path if audio_path.is_absolute() else root / audio_path,
-                    transcript=transcript.strip(),
-                    speaker=speaker.strip(),
-                    duration_s=seconds,
-                )
-            )
-            report.kept += 1
+        try:
+            rows = _read_rows(path, reader, root, report)
+        except csv.Error as exc:  # e.g. a field over csv's size limit: name the line
+            raise ManifestError(f"{path}:{reader.line_num}: malformed TSV ({exc})") from exc
     if report.skipped:
         report.log_summary()
+    return rows
+
+
+def _read_rows(
+    path: Path, reader: Iterator[list[str]], root: Path, report: SkipReport
+) -> list[Utterance]:
+    rows: list[Utterance] = []
+    header = next(reader, None)
+    if header is None or tuple(h.strip() for h in header) != MANIFEST_COLUMNS:
+        expected = "\t".join(MANIFEST_COLUMNS)
+        raise ManifestError(f"{path}: header must be {expected!r}, got {header!r}")
+    for lineno, fields in enumerate(reader, start=2):
+        if not fields or not "".join(fields).strip():
+            continue
+        where = f"{path}:{lineno}"
+        if len(fields) != len(MANIFEST_COLUMNS):
+            report.skip(where, f"expected {len(MANIFEST_COLUMNS)} columns, got {len(fields)}")
+            continue
+        audio, transcript, speaker, duration = fields
+        try:
+            seconds = float(duration)
+        except ValueError:
+            report.skip(where, f"duration_s {duration!r} is not a number")
+            continue
+        if not math.isfinite(seconds) or seconds < 0:
+            report.skip(where, f"duration_s {duration!r} is not a finite, non-negative number")
+            continue
+        if not audio.strip():
+            report.skip(where, "empty path")
+            continue
+        audio_path = Path(audio)
+        rows.append(
+            Utterance(
+                path=audio_path if audio_path.is_absolute() else root / audio_path,
+                transcript=transcript.strip(),
+                speaker=speaker.strip(),
+                duration_s=seconds,
+            )
+        )
+        report.kept += 1
     return rows
 
 
@@ -76,27 +94,42 @@ def write_manifest(path: str | Path, utterances: Iterable[Utterance]) -> int:
     """Write utterances as a manifest; paths under the manifest's folder are stored relative.
 
     Returns the number of rows written. The file is written atomically (temp file + rename).
+
+    Raises:
+        ManifestError: a path, transcript or speaker contains a tab or newline (nothing is written).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    root = path.resolve().parent
+    root = Path(os.path.abspath(path.parent))
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
-        fh.write("\t".join(MANIFEST_COLUMNS) + "\n")
-        for utt in utterances:
-            for field_value in (utt.transcript, utt.speaker):
-                if "\t" in field_value or "\n" in field_value:
-                    raise ManifestError(f"{utt.path}: tab or newline in {field_value!r}")
-            fh.write(f"{_relative(utt.path, root)}\t{utt.transcript}\t{utt.speaker}\t{utt.duration_s:.3f}\n")
-            n += 1
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            fh.write("\t".join(MANIFEST_COLUMNS) + "\n")
+            for utt in utterances:
+                audio = _relative(utt.path, root)
+                for field_value in (audio, utt.transcript, utt.speaker):
+                    if "\t" in field_value or "\n" in field_value or "\r" in field_value:
+                        raise ManifestError(f"{utt.path}: tab or newline in {field_value!r}")
+                fh.write(f"{audio}\t{utt.transcript}\t{utt.speaker}\t{utt.duration_s:.3f}\n")
+                n += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written manifest left beside the real one
+        raise
     os.replace(tmp, path)
     return n
 
 
 def _relative(audio: Path, root: Path) -> str:
-    resolved = audio.resolve()
-    try:
-        return resolved.relative_to(root).as_posix()
-    except ValueError:
-        return resolved.as_posix()
+    """``audio`` relative to ``root`` when it lies under it, else absolute.
+
+    File symlinks are kept, not resolved: a corpus of symlinked audio stays relative (and
+    portable) instead of pointing at wherever the links lead. Folders are compared both as
+    written and resolved, so ``/tmp`` vs ``/private/tmp`` style aliases still match.
+    """
+    absolute = Path(os.path.abspath(audio))
+    via_real_dir = absolute.parent.resolve() / absolute.name
+    for candidate, base in ((absolute, root), (via_real_dir, root.resolve())):
+        if candidate.is_relative_to(base):
+            return candidate.relative_to(base).as_posix()
+    return absolute.as_posix()

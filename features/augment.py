@@ -1,0 +1,129 @@
+"""SpecAugment for training: random frequency and time masks on features (identity in eval)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class SpecAugment(nn.Module):
+    """Frequency and time masking (Park et al., 2019) on ``(T, D)`` or ``(B, T, D)`` features.
+
+    Masked values are set to ``mask_value`` (0 = the mean after CMVN). Masks are drawn
+    independently for every utterance; a time mask never exceeds ``max_time_fraction`` of that
+    utterance's own length, and stays within its valid frames when ``lengths`` is given.
+
+    The masking functions of torchaudio draw from the global RNG; these draw from a
+    ``torch.Generator`` (``seed`` or the ``generator`` argument), so a run is reproducible without
+    touching global state.
+
+    Args:
+        freq_masks: number of frequency masks per utterance.
+        freq_width: largest frequency-mask width (coefficients); widths are uniform in 0..max.
+        time_masks: number of time masks per utterance.
+        time_width: largest time-mask width in frames.
+        max_time_fraction: a time mask covers at most this fraction of the utterance.
+        feature_block: when frames are stacked (and/or carry deltas), the width of one block
+            (``n_mfcc``): the same coefficients are then masked in every block. ``None`` masks
+            a contiguous band of the whole frame.
+        mask_value: value written into masked cells.
+        seed: seeds this module's own generator; ``None`` uses torch's global RNG.
+
+    >>> aug = SpecAugment(freq_masks=1, freq_width=8, time_masks=2, time_width=10, seed=0)
+    >>> aug.train()(torch.randn(100, 40)).shape
+    torch.Size([100, 40])
+    """
+
+    def __init__(
+        self,
+        *,
+        freq_masks: int = 2,
+        freq_width: int = 8,
+        time_masks: int = 2,
+        time_width: int = 20,
+        max_time_fraction: float = 0.2,
+        feature_block: int | None = None,
+        mask_value: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if min(freq_masks, freq_width, time_masks, time_width) < 0:
+            raise ValueError("mask counts and widths must be >= 0")
+        if not 0.0 <= max_time_fraction <= 1.0:
+            raise ValueError(f"max_time_fraction must be in [0, 1], got {max_time_fraction}")
+        if feature_block is not None and feature_block < 1:
+            raise ValueError(f"feature_block must be >= 1, got {feature_block}")
+        self.freq_masks = freq_masks
+        self.freq_width = freq_width
+        self.time_masks = time_masks
+        self.time_width = time_width
+        self.max_time_fraction = max_time_fraction
+        self.feature_block = feature_block
+        self.mask_value = mask_value
+        self.generator: torch.Generator | None = None
+        if seed is not None:
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(
+        self,
+        feats: Tensor,
+        lengths: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Masked copy of ``feats`` in training mode; ``feats`` itself in eval mode.
+
+        Args:
+            feats: ``(T, D)`` or ``(B, T, D)`` features.
+            lengths: ``(B,)`` valid frames per utterance of a padded batch (default: all ``T``).
+            generator: overrides this module's generator for this call.
+        """
+        if not self.training or (self.freq_masks == 0 and self.time_masks == 0):
+            return feats
+        single = feats.dim() == 2
+        x = feats[None] if single else feats  # (B, T, D)
+        if x.dim() != 3:
+            raise ValueError(f"expected (T, D) or (B, T, D) features, got {tuple(feats.shape)}")
+        b, t, d = x.shape
+        gen = generator if generator is not None else self.generator
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.long)
+        lengths = lengths.to(torch.long).cpu()
+
+        band = self.feature_block or d  # masks are drawn within one band of this width
+        f_idx = torch.arange(d) % band  # (D,) coefficient index within its block
+        f_mask = self._spans(b, self.freq_masks, torch.full((b,), self.freq_width), band, gen)
+        f_hit = _covered(f_mask, f_idx)  # (B, D)
+
+        t_max = torch.minimum(
+            torch.full((b,), self.time_width),
+            (lengths.to(torch.float32) * self.max_time_fraction).floor().to(torch.long),
+        )  # (B,) widest time mask per utterance
+        t_mask = self._spans(b, self.time_masks, t_max, lengths, gen)
+        t_hit = _covered(t_mask, torch.arange(t))  # (B, T)
+
+        hit = t_hit[:, :, None] | f_hit[:, None, :]  # (B, T, D)
+        out = x.masked_fill(hit.to(x.device), self.mask_value)  # (B, T, D)
+        return out[0] if single else out
+
+    @staticmethod
+    def _spans(
+        b: int,
+        count: int,
+        max_width: Tensor,
+        extent: Tensor | int,
+        gen: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
+        """``count`` random spans per row: widths uniform in ``0..max_width``, inside ``extent``."""
+        u = torch.rand(2, b, count, generator=gen)  # (2, B, count)
+        width = (u[0] * (max_width[:, None] + 1)).floor().to(torch.long)  # (B, count)
+        ext = torch.as_tensor(extent).expand(b)[:, None]  # (B, 1)
+        width = torch.minimum(width, ext)
+        start = (u[1] * (ext - width + 1)).floor().to(torch.long)  # (B, count)
+        return start, start + width
+
+
+def _covered(spans: tuple[Tensor, Tensor], positions: Tensor) -> Tensor:
+    """``(B, P)``: whether each position lies in any ``[start, stop)`` span of its row."""
+    start, stop = spans  # (B, count) each
+    pos = positions[None, None, :]  # (1, 1, P)
+    return ((pos >= start[:, :, None]) & (pos < stop[:, :, None])).any(dim=1)  # (B, P)

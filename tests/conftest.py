@@ -1,0 +1,24 @@
+"""Shared fixtures: where the real-speech data sets live (../shared/data beside the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``<repo root>/../shared/data`` (or ``$FEDSPEECH_SHARED_DATA``); skips the test if absent."""
+    override = os.environ.get("FEDSPEECH_SHARED_DATA")
+    root = (
+        Path(override)
+        if override
+        else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    )
+    if not root.is_dir():
+        pytest.skip(
+            "../shared/data not found: real-speech tests need the shared data sets beside the repo"
+        )
+    return root
