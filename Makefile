@@ -32,6 +32,7 @@ test-all: lint typecheck
 
 bench: install
 	$(BIN)/python benchmarks/mfcc_speed.py
+	$(BIN)/python benchmarks/synthetic_build.py
 
 clean:
 	rm -rf $(VENV) .fedspeech .pytest_cache .mypy_cache .ruff_cache
