@@ -74,7 +74,7 @@ def normalize_transcript(text: str) -> str:
     for sym, word in _SYMBOL_WORDS.items():
         out = out.replace(sym, word)
     out = _SEPARATORS.sub(" ", out)
-    out = re.sub(r"(^|\s)'+|'+(\s|$)", " ", out)  # quotes, not apostrophes
+    out = re.sub(r"(?<![a-z])'+|'+(?![a-z])", " ", out)  # quotes, not word-internal apostrophes
     out = " ".join(out.split())
     bad = sorted({ch for ch in out if ch not in DEFAULT_ALPHABET[1:]})
     if bad:
