@@ -1,0 +1,178 @@
+"""DP-SGD local training with Opacus: Poisson sampling, per-sample clipping, noise, accounting.
+
+Runs on the Opacus twin of the model (``DPGRU``); empty Poisson batches are noise-only steps, which
+the accountant records like any other step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterable
+
+import torch
+from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
+from client.privacy import PrivacyState, calibrate_noise_multiplier
+from client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
+from fedspeech.model import convert_model, plain_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def train_private(
+    model: nn.Module,
+    dataset: FeatureDataset,
+    cfg: TrainConfig,
+    *,
+    prior_state: PrivacyState | None,
+    planned_steps: int | None,
+    device: torch.device,
+) -> TrainResult:
+    """DP-SGD on the Opacus twin of ``model``; see ``client.train.train_local`` for the contract.
+
+    The Poisson sampling rate is Opacus's ``1 / ceil(N / batch_size)``, one epoch is
+    ``ceil(N / batch_size)`` steps, and the accountant starts from ``prior_state``'s history.
+    """
+    start = time.perf_counter()
+    prior = prior_state or PrivacyState(mechanism=cfg.accountant)
+    if prior.mechanism != cfg.accountant:
+        raise ValueError(f"privacy state uses {prior.mechanism!r}, config {cfg.accountant!r}")
+    sampling = torch.Generator()
+    noise_gen = torch.Generator(device=device)
+    if cfg.dp_seed is None:
+        sampling.seed()  # OS entropy
+        noise_gen.seed()
+    else:
+        sampling.manual_seed(cfg.dp_seed)
+        noise_gen.manual_seed(cfg.dp_seed + 1)
+    # Opacus derives the Poisson rate from this loader: q = 1 / len(loader) = 1 / ceil(N / B).
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, collate_fn=collate_ctc, generator=sampling
+    )
+    steps_per_epoch = len(loader)
+    sample_rate = 1.0 / steps_per_epoch
+    noise = cfg.noise_multiplier or _calibrate(
+        cfg, prior, planned_steps, sample_rate, steps_per_epoch
+    )
+    if cfg.delta * len(dataset) >= 1:
+        log.warning("delta %.2g >= 1/N for N=%d examples: weak guarantee", cfg.delta, len(dataset))
+
+    net = convert_model(model, dp=True).to(device).train()
+    with warnings.catch_warnings():
+        # torchcsprng is not installable here; noise comes from torch's PRNG (see dp_seed).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=cfg.accountant)
+    prior.restore_into(engine.accountant)
+    gsm, optimizer, dp_loader = engine.make_private(
+        module=net,
+        optimizer=make_optimizer(net.parameters(), cfg),
+        data_loader=loader,
+        noise_multiplier=noise,
+        max_grad_norm=cfg.max_grad_norm,
+        poisson_sampling=True,
+        loss_reduction="mean",  # matches ctc_loss's mean over utterances
+        noise_generator=noise_gen,
+    )
+    assert isinstance(optimizer, DPOptimizer)
+    with warnings.catch_warnings():
+        # Opacus's hooks on the first layer fire although the features need no gradient: harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss, skipped = _private_epochs(gsm, optimizer, dp_loader, engine, cfg, device)
+
+    state = PrivacyState.from_accountant(engine.accountant)
+    steps = state.num_steps - prior.num_steps
+    return TrainResult(
+        state_dict=plain_state_dict(gsm),
+        metrics=make_metrics(loss, len(dataset), steps, skipped, start),
+        epsilon=state.epsilon(cfg.delta),
+        noise_multiplier=noise,
+        sample_rate=sample_rate,
+        privacy_state=state,
+    )
+
+
+def _private_epochs(
+    gsm: nn.Module,
+    optimizer: DPOptimizer,
+    loader: DataLoader[tuple[Tensor, Tensor]],
+    engine: PrivacyEngine,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[float, int]:
+    """Run the DP-SGD epochs; returns (last epoch's mean loss, number of empty batches)."""
+    loss, skipped = math.nan, 0
+    for epoch in range(cfg.epochs):
+        total, count = 0.0, 0
+        for raw in _physical_batches(loader, optimizer, cfg.max_physical_batch_size):
+            optimizer.zero_grad()
+            batch = as_ctc_batch(raw)
+            if batch is None:
+                # An empty Poisson draw is still a step of the mechanism: release pure noise.
+                _set_empty_grad_samples(optimizer)
+                skipped += 1
+            else:
+                batch = batch.to(device)
+                batch_loss = ctc_loss(gsm(batch.feats, batch.feat_lens), batch)
+                batch_loss.backward()
+                total += batch_loss.item() * batch.size
+                count += batch.size
+            optimizer.step()
+        loss = total / count if count else math.nan
+        eps = engine.accountant.get_epsilon(delta=cfg.delta)
+        log.info("epoch %d/%d: loss %.4f, epsilon %.3f", epoch + 1, cfg.epochs, loss, eps)
+
+    return loss, skipped
+
+
+def _calibrate(
+    cfg: TrainConfig,
+    prior: PrivacyState,
+    planned_steps: int | None,
+    sample_rate: float,
+    steps_per_epoch: int,
+) -> float:
+    assert cfg.target_epsilon is not None
+    this_call = cfg.epochs * steps_per_epoch
+    planned = prior.num_steps + this_call if planned_steps is None else planned_steps
+    if planned < prior.num_steps + this_call:
+        raise ValueError(
+            f"planned_steps={planned} < {prior.num_steps} recorded + {this_call} of this call"
+        )
+    noise = calibrate_noise_multiplier(
+        target_epsilon=cfg.target_epsilon,
+        delta=cfg.delta,
+        sample_rate=sample_rate,
+        steps=planned - prior.num_steps,
+        prior=prior,
+    )
+    log.info(
+        "noise multiplier %.4f for epsilon %.3g over %d steps", noise, cfg.target_epsilon, planned
+    )
+    return noise
+
+
+def _physical_batches(
+    loader: DataLoader[tuple[Tensor, Tensor]], optimizer: DPOptimizer, max_size: int | None
+) -> Iterable[object]:
+    """The loader's batches, split by Opacus's BatchMemoryManager when ``max_size`` is set."""
+    if max_size is None:
+        yield from loader
+        return
+    with BatchMemoryManager(
+        data_loader=loader, max_physical_batch_size=max_size, optimizer=optimizer
+    ) as split:
+        yield from split
+
+
+def _set_empty_grad_samples(optimizer: DPOptimizer) -> None:
+    """Per-sample gradients of an empty batch: the DP optimizer then clips nothing, adds noise."""
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # (0, *P)

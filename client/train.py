@@ -1,0 +1,128 @@
+"""Local training of the acoustic model: Opacus DP-SGD (Poisson sampling, clipping, noise) or plain.
+
+``train_local`` is the (model, examples) -> (weights, metrics, epsilon) stage every client runs; it
+imports no Flower. The privacy ledger (``PrivacyState``) goes in and comes out so that a client's
+epsilon composes across rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from client.batching import (
+    Augment,
+    FeatureDataset,
+    LabelledFeatures,
+    LengthBucketSampler,
+    as_ctc_batch,
+    collate_ctc,
+    ctc_loss,
+)
+from client.dp_sgd import train_private
+from client.privacy import PrivacyState
+from client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
+from fedspeech.model import convert_model, plain_state_dict
+
+__all__ = ["TrainConfig", "TrainResult", "ctc_loss", "train_local"]
+
+log = logging.getLogger(__name__)
+
+
+def train_local(
+    model: nn.Module,
+    examples: Sequence[LabelledFeatures],
+    cfg: TrainConfig,
+    *,
+    privacy_state: PrivacyState | None = None,
+    planned_steps: int | None = None,
+    augment: Augment | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train a copy of ``model`` on ``examples`` for ``cfg.epochs`` epochs (``model`` is untouched).
+
+    Args:
+        model: a ``BiGRUCTC`` of either flavour; DP training runs on its Opacus twin.
+        examples: utterances (``features.dataset.Example`` or anything with feats/labels).
+        cfg: training settings.
+        privacy_state: this client's accountant state from earlier calls (None: fresh).
+        planned_steps: DP steps this client plans in total, earlier calls included; the noise for
+            ``cfg.target_epsilon`` is calibrated so that all of them spend at most the target.
+            Default: the recorded steps plus this call's.
+        augment: ``(T, D) -> (T, D)`` training-feature transform; default with
+            ``cfg.spec_augment``: ``SpecAugment(seed=cfg.seed)``.
+        device: where to train (default CPU).
+
+    Returns:
+        Weights, metrics and, with DP, the privacy spent.
+
+    Raises:
+        ValueError: no examples, or ``planned_steps`` smaller than the steps this call needs.
+        PrivacyBudgetError: ``cfg.target_epsilon`` cannot be met with the recorded history.
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    device = device or torch.device("cpu")
+    if augment is None and cfg.spec_augment:
+        from features.augment import SpecAugment  # lazy: only runs that augment need it
+
+        augment = SpecAugment(seed=cfg.seed).train()
+    dataset = FeatureDataset(examples, augment)
+    # Dropout draws from torch's global RNG: seed it inside a fork so the caller's state is kept.
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.seed)
+        if cfg.dp:
+            return train_private(
+                model,
+                dataset,
+                cfg,
+                prior_state=privacy_state,
+                planned_steps=planned_steps,
+                device=device,
+            )
+        return _train_plain(model, dataset, cfg, device)
+
+
+def _train_plain(
+    model: nn.Module, dataset: FeatureDataset, cfg: TrainConfig, device: torch.device
+) -> TrainResult:
+    start = time.perf_counter()
+    net = convert_model(model, dp=False).to(device).train()
+    sampler = LengthBucketSampler(
+        dataset.lengths(),
+        cfg.batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        max_frames=cfg.max_frames_per_batch,
+    )
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_ctc)
+    optimizer = make_optimizer(net.parameters(), cfg)
+    loss, steps, skipped = math.nan, 0, 0
+    for epoch in range(cfg.epochs):
+        total, count = 0.0, 0
+        for raw in loader:
+            batch = as_ctc_batch(raw)
+            assert batch is not None  # the bucket sampler never yields an empty batch
+            batch = batch.to(device)
+            optimizer.zero_grad()
+            batch_loss = ctc_loss(net(batch.feats, batch.feat_lens), batch)
+            if not torch.isfinite(batch_loss):
+                skipped += 1
+                continue
+            batch_loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            optimizer.step()
+            steps += 1
+            total += batch_loss.item() * batch.size
+            count += batch.size
+        loss = total / count if count else math.nan
+        log.info("epoch %d/%d: loss %.4f, %d steps", epoch + 1, cfg.epochs, loss, steps)
+    metrics = make_metrics(loss, len(dataset), steps, skipped, start)
+    return TrainResult(state_dict=plain_state_dict(net), metrics=metrics)

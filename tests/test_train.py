@@ -1,0 +1,221 @@
+"""Local training: the model learns real speech, DP training runs and accounts, batching edge cases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import jiwer
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.data_loader import wrap_collate_with_empty
+
+from client.batching import LengthBucketSampler, as_ctc_batch, collate_ctc
+from client.train import TrainConfig, train_local
+from features.dataset import Example, extract_manifest
+from features.manifest import read_manifest
+from features.mfcc import FeatureConfig, FeatureExtractor
+from features.text import CharTokenizer
+from fedspeech.model import BiGRUCTC, ModelConfig, load_plain_state_dict, plain_state_dict
+
+DELTA = 1e-5
+# Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Optimal order is the"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+]
+
+
+@dataclass(frozen=True)
+class _Utt:
+    feats: torch.Tensor
+    labels: torch.Tensor
+
+
+def _examples(n: int, *, seed: int = 0) -> list[_Utt]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        _Utt(torch.randn(int(torch.randint(5, 12, (1,), generator=g)), 6, generator=g),
+             torch.randint(1, 29, (2,), generator=g))
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models train faster on one thread, and 2 threads on a shared 2-core box can stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _greedy(log_probs: torch.Tensor, tokenizer: CharTokenizer) -> str:
+    """Best path, repeats collapsed, blanks dropped (the decoding module comes later)."""
+    ids = torch.unique_consecutive(log_probs.argmax(-1)).tolist()  # (T,) -> collapsed ids
+    return tokenizer.decode([i for i in ids if i != 0])
+
+
+@pytest.fixture(scope="module")
+def short_sentences(shared_data: Path) -> list[Example]:
+    """The 8 shortest speechocean762 utterances (1.6-2.0 s, 1-4 words), as model frames."""
+    manifest = shared_data / "speechocean762_train" / "manifest.tsv"
+    if not manifest.is_file():
+        pytest.skip(f"{manifest} not found")
+    rows = sorted(read_manifest(manifest), key=lambda r: r.duration_s)[:8]
+    examples, _ = extract_manifest(rows, FeatureExtractor(FeatureConfig()), None, CharTokenizer())
+    assert len(examples) == 8
+    return examples
+
+
+def test_model_overfits_eight_real_utterances(short_sentences: list[Example]) -> None:
+    # Prepare
+    torch.manual_seed(0)
+    model = BiGRUCTC(ModelConfig(input_dim=short_sentences[0].feats.shape[1], hidden_size=64,
+                                 num_layers=2, dropout=0.0))  # fmt: skip
+    cfg = TrainConfig(epochs=60, batch_size=8, lr=0.01, dp=False, seed=0)
+    # Execute
+    result = train_local(model, short_sentences, cfg)
+    load_plain_state_dict(model, result.state_dict)
+    model.eval()
+    with torch.no_grad():
+        hyps = [
+            _greedy(model(ex.feats[None], torch.tensor([ex.feats.shape[0]]))[0], CharTokenizer())
+            for ex in short_sentences
+        ]
+    # Assert
+    cer = jiwer.cer([ex.transcript for ex in short_sentences], hyps)
+    assert cer < 0.05, f"CER {cer:.3f}: {hyps}"
+    assert result.epsilon is None and result.privacy_state is None
+    assert result.metrics["num_steps"] == 60
+
+
+def test_dp_training_learns_and_reports_opacus_epsilon(short_sentences: list[Example]) -> None:
+    # Prepare
+    torch.manual_seed(0)
+    dim = short_sentences[0].feats.shape[1]
+    model = BiGRUCTC(ModelConfig(input_dim=dim, hidden_size=16, num_layers=1, frontend_dim=16))
+    before = plain_state_dict(model)
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.01, noise_multiplier=0.8, dp_seed=0)
+    # Execute
+    result = train_local(model, short_sentences, cfg)
+    # Assert: it trained...
+    assert torch.isfinite(torch.tensor(result.metrics["train_loss"]))
+    assert any(not torch.equal(before[k], v) for k, v in result.state_dict.items())
+    assert all(torch.equal(before[k], v) for k, v in plain_state_dict(model).items())  # untouched
+    # ... with 2 epochs x 2 Poisson steps at q = 1/2, and epsilon is the accountant's
+    reference = RDPAccountant()
+    reference.history = [(0.8, 0.5, 4)]
+    assert result.metrics["num_steps"] == 4
+    assert result.sample_rate == 0.5 and result.noise_multiplier == 0.8
+    assert result.epsilon is not None and result.epsilon > 0
+    assert result.epsilon == reference.get_epsilon(delta=cfg.delta)
+
+
+def test_dp_weights_give_identical_outputs_in_plain_and_dp_models() -> None:
+    torch.manual_seed(0)
+    model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=2, dropout=0.0))
+    result = train_local(model, _examples(8), TrainConfig(batch_size=4, dp_seed=0))
+    plain, dp_model = BiGRUCTC(model.cfg).eval(), BiGRUCTC(model.cfg, dp=True).eval()
+    load_plain_state_dict(plain, result.state_dict)
+    load_plain_state_dict(dp_model, result.state_dict)
+    lengths = torch.tensor([11, 7, 5])
+    feats = torch.randn(3, 11, 6)
+    valid = torch.arange(11)[None, :] < lengths[:, None]  # (B, T)
+    diff = (plain(feats, lengths) - dp_model(feats, lengths))[valid].abs().max()
+    assert diff < 1e-5  # float32 rounding of fused vs. looped GRU
+    assert list(result.state_dict) == list(plain.state_dict())
+
+
+def test_empty_poisson_batches_are_noise_steps_that_count() -> None:
+    # 3 utterances, expected batch size 1: q = 1/3, P(empty batch) = (2/3)^3 = 0.3 per step
+    examples = _examples(3)
+    skipped = 0
+    for dp_seed in range(8):
+        model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=4, num_layers=1, dropout=0.0))
+        cfg = TrainConfig(epochs=2, batch_size=1, noise_multiplier=1.0, dp_seed=dp_seed)
+        result = train_local(model, examples, cfg)
+        assert result.privacy_state is not None
+        assert result.privacy_state.history == ((1.0, 1 / 3, 6),)  # every draw is a step
+        assert result.metrics["num_steps"] == 6
+        skipped += int(result.metrics["skipped_batches"])
+    assert skipped > 0
+
+
+def test_empty_batch_structures_from_opacus_are_recognised() -> None:
+    items = [(u.feats, u.labels) for u in _examples(2)]
+    collate = wrap_collate_with_empty(
+        collate_fn=collate_ctc,
+        sample_empty_shapes=[(0, *t.shape) for t in items[0]],
+        dtypes=[t.dtype for t in items[0]],
+    )
+    assert as_ctc_batch(collate([])) is None  # first batch empty: zero tensors like one item
+    batch = as_ctc_batch(collate(items))
+    assert batch is not None and batch.size == 2
+    assert as_ctc_batch(collate([])) is None  # later: empty copy of the first batch
+
+
+def test_physical_batch_splitting_gives_the_same_update() -> None:
+    torch.manual_seed(0)
+    model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0))
+    cfg = TrainConfig(batch_size=6, noise_multiplier=1.0, dp_seed=3)
+    whole = train_local(model, _examples(12), cfg)
+    split = train_local(model, _examples(12), replace(cfg, max_physical_batch_size=2))
+    assert split.epsilon == whole.epsilon
+    for name, value in whole.state_dict.items():
+        torch.testing.assert_close(split.state_dict[name], value, rtol=0, atol=1e-6)
+
+
+def test_plain_training_is_seeded_and_leaves_caller_rng_alone() -> None:
+    torch.manual_seed(0)
+    model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=2, dropout=0.3))
+    cfg = TrainConfig(epochs=2, batch_size=3, dp=False, seed=5)
+    rng = torch.get_rng_state()
+    a = train_local(model, _examples(9), cfg)
+    assert torch.equal(torch.get_rng_state(), rng)
+    b = train_local(model, _examples(9), cfg)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert a.metrics["num_steps"] == 6 and a.metrics["num_examples"] == 9
+
+
+def test_train_config_requires_one_noise_setting() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        TrainConfig(noise_multiplier=1.0, target_epsilon=3.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        TrainConfig(noise_multiplier=None)
+    assert TrainConfig(dp=False, noise_multiplier=None).dp is False
+
+
+def test_length_buckets_cover_every_utterance_once_within_limits() -> None:
+    lengths = [
+        int(x) for x in torch.randint(1, 100, (103,), generator=torch.Generator().manual_seed(0))
+    ]
+    sampler = LengthBucketSampler(
+        lengths, 8, generator=torch.Generator().manual_seed(1), max_frames=400, pool_batches=4
+    )
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    assert all(len(b) <= 8 and max(lengths[i] for i in b) * len(b) <= 400 for b in batches)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    assert spread / len(batches) < 40  # bucketing: far below the ~65 of random batches of 8
+    batch = as_ctc_batch(collate_ctc([(torch.zeros(n, 2), torch.ones(1)) for n in (3, 9, 5)]))
+    assert batch is not None and batch.feat_lens.tolist() == [9, 5, 3]
+
+
+def test_spec_augment_switch_masks_training_features() -> None:
+    examples = [_Utt(torch.randn(40, 6), torch.tensor([3, 4])) for _ in range(4)]
+    seen: list[torch.Tensor] = []
+
+    def spy(feats: torch.Tensor) -> torch.Tensor:
+        seen.append(feats)
+        return feats
+
+    model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=4, num_layers=1, dropout=0.0))
+    plain = TrainConfig(batch_size=2, dp=False)
+    train_local(model, examples, plain, augment=spy)
+    assert len(seen) == 4  # an explicit augment sees every training read
+    masked = train_local(model, examples, replace(plain, spec_augment=True))
+    unmasked = train_local(model, examples, plain)
+    assert any(not torch.equal(masked.state_dict[k], v) for k, v in unmasked.state_dict.items())
