@@ -16,11 +16,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 from opacus.accountants import IAccountant, create_accountant
 
-AccountantName = Literal["rdp", "prv"]
+from fedspeech.train_config import AccountantName
+
 # (noise_multiplier, sample_rate, num_steps): the entry format of Opacus's accountant history.
 HistoryEntry = tuple[float, float, int]
 # Opacus's get_noise_multiplier bisects sigma starting from [0, 10], doubling the upper end.

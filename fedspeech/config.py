@@ -18,6 +18,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from features.mfcc import FeatureConfig
 from features.partition import PartitionMethod
+from fedspeech.model import CellType, ModelConfig
+from fedspeech.train_config import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -47,11 +49,38 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ModelSection:
+    """Model size knobs; input width and vocabulary follow from the features and tokenizer."""
+
+    hidden_size: int = 256
+    num_layers: int = 3
+    bidirectional: bool = True
+    rnn_cell: CellType = "gru"
+    dropout: float = 0.1
+    frontend_dim: int = 0
+
+    def model_config(self, input_dim: int, vocab_size: int) -> ModelConfig:
+        """The full ``ModelConfig`` for features of width ``input_dim``."""
+        return ModelConfig(
+            input_dim=input_dim,
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            cell=self.rnn_cell,
+            dropout=self.dropout,
+            frontend_dim=self.frontend_dim,
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole resolved run configuration."""
 
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -79,12 +108,18 @@ class RunConfig:
         out: dict[str, Any] = {}
         for section in fields(self):
             for key, value in dataclasses.asdict(getattr(self, section.name)).items():
-                out[key.replace("_", "-")] = value
+                # TOML and Flower run configs have no null: an unset optional is "".
+                out[key.replace("_", "-")] = "" if value is None else value
         return out
 
 
 def _section_types() -> dict[str, type]:
-    return {"data": DataConfig, "features": FeatureConfig}
+    return {
+        "data": DataConfig,
+        "features": FeatureConfig,
+        "model": ModelSection,
+        "train": TrainConfig,
+    }
 
 
 def flat_keys() -> set[str]:
@@ -177,14 +212,30 @@ def resolve_run_config(
             project = tomllib.load(fh)
         if project.get("project", {}).get("name") == "fedspeech":
             flat.update(project["tool"]["flwr"]["app"]["config"])
+    layers = [flat]
     if preset:
-        path = Path(preset)
-        if not path.is_file():
-            path = presets_dir() / f"{preset}.toml"
-        if not path.is_file():
-            names = sorted(p.stem for p in presets_dir().glob("*.toml"))
-            raise ConfigError(f"preset {preset!r} not found (a TOML file or one of {names})")
-        with open(path, "rb") as fh:
-            flat.update(tomllib.load(fh))
-    flat.update(parse_overrides(overrides) if isinstance(overrides, str) else overrides)
-    return RunConfig.from_flat(flat)
+        layers.append(_read_preset(preset))
+    layers.append(parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        # The privacy level is set one way or the other: a target epsilon given in a later layer
+        # replaces a noise multiplier from an earlier one (and vice versa).
+        for key, other in (
+            ("target-epsilon", "noise-multiplier"),
+            ("noise-multiplier", "target-epsilon"),
+        ):
+            if layer.get(key) not in (None, "") and other not in layer:
+                merged[other] = ""
+        merged.update(layer)
+    return RunConfig.from_flat(merged)
+
+
+def _read_preset(preset: str) -> dict[str, Any]:
+    path = Path(preset)
+    if not path.is_file():
+        path = presets_dir() / f"{preset}.toml"
+    if not path.is_file():
+        names = sorted(p.stem for p in presets_dir().glob("*.toml"))
+        raise ConfigError(f"preset {preset!r} not found (a TOML file or one of {names})")
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)

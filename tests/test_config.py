@@ -12,6 +12,7 @@ from fedspeech.config import (
     flat_keys,
     load_pyproject_config,
     parse_overrides,
+    resolve_run_config,
 )
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -64,3 +65,17 @@ def test_overrides_parse_toml_values_and_round_trip() -> None:
 def test_malformed_override_is_rejected() -> None:
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides("n-mfcc")
+
+
+def test_a_later_target_epsilon_replaces_an_earlier_noise_multiplier() -> None:
+    # Execute: pyproject sets noise-multiplier; the override asks for a target epsilon instead
+    cfg = resolve_run_config(None, "target-epsilon=8", cwd=PYPROJECT.parent)
+    # Assert
+    assert (cfg.train.target_epsilon, cfg.train.noise_multiplier) == (8.0, None)
+    with pytest.raises(ConfigError, match="exactly one"):  # both in one layer is ambiguous
+        resolve_run_config(None, "target-epsilon=8 noise-multiplier=0.7", cwd=PYPROJECT.parent)
+
+
+def test_unknown_preset_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="smoke"):
+        resolve_run_config("no-such-preset")
