@@ -1,0 +1,171 @@
+"""``fedspeech transcribe`` and ``fedspeech evaluate``: use a trained model directory.
+
+transcribe output (stdout, or ``--out``):
+
+* ``text``: one input file gives its transcript alone; several give ``path<TAB>text`` lines.
+  Files that fail are left out of stdout and named in an error on stderr.
+* ``json``: a list with ``{path, text, words: [{word, start, end, confidence}], confidence,
+  duration_s}`` per file, or ``{path, error}`` for a file that failed.
+* ``srt``: SubRip subtitles. One file: to stdout or ``--out FILE``; several: ``--out DIR`` gets
+  one ``<name>.srt`` per audio file (``<name>`` = the audio file name without its extension, its
+  folder's relative path prefixed when names would clash).
+
+Exit codes: 0 if at least one file was transcribed (failures are logged), 1 if every file failed,
+2 for a bad model directory, missing input or bad options. ``evaluate`` exits 1 if nothing could
+be scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedspeech")
+
+
+def register(sub: Any) -> None:
+    """Add the ``transcribe`` and ``evaluate`` commands to the top-level subparsers."""
+    p = sub.add_parser("transcribe", help="transcribe audio files or folders with a model")
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("audio", nargs="+", type=Path, metavar="AUDIO", help="audio files or folders")
+    p.add_argument("--format", choices=["text", "json", "srt"], default="text")
+    p.add_argument("--out", type=Path, help="write here instead of stdout (srt, many files: DIR)")
+    p.add_argument("--max-chunk", type=float, default=20.0, help="longest chunk, seconds")
+    _decoder_options(p)
+    p.set_defaults(handler=_transcribe)
+
+    p = sub.add_parser("evaluate", help="WER and CER of a model on a manifest")
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--manifest", type=Path, required=True, help="manifest.tsv with references")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _decoder_options(p)
+    p.set_defaults(handler=_evaluate)
+
+
+def _decoder_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, default=0, help="beam size (0: greedy decoding)")
+    p.add_argument("--lm", type=Path, help="KenLM word LM (ARPA or binary) for beam search")
+    p.add_argument("--lexicon", type=Path, help="word list / lexicon restricting beam search")
+    p.add_argument("--lm-weight", type=float, default=2.0, help="LM weight in beam search")
+    p.add_argument("--word-score", type=float, default=0.0, help="score added per word")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+
+
+def _setup(args: argparse.Namespace) -> Any:
+    """Load the model dir and build the decoder; returns (loaded, decoder)."""
+    import torch
+
+    from fedspeech.decoding import make_decoder
+    from fedspeech.modeldir import load_model_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model_dir(args.model)
+    try:
+        decoder = make_decoder(
+            loaded.tokenizer,
+            loaded.feature_config.frame_shift_s,
+            beam_size=args.beam,
+            lexicon=args.lexicon,
+            lm=args.lm,
+            lm_weight=args.lm_weight,
+            word_score=args.word_score,
+        )
+    except ValueError as exc:
+        from fedspeech.config import ConfigError
+
+        raise ConfigError(str(exc)) from exc  # the CLI reports it as a usage error (exit 2)
+    return loaded, decoder
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from fedspeech.config import ConfigError
+    from fedspeech.transcribe import Transcriber, find_audio_files, to_srt
+
+    files = find_audio_files(args.audio)
+    if not files:
+        raise ConfigError(f"no audio files in {[str(a) for a in args.audio]}")
+    several = len(files) > 1 or args.audio[0].is_dir()
+    if args.format == "srt" and several and (args.out is None or args.out.is_file()):
+        raise ConfigError("--format srt with several files needs --out DIR (one .srt per file)")
+    loaded, decoder = _setup(args)
+    transcriber = Transcriber(loaded, decoder, max_chunk_s=args.max_chunk)
+    results = []
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        for t in transcriber.transcribe_files(files):
+            if t.error:
+                log.error("%s", t.error)
+            results.append(t)
+    ok = [t for t in results if t.hypothesis is not None]
+    if args.format == "json":
+        _emit(json.dumps([t.to_dict() for t in results], indent=2) + "\n", args.out)
+    elif args.format == "text":
+        if several:
+            lines = [f"{t.path}\t{t.hypothesis.text}\n" for t in ok if t.hypothesis]
+        else:
+            lines = [f"{t.hypothesis.text}\n" for t in ok if t.hypothesis]
+        _emit("".join(lines), args.out)
+    elif not several:
+        for t in ok:
+            if t.hypothesis:
+                _emit(to_srt(t.hypothesis), args.out)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        names = _srt_names([t.path for t in ok])
+        for t, name in zip(ok, names, strict=True):
+            if t.hypothesis:
+                (args.out / name).write_text(to_srt(t.hypothesis), encoding="utf-8")
+        log.info("wrote %d subtitle files to %s", len(ok), args.out)
+    log.info(
+        "transcribed %d of %d files (%.1f s of audio)",
+        len(ok),
+        len(results),
+        sum(t.duration_s for t in ok),
+    )
+    return 0 if ok else 1
+
+
+def _srt_names(paths: list[Path]) -> list[str]:
+    """``stem.srt`` per file; where stems clash, the parent folders are prefixed until unique."""
+    names = [f"{p.stem}.srt" for p in paths]
+    for depth in range(1, 1 + max((len(p.parts) for p in paths), default=0)):
+        if len(set(names)) == len(names):
+            break
+        names = ["__".join([*p.parent.parts[-depth:], p.stem]) + ".srt" for p in paths]
+    return names
+
+
+def _emit(text: str, out: Path | None) -> None:
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+        log.info("wrote %s", out)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from fedspeech.evaluate import evaluate_manifest
+
+    loaded, decoder = _setup(args)
+    with logging_redirect_tqdm():
+        result = evaluate_manifest(loaded, args.manifest, decoder=decoder)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "model": str(args.model)}, indent=2))
+    else:
+        print(f"WER      {result.wer:.2%}")
+        print(f"CER      {result.cer:.2%}")
+        print(f"scored   {result.scored} utterances")
+        print(f"skipped  {len(result.skipped)} utterances")
+    return 0 if result.scored else 1

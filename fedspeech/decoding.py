@@ -1,0 +1,228 @@
+"""CTC log-probs -> text with word times: hypothesis types, greedy decoding, decoder factory.
+
+Greedy decoding (here) and beam search (``fedspeech.beam``) both return a :class:`Hypothesis`
+whose words carry start/end times read off the CTC frame alignment: a word starts at the first
+frame of its first character and ends after the last frame of its last character's run (the
+frames whose best label stays that character, up to the next emission). A character's posterior
+is taken at the frame where it is emitted; a word's confidence is the mean over its characters,
+an utterance's the mean over all emitted characters (or, when nothing is emitted, the mean blank
+posterior: how sure the model is that nothing was said).
+
+>>> from features.text import CharTokenizer
+>>> tok = CharTokenizer()
+>>> ids = [0, 10, 10, 0, 11, 0, 1, 11, 0]  # -, h, h, -, i, -, ' ', i, -
+>>> lp = torch.nn.functional.one_hot(torch.tensor(ids), tok.vocab_size).float().mul(9).log_softmax(-1)
+>>> hyp = greedy_decode(lp, tok, frame_shift_s=0.03)
+>>> hyp.text, [(w.text, round(w.start_s, 2), round(w.end_s, 2)) for w in hyp.words]
+('hi i', [('hi', 0.03, 0.15), ('i', 0.21, 0.24)])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from features.text import CharTokenizer
+
+
+@dataclass(frozen=True)
+class Word:
+    """One recognised word with its time span (seconds from the start of the audio)."""
+
+    text: str
+    start_s: float
+    end_s: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A decoded utterance: text, its words with times, and a confidence in [0, 1]."""
+
+    text: str
+    words: list[Word]
+    confidence: float
+
+    def shifted(self, offset_s: float) -> Hypothesis:
+        """The same hypothesis with every word time moved by ``offset_s`` (e.g. a chunk start)."""
+        words = [
+            replace(w, start_s=w.start_s + offset_s, end_s=w.end_s + offset_s) for w in self.words
+        ]
+        return replace(self, words=words)
+
+    def clipped(self, duration_s: float) -> Hypothesis:
+        """Word times capped at ``duration_s``: the last model frame may reach past the audio."""
+        words = [
+            replace(w, start_s=min(w.start_s, duration_s), end_s=min(w.end_s, duration_s))
+            for w in self.words
+        ]
+        return replace(self, words=words)
+
+
+def join_hypotheses(parts: Sequence[Hypothesis]) -> Hypothesis:
+    """Concatenate hypotheses of consecutive chunks (word times already absolute).
+
+    The confidence is the character-weighted mean over all words, as for a single utterance; with
+    no words at all, the mean of the parts' confidences (1.0 for no parts).
+    """
+    words = [w for p in parts for w in p.words]
+    if words:
+        confidence = char_weighted_confidence(words)
+    else:
+        confidence = float(np.mean([p.confidence for p in parts])) if parts else 1.0
+    return Hypothesis(" ".join(w.text for w in words), words, confidence)
+
+
+class Decoder(Protocol):
+    """What transcription needs from a decoder: a padded batch of log-probs -> hypotheses."""
+
+    def decode_batch(self, log_probs: Tensor, lengths: Tensor) -> list[Hypothesis]:
+        """Decode ``(B, T, V)`` log-probs whose first ``lengths[b]`` frames are valid."""
+        ...
+
+
+def greedy_decode(log_probs: Tensor, tokenizer: CharTokenizer, frame_shift_s: float) -> Hypothesis:
+    """Best-path CTC decoding of one utterance: argmax per frame, collapse repeats, drop blanks.
+
+    Args:
+        log_probs: ``(T, V)`` log-probabilities (or any monotone scores, e.g. logits; the
+            confidences are only meaningful for log-probabilities).
+        tokenizer: maps ids to characters; its space separates words.
+        frame_shift_s: seconds between frames (``FeatureConfig.frame_shift_s``).
+    """
+    lengths = torch.tensor([log_probs.shape[0]])
+    return GreedyDecoder(tokenizer, frame_shift_s).decode_batch(log_probs[None], lengths)[0]
+
+
+class GreedyDecoder:
+    """Greedy CTC decoding of padded batches (one argmax over the whole batch)."""
+
+    def __init__(self, tokenizer: CharTokenizer, frame_shift_s: float) -> None:
+        self.tokenizer = tokenizer
+        self.frame_shift_s = frame_shift_s
+
+    def decode_batch(self, log_probs: Tensor, lengths: Tensor) -> list[Hypothesis]:
+        """Decode ``(B, T, V)`` log-probs; frames at or past ``lengths[b]`` are ignored."""
+        best_lp, best = log_probs.detach().float().max(dim=-1)  # (B, T), (B, T)
+        post = best_lp.exp().cpu().numpy()  # (B, T) posterior of the best label
+        best_np = best.cpu().numpy()  # (B, T)
+        blank = self.tokenizer.blank_id
+        out = []
+        for b, n in enumerate(lengths.tolist()):
+            path = best_np[b, :n]  # (T_b,)
+            # a label is emitted where it starts a run and is not blank
+            starts = np.flatnonzero((path != blank) & np.r_[True, path[1:] != path[:-1]])
+            blank_post = mean_blank_posterior(path, post[b, :n], blank)
+            out.append(
+                hypothesis_from_path(
+                    path[starts].tolist(),
+                    starts.tolist(),
+                    post[b, starts].tolist(),
+                    path,
+                    self.tokenizer,
+                    self.frame_shift_s,
+                    blank_post,
+                )
+            )
+        return out
+
+
+def make_decoder(
+    tokenizer: CharTokenizer,
+    frame_shift_s: float,
+    *,
+    beam_size: int = 0,
+    lexicon: str | Path | None = None,
+    lm: str | Path | None = None,
+    lm_weight: float = 2.0,
+    word_score: float = 0.0,
+) -> Decoder:
+    """Greedy decoding for ``beam_size`` 0 (without lexicon or LM), else ``beam.BeamDecoder``.
+
+    A lexicon or LM with ``beam_size`` 0 gets a beam of 50 (flashlight's default).
+    """
+    if beam_size < 0:
+        raise ValueError(f"beam size must be >= 0 (0 = greedy), got {beam_size}")
+    if beam_size == 0 and lexicon is None and lm is None:
+        return GreedyDecoder(tokenizer, frame_shift_s)
+    from fedspeech.beam import BeamDecoder  # lazy: flashlight-text only when beam searching
+
+    return BeamDecoder(
+        tokenizer,
+        frame_shift_s,
+        beam_size=beam_size or 50,
+        lexicon=lexicon,
+        lm=lm,
+        lm_weight=lm_weight,
+        word_score=word_score,
+    )
+
+
+def hypothesis_from_path(
+    tokens: list[int],
+    frames: list[int],
+    posteriors: list[float],
+    path: np.ndarray,
+    tokenizer: CharTokenizer,
+    frame_shift_s: float,
+    blank_posterior: float,
+) -> Hypothesis:
+    """Group emitted labels into words split at spaces.
+
+    Args:
+        tokens: emitted label ids (no blanks), in order.
+        frames: the frame where each label is emitted.
+        posteriors: each label's posterior at that frame.
+        path: ``(T,)`` best label per frame; a character's run continues while it stays the best.
+        tokenizer: id -> character.
+        frame_shift_s: seconds per frame.
+        blank_posterior: the utterance confidence when nothing is emitted.
+    """
+    words: list[Word] = []
+    current: list[int] = []  # indices (into tokens) of the current word's characters
+
+    def flush(next_index: int) -> None:
+        if not current:
+            return
+        last = current[-1]
+        end, tok = frames[last], tokens[last]
+        # the last character's run: while it stays the best label, up to the next emission
+        stop = min(len(path), frames[next_index] if next_index < len(frames) else len(path))
+        while end + 1 < stop and path[end + 1] == tok:
+            end += 1
+        words.append(
+            Word(
+                "".join(tokenizer.alphabet[tokens[i]] for i in current),
+                frames[current[0]] * frame_shift_s,
+                (end + 1) * frame_shift_s,
+                float(np.mean([posteriors[i] for i in current])),
+            )
+        )
+        current.clear()
+
+    for i, tok in enumerate(tokens):
+        if tokenizer.alphabet[tok] == " " or tok == tokenizer.blank_id:
+            flush(i)
+        else:
+            current.append(i)
+    flush(len(tokens))
+    confidence = char_weighted_confidence(words) if words else blank_posterior
+    return Hypothesis(" ".join(w.text for w in words), words, confidence)
+
+
+def mean_blank_posterior(path: np.ndarray, posteriors: np.ndarray, blank: int) -> float:
+    """Mean posterior of the frames whose best label is blank (0.0 if there are none)."""
+    is_blank = path == blank  # (T,)
+    return float(posteriors[is_blank].mean()) if is_blank.any() else 0.0
+
+
+def char_weighted_confidence(words: Sequence[Word]) -> float:
+    """Mean posterior over all characters of ``words`` (each word weighted by its length)."""
+    total = sum(len(w.text) for w in words)
+    return sum(w.confidence * len(w.text) for w in words) / total
