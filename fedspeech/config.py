@@ -73,6 +73,84 @@ class ModelSection:
         )
 
 
+StrategyName = Literal["fedavg", "fedadam", "fedprox", "fedmedian"]
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Federation knobs: rounds, sampling, strategy, privacy budget, evaluation, outputs.
+
+    Relative paths (``data-dir``, ``out-dir``, ``eval-manifest``, ``init-model``) resolve against
+    the working directory of the Flower processes; ``fedspeech simulate`` passes absolute ones.
+    """
+
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0  # share of connected nodes sampled per round
+    min_clients: int = 2  # wait for this many nodes; sample at least this many
+    strategy: StrategyName = "fedavg"
+    server_lr: float = 0.01  # FedAdam's server step size (eta)
+    proximal_mu: float = 0.0  # FedProx's proximal weight, sent to clients
+    epsilon_budget: float | None = None  # per-client lifetime epsilon; None: no limit
+    partition_budgets: str = ""  # simulation: per-partition budgets, "3=0.5,5=2"
+    planned_rounds: int = 0  # rounds target-epsilon is spread over; 0: num-server-rounds
+    holdout_speakers: int = 2  # corpus speakers kept from every client, for central eval
+    eval_manifest: str = ""  # server-side eval manifest; "": the held-out speakers
+    eval_max_utterances: int = 0  # cap on central-eval utterances (0: all)
+    init_model: str = ""  # model directory to start from (e.g. pre-trained); "": fresh
+    data_dir: str = ".fedspeech/data"  # simulation: corpus, partitions, feature cache
+    out_dir: str = ".fedspeech/run"  # run folder: checkpoint, final model, round log
+    resume: bool = False  # continue from out-dir's checkpoint
+    round_timeout: float = 3600.0  # seconds to wait for a round's replies
+    client_threads: int = 1  # torch threads per ClientApp (0: torch's default)
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment_name: str = "fedspeech"
+    run_name: str = ""  # "": derived from the out-dir name
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1 or self.min_clients < 1:
+            raise ConfigError("num-server-rounds and min-clients must be >= 1")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError("fraction-train must be in (0, 1]")
+        if self.strategy not in get_args(StrategyName):
+            raise ConfigError(f"strategy must be one of {get_args(StrategyName)}")
+        if self.server_lr <= 0 or self.proximal_mu < 0 or self.round_timeout <= 0:
+            raise ConfigError("server-lr and round-timeout must be > 0, proximal-mu >= 0")
+        if self.epsilon_budget is not None and self.epsilon_budget <= 0:
+            raise ConfigError('epsilon-budget must be > 0 (or "" for none)')
+        if min(self.planned_rounds, self.holdout_speakers, self.eval_max_utterances) < 0:
+            raise ConfigError("planned-rounds, holdout-speakers, eval-max-utterances must be >= 0")
+        if self.client_threads < 0:
+            raise ConfigError("client-threads must be >= 0")
+        _parse_budgets(self.partition_budgets)  # fail at config time, not in round 1
+
+    @property
+    def rounds_planned(self) -> int:
+        """Rounds a client's target epsilon is spread over."""
+        return self.planned_rounds or self.num_server_rounds
+
+    def budget_for_partition(self, partition_id: int | None) -> float | None:
+        """The epsilon budget of a simulated partition (``partition-budgets`` or the default)."""
+        budgets = _parse_budgets(self.partition_budgets)
+        if partition_id is not None and partition_id in budgets:
+            return budgets[partition_id]
+        return self.epsilon_budget
+
+
+def _parse_budgets(text: str) -> dict[int, float]:
+    """``"3=0.5,5=2"`` -> ``{3: 0.5, 5: 2.0}``; raises ConfigError on anything else."""
+    budgets: dict[int, float] = {}
+    for item in text.replace(",", " ").split():
+        key, _, value = item.partition("=")
+        try:
+            partition, budget = int(key), float(value)
+        except ValueError:
+            budget = 0.0
+        if budget <= 0:
+            raise ConfigError(f"partition-budgets: {item!r} is not PARTITION=EPSILON (> 0)")
+        budgets[partition] = budget
+    return budgets
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole resolved run configuration."""
@@ -81,6 +159,7 @@ class RunConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -119,6 +198,7 @@ def _section_types() -> dict[str, type]:
         "features": FeatureConfig,
         "model": ModelSection,
         "train": TrainConfig,
+        "fed": FedConfig,
     }
 
 

@@ -1,0 +1,105 @@
+"""Flower ClientApp: translates a train message into ``client.local_round.run_round`` and back.
+
+In: ``arrays`` (global weights, ArrayRecord) and ``config`` (``server-round``). Out: ``arrays``
+(new weights; absent when the client declines), ``metrics`` (MetricRecord, see
+``client.local_round``) and, when declining, ``decline`` (ConfigRecord with the ``reason``).
+Only weights and these numbers leave the node: never audio, features or transcripts.
+
+The privacy ledger is kept in ``context.state`` (across rounds of a run) and in a JSON file (see
+``client.node_state``: across runs and restarts); the longer history of the two wins.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from client.local_round import load_node_examples, run_round
+from client.node_state import load_ledger, newest_ledger, resolve_node_data, save_ledger
+from client.privacy import PrivacyState
+from fedspeech.config import RunConfig
+
+log = logging.getLogger("fedspeech.client")
+
+app = ClientApp()
+
+_LEDGER_KEY = "fedspeech.privacy"  # context.state record holding the ledger JSON
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run one round of local training (or decline it) and reply."""
+    _show_progress()
+    cfg = RunConfig.from_flat(context.run_config)
+    node = resolve_node_data(context.node_config, cfg)
+    if node.threads:
+        torch.set_num_threads(node.threads)
+    server_round = int(str(msg.content.config_records["config"].get("server-round", 0)))
+    ledger_in_state = _state_ledger(context)
+    prior = newest_ledger(ledger_in_state, load_ledger(node.ledger_file))
+
+    examples = load_node_examples(node, cfg)
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    outcome = run_round(
+        global_state,
+        examples,
+        cfg,
+        server_round=server_round,
+        prior=prior,
+        budget=node.epsilon_budget,
+        seed_offset=node.partition[0] if node.partition else context.node_id % 1_000_003,
+    )
+    if outcome.privacy_state is not None and outcome.privacy_state != ledger_in_state:
+        # Ledger first, reply second: a reply lost after this still counts as spent.
+        save_ledger(node.ledger_file, outcome.privacy_state)
+        context.state[_LEDGER_KEY] = ConfigRecord({"ledger": outcome.privacy_state.to_json()})
+
+    metrics: dict[str, MetricRecordValues] = dict(outcome.metrics)
+    if node.partition is not None:  # lets the server's report name simulated clients stably
+        metrics["partition-id"] = float(node.partition[0])
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if outcome.state_dict is not None:
+        content["arrays"] = ArrayRecord(outcome.state_dict)
+    else:
+        content["decline"] = ConfigRecord({"reason": outcome.declined_reason or "declined"})
+    log.info(
+        "%s round %d: %s",
+        node.label,
+        server_round,
+        "declined" if outcome.state_dict is None else _fmt(outcome.metrics),
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _show_progress() -> None:
+    """Our INFO lines on the node's console (fedspeech's loggers only, not the root)."""
+    for name in ("client", "fedspeech"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.propagate = False
+            logger.setLevel(logging.INFO)
+
+
+def _state_ledger(context: Context) -> PrivacyState | None:
+    record = context.state.get(_LEDGER_KEY)
+    if not isinstance(record, ConfigRecord) or "ledger" not in record:
+        return None
+    return PrivacyState.from_json(str(record["ledger"]))
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())

@@ -1,0 +1,173 @@
+"""One federated round on a client: load its data, check its privacy budget, train, report.
+
+``(global weights, node data, run config, ledger) -> RoundOutcome``; no Flower here (the
+ClientApp in ``client.app`` only translates messages). A client whose next round would spend more
+than its epsilon budget declines: it trains nothing, spends nothing and says why.
+
+Reply metric keys (stable; Flower's strategies weight by ``num-examples``): ``train-loss``,
+``num-examples``, ``num-steps``, ``skipped-batches``, ``seconds``, ``declined`` (0/1) and, with
+DP, ``epsilon`` (the client's total so far), ``noise-multiplier``, ``sample-rate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from client.batching import LabelledFeatures
+from client.node_state import NodeData
+from client.privacy import PrivacyBudgetError, PrivacyState, calibrate_noise_multiplier
+from client.train import train_local
+from features.dataset import Example
+from features.errors import FedspeechDataError
+from features.text import CharTokenizer
+from fedspeech.config import RunConfig
+from fedspeech.model import BiGRUCTC, load_plain_state_dict
+from fedspeech.pipeline import load_examples
+
+log = logging.getLogger(__name__)
+
+# Seeds of different rounds and nodes must differ (dropout, shuffling, and DP noise when
+# dp-seed is fixed in tests): offset them by round and partition.
+_ROUND_SEED_STRIDE = 100_003
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a client sends back (weights, metrics) and keeps (its ledger).
+
+    Attributes:
+        state_dict: trained weights (plain names); None when the client declined.
+        metrics: reply metrics (see the module docstring).
+        privacy_state: the ledger after this round (unchanged when declined); None without DP.
+        declined_reason: why the client did not train, else None.
+    """
+
+    state_dict: dict[str, Tensor] | None
+    metrics: dict[str, float]
+    privacy_state: PrivacyState | None
+    declined_reason: str | None = None
+
+
+def load_node_examples(node: NodeData, cfg: RunConfig) -> list[Example]:
+    """The node's training examples (features from the node's cache after the first round).
+
+    Raises:
+        FedspeechDataError: no usable utterance.
+    """
+    manifest = node.manifest
+    if manifest is None:
+        assert node.partition is not None
+        from fedspeech.fed_data import client_manifest  # lazy: only simulated nodes split
+
+        manifest = client_manifest(cfg, cfg.fed.data_dir, *node.partition)
+    examples, report, summary = load_examples(manifest, cfg.features, cache_root=node.cache_dir)
+    log.info("%s: %s", node.label, summary)
+    if not examples:
+        raise FedspeechDataError(
+            f"{manifest}: no usable utterances ({len(report.skipped)} skipped)"
+        )
+    return examples
+
+
+def run_round(
+    global_state: Mapping[str, Tensor],
+    examples: Sequence[LabelledFeatures],
+    cfg: RunConfig,
+    *,
+    server_round: int,
+    prior: PrivacyState | None,
+    budget: float | None,
+    seed_offset: int = 0,
+) -> RoundOutcome:
+    """Train the global model on ``examples`` for one round, unless the budget forbids it.
+
+    Args:
+        global_state: the global model's weights (plain names).
+        examples: this client's utterances.
+        cfg: the run config (model shape, training and privacy settings, planned rounds).
+        server_round: the round number (seeds).
+        prior: this client's ledger so far (None: fresh).
+        budget: lifetime epsilon budget at ``cfg.train.delta`` (None: no limit).
+        seed_offset: distinguishes clients' seeds (e.g. the partition id).
+    """
+    start = time.perf_counter()
+    train = cfg.train
+    seed = train.seed + _ROUND_SEED_STRIDE * server_round + seed_offset
+    dp_seed = None if train.dp_seed is None else train.dp_seed + 2 * (seed - train.seed)
+    train = dataclasses.replace(train, seed=seed, dp_seed=dp_seed)
+    if train.dp:
+        prior = prior or PrivacyState(mechanism=train.accountant)
+        noise, reason = _plan_noise(cfg, len(examples), prior, budget)
+        if reason is not None:
+            log.warning("declining round %d: %s", server_round, reason)
+            metrics = {"declined": 1.0, "num-examples": float(len(examples))}
+            metrics["epsilon"] = prior.epsilon(train.delta)
+            metrics["seconds"] = time.perf_counter() - start
+            return RoundOutcome(None, metrics, prior, reason)
+        train = dataclasses.replace(train, noise_multiplier=noise, target_epsilon=None)
+
+    tokenizer = CharTokenizer()
+    model = BiGRUCTC(cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size))
+    load_plain_state_dict(model, global_state)
+    result = train_local(model, examples, train, privacy_state=prior)
+    metrics = {
+        "train-loss": result.metrics["train_loss"],
+        "num-examples": result.metrics["num_examples"],
+        "num-steps": result.metrics["num_steps"],
+        "skipped-batches": result.metrics["skipped_batches"],
+        "seconds": time.perf_counter() - start,
+        "declined": 0.0,
+    }
+    if result.epsilon is not None:
+        metrics["epsilon"] = result.epsilon
+        metrics["noise-multiplier"] = float(result.noise_multiplier or 0.0)
+        metrics["sample-rate"] = float(result.sample_rate or 0.0)
+    return RoundOutcome(result.state_dict, metrics, result.privacy_state)
+
+
+def round_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """``(Poisson sample rate, DP steps)`` of one round, as Opacus's DP loader takes them."""
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    return 1.0 / steps_per_epoch, epochs * steps_per_epoch
+
+
+def _plan_noise(
+    cfg: RunConfig, num_examples: int, prior: PrivacyState, budget: float | None
+) -> tuple[float, str | None]:
+    """This round's noise multiplier, and the reason to decline (None: go ahead)."""
+    train = cfg.train
+    sample_rate, steps = round_steps(num_examples, train.batch_size, train.epochs)
+    noise = train.noise_multiplier
+    if train.target_epsilon is not None:
+        # Spread the target over every planned round: all of them together spend at most it.
+        planned = cfg.fed.rounds_planned * steps
+        if prior.num_steps + steps > planned:
+            return 0.0, (
+                f"the {cfg.fed.rounds_planned} planned rounds ({planned} steps) are used up "
+                f"({prior.num_steps} recorded)"
+            )
+        try:
+            noise = calibrate_noise_multiplier(
+                target_epsilon=train.target_epsilon,
+                delta=train.delta,
+                sample_rate=sample_rate,
+                steps=planned - prior.num_steps,
+                prior=prior,
+            )
+        except PrivacyBudgetError as exc:
+            return 0.0, f"target epsilon {train.target_epsilon} cannot be met: {exc}"
+    assert noise is not None
+    if budget is not None and prior.would_exceed(budget, train.delta, noise, sample_rate, steps):
+        spent = prior.epsilon(train.delta)
+        return noise, (
+            f"{steps} more steps (noise {noise:.3g}, q {sample_rate:.3g}) would exceed the epsilon "
+            f"budget {budget:g} (spent {spent:.3f})"
+        )
+    return noise, None

@@ -1,0 +1,247 @@
+"""Launch a local Flower simulation: a private SuperLink, ``flwr run``, and a full cleanup after.
+
+What ``fedspeech simulate`` runs, equivalent to this shell session (ports are picked free, so
+several simulations, and tests, can run side by side)::
+
+    export FLWR_HOME=<out>/.flwr FLWR_TELEMETRY_ENABLED=0
+    export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1   # else every run uv-syncs the app
+    flower-superlink --insecure --simulation --isolation subprocess --host 127.0.0.1 --port P \\
+        --control-api-address 127.0.0.1:C --disable-runtime-dependency-installation &
+    # $FLWR_HOME/config.toml: [superlink] default = "fedspeech";
+    #                         [superlink.fedspeech] address = "127.0.0.1:P", insecure = true
+    flwr run <repo> --stream --run-config <out>/run_config.toml \\
+        --federation-config "num-supernodes=N client-resources-num-cpus=1"
+    kill %1   # and what it started: SuperExec, the simulation process, Ray
+
+The SuperLink and everything it spawns detach into their own sessions, so the cleanup cannot
+rely on process groups: every process started here carries ``FEDSPEECH_LAUNCH_ID=<uuid>`` in its
+environment, and whatever still carries it at the end is terminated (then killed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("fedspeech")
+
+LAUNCH_ID_VAR = "FEDSPEECH_LAUNCH_ID"
+CONNECTION = "fedspeech"
+_STARTUP_TIMEOUT_S = 60.0
+_STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class LocalSuperLink:
+    """A running SuperLink started by :func:`local_superlink`."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    flwr_home: Path
+    env: Mapping[str, str]
+    launch_id: str
+
+
+def flower_env(flwr_home: Path, launch_id: str) -> dict[str, str]:
+    """The environment every Flower process of a simulation gets (see the module docstring)."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)  # flower-superexec etc. are found on PATH
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
+            LAUNCH_ID_VAR: launch_id,
+        }
+    )
+    return env
+
+
+@contextmanager
+def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
+    """Run a simulation-mode SuperLink on free loopback ports; stop it and its children after.
+
+    Also writes ``$FLWR_HOME/config.toml`` with the ``fedspeech`` connection to it.
+
+    Raises:
+        RuntimeError: the SuperLink exits or is not healthy within a minute.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    launch_id = uuid.uuid4().hex
+    env = flower_env(flwr_home, launch_id)
+    port, control = _free_port(), _free_port()
+    address = f"127.0.0.1:{port}"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    command = [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        *("--insecure", "--simulation", "--isolation", "subprocess"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--control-api-address", f"127.0.0.1:{control}"),
+        "--disable-runtime-dependency-installation",
+    ]
+    log_path = flwr_home / "superlink.log"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_healthy(process, port, log_path)
+        log.info("SuperLink on %s (pid %d, log %s)", address, process.pid, log_path)
+        yield LocalSuperLink(process, address, flwr_home, env, launch_id)
+    finally:
+        stop_launched(process, launch_id)
+
+
+def flwr_run(
+    link: LocalSuperLink,
+    app_dir: Path,
+    *,
+    run_config: Path,
+    federation_config: Mapping[str, object],
+    output: Path | None = None,
+) -> int:
+    """``flwr run APP fedspeech --stream ...`` against ``link``; returns its exit status.
+
+    Args:
+        link: the SuperLink.
+        app_dir: the Flower app (the repo root with pyproject.toml).
+        run_config: TOML file of run-config overrides.
+        federation_config: e.g. ``{"num-supernodes": 4, "client-resources-num-cpus": 1}``.
+        output: file for the streamed logs (None: this process's stdout).
+    """
+    federation = " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())
+    command = [
+        str(Path(sys.executable).parent / "flwr"),
+        *("run", str(app_dir), CONNECTION, "--stream"),
+        *("--run-config", str(run_config)),
+        *("--federation-config", federation),
+    ]
+    log.info("%s", " ".join(command))
+    if output is None:
+        return subprocess.run(command, env=dict(link.env), check=False).returncode
+    with open(output, "ab") as fh:
+        return subprocess.run(
+            command, env=dict(link.env), stdout=fh, stderr=subprocess.STDOUT, check=False
+        ).returncode
+
+
+def stop_launched(process: subprocess.Popen[bytes], launch_id: str) -> list[int]:
+    """Stop ``process``, then every process tagged with ``launch_id``; returns the pids signalled."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    signalled = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = tagged_processes(launch_id)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                signalled.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + _STOP_GRACE_S
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            time.sleep(0.1)
+        if not pids:
+            break
+    if signalled:
+        log.info("stopped %d leftover simulation processes", len(set(signalled)))
+    return sorted(set(signalled))
+
+
+def tagged_processes(launch_id: str) -> list[int]:
+    """Pids of live processes whose environment holds ``FEDSPEECH_LAUNCH_ID=launch_id``."""
+    needle = f"{LAUNCH_ID_VAR}={launch_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+def write_run_config(path: Path, flat: Mapping[str, object]) -> Path:
+    """Write a flat run config as TOML (what ``flwr run --run-config FILE`` reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{key} = {_toml_value(value)}" for key, value in flat.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"flower-superlink exited with {process.returncode}; see {log_path}:\n"
+                + _tail(log_path)
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(
+        f"flower-superlink not healthy after {_STARTUP_TIMEOUT_S:.0f} s; see {log_path}"
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie is already dead; its parent reaps it
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,159 @@
+"""Per-round bookkeeping of the server: client replies -> one round summary (no Flower here).
+
+The summary's keys are the stable per-round metric names the run folder, the console and the
+tracker report: ``train_loss`` (mean over trained clients, weighted by examples), ``wer``, ``cer``
+(central evaluation), ``epsilon_max`` / ``epsilon_mean`` (each reporting client's total so far),
+``clients_ok`` / ``clients_declined`` / ``clients_failed``, ``num_examples``, ``update_norm`` (L2
+norm of the change of the global weights), ``train_seconds`` (sending to aggregating),
+``round_seconds`` (the whole round, evaluation and checkpoint included).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+ReplyStatus = Literal["ok", "declined", "failed"]
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """One client's reply to a training round, as the server saw it.
+
+    Attributes:
+        client: ``partition-<i>`` for simulated nodes, else ``node-<node id>``.
+        status: ``ok`` (weights aggregated), ``declined`` (budget) or ``failed`` (error, no reply).
+        metrics: the reply's metrics (empty for failures).
+        reason: why it declined or failed.
+    """
+
+    client: str
+    status: ReplyStatus
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One round, summarised (see the module docstring for the keys)."""
+
+    round: int
+    clients_ok: int
+    clients_declined: int
+    clients_failed: int
+    num_examples: int
+    train_loss: float | None
+    epsilon_max: float | None
+    epsilon_mean: float | None
+    train_seconds: float
+    update_norm: float | None = None
+    wer: float | None = None
+    cer: float | None = None
+    round_seconds: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric metrics that are set (for a tracker's ``log_round``)."""
+        return {
+            k: float(v)
+            for k, v in asdict(self).items()
+            if k != "round" and v is not None and math.isfinite(float(v))
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe form (non-finite numbers as null)."""
+        return {k: _finite(v) for k, v in asdict(self).items()}
+
+    def line(self) -> str:
+        """One console line."""
+        eps = (
+            f"eps max {self.epsilon_max:.3f} mean {self.epsilon_mean:.3f}"
+            if self.epsilon_max is not None and self.epsilon_mean is not None
+            else "eps -"
+        )
+        return (
+            f"round {self.round}: loss {_fmt(self.train_loss)}, WER {_fmt(self.wer)}, "
+            f"CER {_fmt(self.cer)}, {eps}, clients ok {self.clients_ok} / declined "
+            f"{self.clients_declined} / failed {self.clients_failed}, "
+            f"{_fmt(self.round_seconds, '.1f')} s"
+        )
+
+
+def summarize_round(
+    server_round: int, reports: Sequence[ClientReport], train_seconds: float
+) -> RoundSummary:
+    """Count the replies, average the loss over trained clients, collect epsilon."""
+    ok = [r for r in reports if r.status == "ok"]
+    weights = [r.metrics.get("num-examples", 0.0) for r in ok]
+    losses = [r.metrics.get("train-loss", math.nan) for r in ok]
+    pairs = [(w, x) for w, x in zip(weights, losses, strict=True) if math.isfinite(x) and w > 0]
+    total = sum(w for w, _ in pairs)
+    loss = sum(w * x for w, x in pairs) / total if total else None
+    eps = [r.metrics["epsilon"] for r in reports if r.status != "failed" and "epsilon" in r.metrics]
+    return RoundSummary(
+        round=server_round,
+        clients_ok=len(ok),
+        clients_declined=sum(r.status == "declined" for r in reports),
+        clients_failed=sum(r.status == "failed" for r in reports),
+        num_examples=int(sum(weights)),
+        train_loss=loss,
+        epsilon_max=max(eps) if eps else None,
+        epsilon_mean=sum(eps) / len(eps) if eps else None,
+        train_seconds=train_seconds,
+    )
+
+
+def with_evaluation(
+    summary: RoundSummary, *, wer: float | None, cer: float | None, update_norm: float | None
+) -> RoundSummary:
+    """The summary with the central evaluation and the update norm filled in."""
+    return replace(summary, wer=_finite(wer), cer=_finite(cer), update_norm=update_norm)
+
+
+def update_norm(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> float:
+    """L2 norm of ``after - before`` over all tensors (0.0: the global model did not change)."""
+    squares = sum(float(torch.sum((after[k].double() - before[k].double()) ** 2)) for k in before)
+    return math.sqrt(squares)
+
+
+def update_clients(
+    table: dict[str, dict[str, Any]], server_round: int, reports: Sequence[ClientReport]
+) -> None:
+    """Fold a round's replies into the per-client table (in place)."""
+    for r in reports:
+        row = table.setdefault(
+            r.client, {"rounds_ok": 0, "rounds_declined": 0, "rounds_failed": 0, "epsilon": None}
+        )
+        row[f"rounds_{r.status}"] += 1
+        row["last_round"] = server_round
+        if "epsilon" in r.metrics:
+            row["epsilon"] = _finite(r.metrics["epsilon"])
+        if r.metrics.get("num-examples"):
+            row["num_examples"] = int(r.metrics["num-examples"])
+        if r.reason:
+            row["last_reason"] = r.reason
+
+
+def clients_tsv(table: Mapping[str, Mapping[str, Any]]) -> str:
+    """The per-client table as TSV text (one row per client, sorted)."""
+    columns = ["client", "rounds_ok", "rounds_declined", "rounds_failed", "num_examples"]
+    columns += ["epsilon", "last_round", "last_reason"]
+    lines = ["\t".join(columns)]
+    for client in sorted(table):
+        row = {"client": client, **table[client]}
+        lines.append("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    return "\n".join(lines) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)

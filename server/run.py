@@ -1,0 +1,267 @@
+"""A federated run on the server side, without Flower: open or resume, per-round work, finish.
+
+``FederatedRun.open`` starts fresh (new weights or ``init-model``, a cleared run folder, a new
+tracking run) or, with ``resume``, continues from the run folder's checkpoint (next round = last
+finished + 1, the same tracking run). After each round ``finish_round`` evaluates the global model
+centrally, writes the checkpoint, reports to the tracker and logs one progress line; ``finish``
+writes the final model directory and the per-client report. Run folder (``out-dir``)::
+
+    checkpoint/{model/, state.json}  latest global model and run state (resume reads it)
+    model/                           the final model directory (fedspeech transcribe --model)
+    client-state/                    simulated clients' privacy ledgers
+    report/{clients.tsv, history.json}
+    eval_manifest.tsv                the central evaluation set
+    params.json, rounds.jsonl, tracking.json   (LocalTracker)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from features.manifest import write_manifest
+from features.text import CharTokenizer
+from fedspeech import __version__
+from fedspeech.config import ConfigError, RunConfig
+from fedspeech.fed_data import heldout_utterances
+from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
+from fedspeech.modeldir import load_model_dir, save_model_dir
+from server.checkpoint import CHECKPOINT_DIR, RunState, load_checkpoint, save_checkpoint
+from server.evaluation import CentralEvaluator
+from server.rounds import (
+    ClientReport,
+    RoundSummary,
+    clients_tsv,
+    summarize_round,
+    update_clients,
+    update_norm,
+    with_evaluation,
+)
+from server.tracking import Tracker, open_tracker
+
+log = logging.getLogger("fedspeech.server")
+
+TrackerFactory = Callable[[RunConfig, Path, str | None], Tracker]
+
+# What a fresh run clears from a reused run folder (only this tool's own outputs).
+_RUN_OUTPUTS = (
+    CHECKPOINT_DIR, "model", "client-state", "report", "eval_manifest.tsv",
+    "params.json", "rounds.jsonl", "tracking.json",
+)  # fmt: skip
+
+
+class FederatedRun:
+    """Server-side state of one run; see the module docstring. Build with ``open``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        state: RunState,
+        global_state: dict[str, Tensor],
+        strategy_arrays: dict[str, np.ndarray],
+        tracker: Tracker,
+        evaluator: CentralEvaluator,
+        model_config: ModelConfig,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.fed.out_dir)
+        self.state = state
+        self.global_state = global_state
+        self.strategy_arrays = strategy_arrays
+        self.tracker = tracker
+        self.evaluator = evaluator
+        self.model_config = model_config
+        self.tokenizer = CharTokenizer()
+
+    @classmethod
+    def open(
+        cls, cfg: RunConfig, *, tracker_factory: TrackerFactory = open_tracker
+    ) -> FederatedRun:
+        """Start or (``cfg.fed.resume``) resume the run in ``cfg.fed.out_dir``.
+
+        Raises:
+            FileNotFoundError: resume asked for but the run folder has no checkpoint.
+            ConfigError: ``init-model`` has another shape than the run config's model.
+        """
+        run_dir = Path(cfg.fed.out_dir)
+        tokenizer = CharTokenizer()
+        model_config = cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size)
+        if cfg.fed.resume:
+            checkpoint = load_checkpoint(run_dir)
+            if checkpoint is None:
+                raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+            _warn_changes(checkpoint.state.run_config, cfg.to_flat())
+            done = checkpoint.state.round >= cfg.fed.num_server_rounds
+            state = replace(checkpoint.state, finished=done, run_config=cfg.to_flat())
+            global_state, arrays = checkpoint.state_dict, checkpoint.strategy_arrays
+            tracker = tracker_factory(cfg, run_dir, state.tracking_run_id)
+            log.info(
+                "resuming %s after round %d (tracking run %s)", run_dir, state.round, tracker.run_id
+            )
+        else:
+            _clear_previous_run(run_dir)
+            global_state, arrays = initial_weights(cfg, model_config), {}
+            tracker = tracker_factory(cfg, run_dir, None)
+            tracker.log_params(cfg.to_flat())
+            state = RunState(tracking_run_id=tracker.run_id, run_config=cfg.to_flat())
+        utterances = heldout_utterances(cfg, cfg.fed.data_dir)
+        if utterances:
+            write_manifest(run_dir / "eval_manifest.tsv", utterances)
+        else:
+            log.warning("no central evaluation set: set eval-manifest or holdout-speakers > 0")
+        evaluator = CentralEvaluator(utterances, model_config, cfg.features, tokenizer)
+        return cls(
+            cfg,
+            state=state,
+            global_state=global_state,
+            strategy_arrays=arrays,
+            tracker=tracker,
+            evaluator=evaluator,
+            model_config=model_config,
+        )
+
+    @property
+    def pending_rounds(self) -> range:
+        """The rounds still to run (empty when the checkpoint is already at the last one)."""
+        return range(self.state.round + 1, self.cfg.fed.num_server_rounds + 1)
+
+    def finish_round(
+        self,
+        server_round: int,
+        new_state: Mapping[str, Tensor],
+        reports: Sequence[ClientReport],
+        *,
+        started: float,
+        train_seconds: float,
+        strategy_arrays: Mapping[str, np.ndarray] | None = None,
+    ) -> RoundSummary:
+        """Evaluate, checkpoint, track and log a finished round; ``started``: its perf_counter."""
+        new_state = {k: v.detach().to("cpu", torch.float32) for k, v in new_state.items()}
+        summary = summarize_round(server_round, reports, train_seconds)
+        wer, cer = self.evaluator(new_state)
+        norm = update_norm(self.global_state, new_state)
+        summary = with_evaluation(summary, wer=wer, cer=cer, update_norm=norm)
+        clients = {k: dict(v) for k, v in self.state.clients.items()}
+        update_clients(clients, server_round, reports)
+        summary = replace(summary, round_seconds=time.perf_counter() - started)
+        self.state = replace(
+            self.state,
+            round=server_round,
+            history=[*self.state.history, summary.to_json()],
+            clients=clients,
+            finished=server_round >= self.cfg.fed.num_server_rounds,
+        )
+        self.global_state = new_state
+        self.strategy_arrays = dict(strategy_arrays or {})
+        save_checkpoint(
+            self.run_dir,
+            new_state,
+            self.state,
+            model_config=self.model_config,
+            feature_config=self.cfg.features,
+            tokenizer=self.tokenizer,
+            provenance=self.provenance(),
+            strategy_arrays=self.strategy_arrays,
+        )
+        self.tracker.log_round(server_round, summary.metrics())
+        for r in reports:
+            if r.status != "ok":
+                log.warning("round %d: %s %s: %s", server_round, r.client, r.status, r.reason)
+        log.info("%s", summary.line())
+        return summary
+
+    def finish(self) -> Path:
+        """Write the final model directory and reports; close the tracking run."""
+        model_dir = save_model_dir(
+            self.run_dir / "model",
+            self.global_state,
+            self.model_config,
+            self.cfg.features,
+            self.tokenizer,
+            self.provenance(),
+        )
+        report = self.run_dir / "report"
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "clients.tsv").write_text(clients_tsv(self.state.clients), encoding="utf-8")
+        history = json.dumps(self.state.history, indent=2, allow_nan=False)
+        (report / "history.json").write_text(history + "\n", encoding="utf-8")
+        self.tracker.log_artifacts(report)
+        self.tracker.finish(model_dir)
+        log.info("final model: %s (tracking run %s)", model_dir, self.tracker.run_id)
+        return model_dir
+
+    def provenance(self) -> dict[str, Any]:
+        """Training record stored in the model directories' config.json."""
+        train = self.cfg.train
+        epsilons = [c["epsilon"] for c in self.state.clients.values() if c.get("epsilon")]
+        return {
+            "mode": "federated",
+            "data": self.cfg.data.corpus,
+            "rounds": self.state.round,
+            "strategy": self.cfg.fed.strategy,
+            "clients": len(self.state.clients),
+            "dp": train.dp,
+            "epsilon": max(epsilons) if epsilons else None,  # the worst client's total
+            "delta": train.delta if train.dp else None,
+            "noise_multiplier": train.noise_multiplier if train.dp else None,
+            "target_epsilon": train.target_epsilon if train.dp else None,
+            "max_grad_norm": train.max_grad_norm if train.dp else None,
+            "accountant": train.accountant if train.dp else None,
+            "tracking_run_id": self.state.tracking_run_id,
+            "run_config": self.cfg.to_flat(),
+            "fedspeech_version": __version__,
+        }
+
+
+def initial_weights(cfg: RunConfig, model_config: ModelConfig) -> dict[str, Tensor]:
+    """``init-model``'s weights, else a fresh model seeded with ``seed``.
+
+    Raises:
+        ConfigError: ``init-model`` does not have the run config's model shape and features.
+    """
+    if cfg.fed.init_model:
+        loaded = load_model_dir(cfg.fed.init_model)
+        if loaded.model_config != model_config or loaded.feature_config != cfg.features:
+            raise ConfigError(
+                f"init-model {cfg.fed.init_model}: model {loaded.model_config} / features "
+                f"{loaded.feature_config} differ from the run config's {model_config} / "
+                f"{cfg.features}"
+            )
+        log.info("starting from %s", cfg.fed.init_model)
+        return plain_state_dict(loaded.model)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        return plain_state_dict(BiGRUCTC(model_config))
+
+
+def _clear_previous_run(run_dir: Path) -> None:
+    found = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
+    found += [p.name for p in run_dir.glob(f".{CHECKPOINT_DIR}.*")]
+    if found:
+        log.warning("fresh run in %s: replacing the previous run's %s", run_dir, sorted(found))
+    for name in found:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _warn_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    changed = sorted(k for k in now if k != "resume" and before.get(k) != now[k])
+    if changed:
+        log.warning(
+            "resumed with changed settings: %s",
+            ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in changed),
+        )

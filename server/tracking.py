@@ -1,0 +1,200 @@
+"""Run tracking hook of the server: a ``Tracker`` protocol and two plain implementations.
+
+The server calls, in order: ``log_params`` once per fresh run, ``log_round`` after every round
+(after the checkpoint is on disk), then ``log_artifacts`` and ``finish`` at the end. A tracker
+keeps its ``run_id`` in the checkpoint, so a resumed run reopens the same tracking run.
+Trackers must not raise for tracking trouble (a server that is down): warn and carry on.
+
+* ``NullTracker``: records nothing.
+* ``LocalTracker``: JSON files in the run folder (``params.json``, ``rounds.jsonl`` with one line
+  per round, ``tracking.json`` with the run id, artifacts and final model).
+
+* ``FanOutTracker``: several at once (``open_tracker``: MLflow + local when a tracking URI is set).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedspeech.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+ROUNDS_FILE = "rounds.jsonl"
+PARAMS_FILE = "params.json"
+TRACKING_FILE = "tracking.json"
+
+
+class Tracker(Protocol):
+    """What the server reports to; ``run_id`` is stored in the checkpoint for resuming."""
+
+    @property
+    def run_id(self) -> str:
+        """Identifier of the tracking run (reopened on resume)."""
+        ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Record the resolved run config (flat kebab-case keys) once per run."""
+        ...
+
+    def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """Record one round's metrics (``server.rounds.RoundSummary.metrics()``)."""
+        ...
+
+    def log_artifacts(self, directory: Path) -> None:
+        """Record the files in ``directory`` (reports: per-client table, history)."""
+        ...
+
+    def finish(self, model_dir: Path) -> None:
+        """Record the final model directory and close the run."""
+        ...
+
+
+class NullTracker:
+    """Records nothing."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self._run_id = run_id or uuid.uuid4().hex
+
+    @property
+    def run_id(self) -> str:
+        """A random id (kept across resumes like any other)."""
+        return self._run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Ignore."""
+
+    def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """Ignore."""
+
+    def log_artifacts(self, directory: Path) -> None:
+        """Ignore."""
+
+    def finish(self, model_dir: Path) -> None:
+        """Ignore."""
+
+
+class LocalTracker:
+    """JSON files in the run folder: ``params.json``, ``rounds.jsonl``, ``tracking.json``.
+
+    Args:
+        run_dir: the run folder.
+        run_id: the id to continue (resume); None starts a new run.
+    """
+
+    def __init__(self, run_dir: str | Path, run_id: str | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._run_id = run_id or uuid.uuid4().hex
+        self._info: dict[str, Any] = {"run_id": self._run_id, "artifacts": [], "model_dir": None}
+        previous = _read_json(self.run_dir / TRACKING_FILE)
+        if run_id and previous.get("run_id") == run_id:
+            self._info.update(previous)
+        self._write_info()
+
+    @property
+    def run_id(self) -> str:
+        """This run's id."""
+        return self._run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Write ``params.json``."""
+        _write_atomic(self.run_dir / PARAMS_FILE, json.dumps(dict(params), indent=2) + "\n")
+
+    def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """Append one line ``{"round": r, ...metrics}`` to ``rounds.jsonl``."""
+        row = {"round": server_round, **{k: _json_number(v) for k, v in metrics.items()}}
+        with open(self.run_dir / ROUNDS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def log_artifacts(self, directory: Path) -> None:
+        """Note the artifact folder in ``tracking.json`` (the files already lie in the run)."""
+        self._info["artifacts"] = sorted({*self._info["artifacts"], str(directory)})
+        self._write_info()
+
+    def finish(self, model_dir: Path) -> None:
+        """Note the final model directory in ``tracking.json``."""
+        self._info["model_dir"] = str(model_dir)
+        self._write_info()
+
+    def _write_info(self) -> None:
+        _write_atomic(self.run_dir / TRACKING_FILE, json.dumps(self._info, indent=2) + "\n")
+
+
+def open_tracker(cfg: RunConfig, run_dir: Path, run_id: str | None) -> Tracker:
+    """The tracker for a run (``run_id``: the one to continue on resume).
+
+    Always a ``LocalTracker`` in the run folder (a record that needs no server); with a
+    ``tracking-uri`` also MLflow, whose run id then names the run in both.
+    """
+    if not cfg.fed.tracking_uri:
+        return LocalTracker(run_dir, run_id)
+    from server.mlflow_tracking import open_mlflow_tracker  # lazy: importing mlflow takes ~1 s
+
+    remote = open_mlflow_tracker(cfg, run_dir, run_id)
+    return FanOutTracker(remote, LocalTracker(run_dir, remote.run_id))
+
+
+class FanOutTracker:
+    """Reports to several trackers; the first one's ``run_id`` is the run's id."""
+
+    def __init__(self, primary: Tracker, *others: Tracker) -> None:
+        self._trackers = (primary, *others)
+
+    @property
+    def run_id(self) -> str:
+        """The primary tracker's run id."""
+        return self._trackers[0].run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Forward to every tracker."""
+        for t in self._trackers:
+            t.log_params(params)
+
+    def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """Forward to every tracker."""
+        for t in self._trackers:
+            t.log_round(server_round, metrics)
+
+    def log_artifacts(self, directory: Path) -> None:
+        """Forward to every tracker."""
+        for t in self._trackers:
+            t.log_artifacts(directory)
+
+    def finish(self, model_dir: Path) -> None:
+        """Forward to every tracker."""
+        for t in self._trackers:
+            t.finish(model_dir)
+
+
+def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows a ``LocalTracker`` appended to ``rounds.jsonl`` (empty if none)."""
+    path = Path(run_dir) / ROUNDS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _json_number(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

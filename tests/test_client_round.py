@@ -1,0 +1,151 @@
+"""A client's round without Flower: data location, privacy ledger on disk, budget, training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from client.local_round import round_steps, run_round
+from client.node_state import load_ledger, newest_ledger, resolve_node_data, save_ledger
+from client.privacy import PrivacyState
+from features.manifest import Utterance, read_manifest, write_manifest
+from fedspeech.config import ConfigError, RunConfig
+from fedspeech.fed_data import client_manifest, hold_out_speakers
+from fedspeech.model import BiGRUCTC, plain_state_dict
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Optimal order is the"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+]
+
+TINY = {
+    **{"n-mfcc": 6, "n-mels": 8, "stack": 1, "subsample": 1},
+    **{"hidden-size": 4, "num-layers": 1, "dropout": 0.0, "batch-size": 4, "dp-seed": 0},
+}
+
+
+@dataclass(frozen=True)
+class _Utt:
+    feats: torch.Tensor
+    labels: torch.Tensor
+
+
+def _examples(n: int) -> list[_Utt]:
+    g = torch.Generator().manual_seed(0)
+    return [_Utt(torch.randn(10, 6, generator=g), torch.tensor([3, 4])) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _global(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return plain_state_dict(BiGRUCTC(cfg.model.model_config(cfg.features.frame_dim, 29)))
+
+
+def test_round_spends_what_the_accountant_composes() -> None:
+    # Prepare
+    cfg = RunConfig.from_flat({**TINY, "noise-multiplier": 1.3})
+    examples = _examples(10)
+    # Execute: two rounds, the ledger carried over
+    first = run_round(_global(cfg), examples, cfg, server_round=1, prior=None, budget=None)
+    second = run_round(
+        _global(cfg), examples, cfg, server_round=2, prior=first.privacy_state, budget=None
+    )
+    # Assert: epsilon is Opacus's RDP composition of both rounds' (sigma, q, steps)
+    q, steps = round_steps(10, 4, 1)
+    accountant = RDPAccountant()
+    accountant.history = [(1.3, q, steps), (1.3, q, steps)]
+    assert second.metrics["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert second.metrics["epsilon"] > first.metrics["epsilon"] > 0
+    assert second.metrics["num-examples"] == 10 and second.metrics["declined"] == 0
+    assert second.state_dict is not None and second.declined_reason is None
+
+
+def test_client_declines_when_the_next_round_would_exceed_its_budget() -> None:
+    # Prepare: a budget between one round's and two rounds' epsilon
+    cfg = RunConfig.from_flat({**TINY, "noise-multiplier": 1.3})
+    examples = _examples(10)
+    first = run_round(_global(cfg), examples, cfg, server_round=1, prior=None, budget=None)
+    assert first.privacy_state is not None
+    budget = first.metrics["epsilon"] * 1.05
+    # Execute
+    second = run_round(
+        _global(cfg), examples, cfg, server_round=2, prior=first.privacy_state, budget=budget
+    )
+    # Assert: no weights, nothing spent, a reason
+    assert second.state_dict is None and second.metrics["declined"] == 1
+    assert second.privacy_state == first.privacy_state
+    assert "budget" in (second.declined_reason or "")
+
+
+def test_target_epsilon_is_spread_over_the_planned_rounds() -> None:
+    # Prepare
+    cfg = RunConfig.from_flat(
+        {**TINY, "target-epsilon": 4.0, "noise-multiplier": "", "planned-rounds": 2}
+    )
+    examples = _examples(8)
+    # Execute
+    state = None
+    for rnd in (1, 2):
+        outcome = run_round(_global(cfg), examples, cfg, server_round=rnd, prior=state, budget=None)
+        state = outcome.privacy_state
+    third = run_round(_global(cfg), examples, cfg, server_round=3, prior=state, budget=None)
+    # Assert: both planned rounds together stay within the target; a third is declined
+    assert state is not None and 3.9 < state.epsilon(1e-5) <= 4.0
+    assert third.state_dict is None and "planned rounds" in (third.declined_reason or "")
+
+
+def test_real_node_keeps_its_ledger_beside_its_data(tmp_path: Path) -> None:
+    # Prepare
+    cfg = RunConfig()
+    node = resolve_node_data({"manifest": str(tmp_path / "site" / "manifest.tsv")}, cfg)
+    state = PrivacyState(history=((1.0, 0.1, 5),))
+    # Execute
+    save_ledger(node.ledger_file, state)
+    # Assert
+    assert node.ledger_file.parent.parent == tmp_path / "site"
+    assert load_ledger(node.ledger_file) == state
+    assert newest_ledger(None, PrivacyState(), state) == state
+    node.ledger_file.write_text("{broken")
+    with pytest.raises(ValueError, match="damaged privacy ledger"):
+        load_ledger(node.ledger_file)
+
+
+def test_simulated_node_ledger_lives_in_the_run_folder() -> None:
+    cfg = RunConfig.from_flat({"out-dir": "/runs/a", "partition-budgets": "2=0.5"})
+    node = resolve_node_data({"partition-id": 2, "num-partitions": 4}, cfg)
+    assert node.ledger_file.parent == Path("/runs/a/client-state")
+    assert node.epsilon_budget == 0.5 and node.partition == (2, 4)
+    with pytest.raises(ConfigError, match="partition-id"):
+        resolve_node_data({}, cfg)
+
+
+def test_holdout_and_partitions_are_disjoint_and_deterministic(tmp_path: Path) -> None:
+    # Prepare: a manifest of 8 speakers x 3 utterances (the split reads no audio)
+    rows = [
+        Utterance(tmp_path / f"{s}{i}.wav", "hello", f"spk{s}", 1.0)
+        for s in range(8)
+        for i in range(3)
+    ]
+    write_manifest(tmp_path / "corpus.tsv", rows)
+    cfg = RunConfig.from_flat({"corpus": str(tmp_path / "corpus.tsv"), "holdout-speakers": 2})
+    # Execute
+    parts = [read_manifest(client_manifest(cfg, tmp_path / "data", i, 3)) for i in range(3)]
+    again = read_manifest(client_manifest(cfg, tmp_path / "data", 1, 3))
+    heldout, _ = hold_out_speakers(read_manifest(tmp_path / "corpus.tsv"), 2, seed=0)
+    # Assert
+    client_speakers = [{u.speaker for u in p} for p in parts]
+    held = {u.speaker for u in heldout}
+    assert len(held) == 2 and all(not (s & held) for s in client_speakers)
+    assert sum(len(p) for p in parts) == 18 and again == parts[1]

@@ -1,0 +1,222 @@
+"""Deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication, two authenticated
+SuperNodes with their own data folders, an unregistered intruder, and `flwr run` (~70 s here).
+
+The same commands as docs/deployment.md, with certificates from scripts/make_certs.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedspeech.config import RunConfig
+from fedspeech.fed_data import client_manifest, corpus_manifest
+from fedspeech.flower_launch import flower_env, stop_launched, tagged_processes, write_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY: dict[str, Any] = {
+    **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
+    **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
+    **{"batch-size": 8, "epochs": 1, "noise-multiplier": 1.0, "delta": 1e-5, "dp-seed": 0},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Deployment:
+    """Flower processes on 127.0.0.1 sharing one FLWR_HOME; ``stop`` ends all they started."""
+
+    def __init__(self, root: Path, certs: Path) -> None:
+        self.root = root
+        self.certs = certs
+        self.port = _free_port()
+        self.launch_id = uuid.uuid4().hex
+        home = root / "flwr-home"
+        home.mkdir(parents=True)
+        self.env = flower_env(home, self.launch_id)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local-tls"\n\n[superlink.local-tls]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{certs / "ca.crt"}"\n',
+            encoding="utf-8",
+        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start ``command`` (a Flower console script) with its output in ``<name>.log``."""
+        with (self.root / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [str(BIN / command[0]), *command[1:]],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self) -> None:
+        """TLS on every API, SuperNode authentication on, state in a database file."""
+        c = self.certs
+        proc = self.start(
+            "superlink",
+            [
+                "flower-superlink",
+                *("--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt")),
+                *("--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth"),
+                *("--host", "127.0.0.1", "--port", str(self.port)),
+                *("--database", str(self.root / "superlink.db")),
+            ],
+        )
+        context = ssl.create_default_context(cafile=str(c / "ca.crt"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, self.log("superlink")
+            try:
+                url = f"https://127.0.0.1:{self.port}/health"
+                with urllib.request.urlopen(url, timeout=2, context=context) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.25)
+        raise TimeoutError(self.log("superlink"))
+
+    def start_supernode(
+        self, name: str, key: str, node_config: str = ""
+    ) -> subprocess.Popen[bytes]:
+        """A SuperNode over TLS that signs in with the private key ``certs/<key>``."""
+        command = [
+            "flower-supernode",
+            *("--root-certificates", str(self.certs / "ca.crt")),
+            *("--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port())),
+            *("--auth-supernode-private-key", str(self.certs / key)),
+        ]
+        if node_config:
+            command += ["--node-config", node_config]
+        return self.start(name, command)
+
+    def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against the ``local-tls`` connection."""
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
+
+    def log(self, name: str) -> str:
+        """The last lines a process wrote."""
+        path = self.root / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-30:])
+
+    def stop(self) -> None:
+        """Stop every process started here and whatever they spawned (tagged by launch id)."""
+        for proc in reversed(self.procs):
+            stop_launched(proc, self.launch_id)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    """Certificates + node keys (scripts/make_certs.sh) and a process set stopped afterwards."""
+    certs = tmp_path / "certs"
+    script = ROOT / "scripts" / "make_certs.sh"
+    subprocess.run(
+        ["bash", str(script), "--nodes", "3", str(certs)], check=True, capture_output=True
+    )
+    dep = Deployment(tmp_path, certs)
+    try:
+        yield dep
+    finally:
+        dep.stop()
+        assert not tagged_processes(dep.launch_id), "Flower processes left running"
+
+
+def test_tls_superlink_admits_registered_nodes_only_and_trains(
+    tmp_path: Path, deployment: Deployment
+) -> None:
+    # Prepare: a tiny synthetic corpus split into two node data folders
+    data = tmp_path / "data"
+    cfg = RunConfig.from_flat({**TINY, "data-dir": str(data), "num-partitions": 2})
+    corpus_manifest(cfg, data)
+    manifests = [client_manifest(cfg, data, i, 2) for i in range(2)]
+    deployment.start_superlink()
+    for k in (1, 2):  # the operator registers the two nodes' public keys
+        public_key = str(deployment.certs / f"supernode-{k}.pub")
+        reply = deployment.flwr("supernode", "register", public_key, timeout=60)
+        assert reply.returncode == 0, reply.stdout + reply.stderr
+
+    # Execute: two registered nodes, one node with an unregistered key, one with no key at all
+    for k in (1, 2):
+        deployment.start_supernode(f"node{k}", f"supernode-{k}", f'manifest="{manifests[k - 1]}"')
+    intruder = deployment.start_supernode("intruder", "supernode-3")
+    anonymous = deployment.start(
+        "anonymous",
+        [
+            "flower-supernode",
+            *("--root-certificates", str(deployment.certs / "ca.crt")),
+            *("--superlink", f"127.0.0.1:{deployment.port}", "--port", str(_free_port())),
+        ],
+    )
+    run_config = write_run_config(
+        tmp_path / "run_config.toml",
+        {
+            **TINY,
+            **{"data-dir": str(data), "num-partitions": 2, "out-dir": str(tmp_path / "run")},
+            **{"num-server-rounds": 2, "min-clients": 2, "round-timeout": 300.0},
+            "tracking-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
+    )
+    start = time.perf_counter()
+    run = deployment.flwr(
+        "run", str(ROOT), "--stream", "--run-config", str(run_config), timeout=480
+    )
+    wall = time.perf_counter() - start
+
+    # Assert: both intruders were turned away
+    assert intruder.wait(timeout=60) != 0, deployment.log("intruder")
+    assert "Failed to activate SuperNode" in deployment.log("intruder")
+    assert anonymous.wait(timeout=60) != 0, deployment.log("anonymous")
+    assert "must be registered" in deployment.log("anonymous")
+    # Assert: the registered nodes trained two private rounds and moved the global model
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    history = json.loads((tmp_path / "run" / "report" / "history.json").read_text())
+    assert [h["round"] for h in history] == [1, 2], history
+    assert all(h["clients_ok"] == 2 and h["update_norm"] > 0 for h in history)
+    assert history[1]["epsilon_max"] > history[0]["epsilon_max"] > 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    if (tmp_path / "mlflow.db").exists():  # once server.tracking.open_tracker uses MLflow
+        _assert_mlflow_rounds(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    print(f"\ndeployment TLS + node auth, 2 nodes x 2 rounds: flwr run {wall:.1f} s")
+
+
+def _assert_mlflow_rounds(uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("fedspeech")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    for key in ("wer", "epsilon_max"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1, 2], key

@@ -1,0 +1,205 @@
+"""Federated simulations through real Flower processes on 127.0.0.1 (SuperLink, SuperExec, Ray).
+
+Tiny model and corpus: a run of 4 clients x 2 rounds takes ~30 s here. Each test checks that
+every process its simulation started is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from client.local_round import round_steps
+from client.node_state import load_ledger
+from fedspeech.cli import main as cli_main
+from fedspeech.cli_fed import SimulationOutcome, simulate
+from fedspeech.config import RunConfig
+from fedspeech.fed_data import client_manifest, feature_cache_dir
+from fedspeech.modeldir import load_model_dir
+from fedspeech.pipeline import load_examples
+from server.tracking import read_rounds
+
+NOISE = 1.0
+DELTA = 1e-5
+TINY: dict[str, Any] = {
+    **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
+    **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
+    **{"batch-size": 8, "epochs": 1, "noise-multiplier": NOISE, "delta": DELTA, "dp-seed": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny synthetic corpus (and feature cache) for the module's simulations."""
+    return tmp_path_factory.mktemp("fed-data")
+
+
+@pytest.fixture()
+def no_leftovers(tmp_path: Path) -> Iterator[Path]:
+    """The run folder; afterwards, no process with its FLWR_HOME may be alive."""
+    run_dir = tmp_path / "run"
+    yield run_dir
+    leftovers = _processes_with_env(f"FLWR_HOME={run_dir / '.flwr'}")
+    assert not leftovers, f"processes left running: {leftovers}"
+
+
+def _processes_with_env(needle: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found
+
+
+def _client_sizes(cfg: RunConfig, data_dir: Path, n: int) -> list[int]:
+    """Usable examples per partition (extracting them also warms the clients' feature cache)."""
+    sizes = []
+    for i in range(n):
+        manifest = client_manifest(cfg, data_dir, i, n)
+        examples, _, _ = load_examples(
+            manifest, cfg.features, cache_root=feature_cache_dir(data_dir)
+        )
+        sizes.append(len(examples))
+    return sizes
+
+
+def _rdp_epsilon(history: list[tuple[float, float, int]]) -> float:
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(DELTA))
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return dict(load_model_dir(model_dir).model.state_dict())
+
+
+def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
+    data_dir: Path, no_leftovers: Path
+) -> None:
+    # Prepare: partition 0's budget lies between its epsilon after one and after two rounds
+    overrides = {**TINY, "data-dir": str(data_dir), "num-server-rounds": 2}
+    overrides["tracking-uri"] = _sqlite_uri(no_leftovers)
+    cfg = RunConfig.from_flat({**overrides, "num-partitions": 4})
+    from fedspeech.fed_data import corpus_manifest
+
+    corpus_manifest(cfg, data_dir)
+    sizes = _client_sizes(cfg, data_dir, 4)
+    rounds = [round_steps(n, 8, 1) for n in sizes]  # (q, steps) per client
+    q0, steps0 = rounds[0]
+    one, two = (_rdp_epsilon([(NOISE, q0, steps0)] * k) for k in (1, 2))
+    overrides["partition-budgets"] = f"0={(one + two) / 2}"
+    run_dir = no_leftovers
+    # Execute
+    start = time.perf_counter()
+    outcome = simulate(
+        overrides=overrides, num_supernodes=4, out=run_dir, output=run_dir.with_suffix(".log")
+    )
+    wall = time.perf_counter() - start
+    # Assert: both rounds ran; partition 0 trained in round 1 and declined in round 2
+    assert outcome.finished and outcome.rounds == 2, _log_tail(run_dir)
+    first, second = outcome.history
+    assert (first["clients_ok"], first["clients_declined"]) == (4, 0)
+    assert (second["clients_ok"], second["clients_declined"], second["clients_failed"]) == (3, 1, 0)
+    assert second["num_examples"] == sum(sizes[1:])  # the decliner's examples weigh nothing
+    # Assert: every client's epsilon is the accountant's composition of its rounds
+    for i, (q, steps) in enumerate(rounds):
+        ledger = load_ledger(run_dir / "client-state" / f"partition-{i}-rdp.json")
+        trained = 1 if i == 0 else 2
+        assert ledger is not None and ledger.num_steps == trained * steps
+        composed = _rdp_epsilon([(NOISE, q, steps)] * trained)
+        assert ledger.epsilon(DELTA) == pytest.approx(composed, rel=1e-9)
+    eps_after = [_rdp_epsilon([(NOISE, q, s)] * 2) for q, s in rounds[1:]]
+    assert second["epsilon_max"] == pytest.approx(max(eps_after), rel=1e-9)
+    assert second["epsilon_max"] > first["epsilon_max"]
+    assert first["epsilon_max"] == pytest.approx(
+        max(_rdp_epsilon([(NOISE, q, s)]) for q, s in rounds), rel=1e-9
+    )
+    # Assert: the global model moved in both rounds, and central evaluation ran
+    assert first["update_norm"] > 0 and second["update_norm"] > 0
+    assert first["wer"] is not None and second["cer"] is not None
+    clients = (run_dir / "report" / "clients.tsv").read_text()
+    assert "partition-0\t1\t1\t0" in clients
+    assert (
+        outcome.model_dir is not None
+        and load_model_dir(outcome.model_dir).provenance["rounds"] == 2
+    )
+    # Assert: MLflow has the run with WER and epsilon per round
+    wer, eps = _mlflow_history(overrides["tracking-uri"], run_dir, ("wer", "epsilon_max"))
+    assert [m.step for m in wer] == [1, 2] and [m.step for m in eps] == [1, 2]
+    assert eps[1].value == pytest.approx(second["epsilon_max"], rel=1e-9)
+    print(f"\nsimulation 4 clients x 2 rounds: {wall:.1f} s wall; rounds {_round_times(outcome)}")
+
+
+def test_resume_continues_the_run_and_the_privacy_ledgers(
+    data_dir: Path, no_leftovers: Path
+) -> None:
+    # Prepare: a first run that stops after round 1
+    run_dir = no_leftovers
+    args = ["simulate", "--num-supernodes", "3", "--out", str(run_dir)]
+    uri = _sqlite_uri(run_dir)
+    settings = {**TINY, "data-dir": str(data_dir), "tracking-uri": uri}
+    base = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    start = time.perf_counter()
+    assert cli_main([*args, "--run-config", f"{base} num-server-rounds=1"]) == 0, _log_tail(run_dir)
+    after_one = _weights(run_dir / "checkpoint" / "model")
+    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    # Execute: resume with two rounds planned
+    assert cli_main([*args, "--resume", "--run-config", f"{base} num-server-rounds=2"]) == 0
+    wall = time.perf_counter() - start
+    # Assert: round 2 ran once, on top of round 1, in the same tracking run
+    assert [row["round"] for row in read_rounds(run_dir)] == [1, 2]
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["round"] == 2 and state["tracking_run_id"] == run_id and state["finished"]
+    assert [h["round"] for h in state["history"]] == [1, 2]
+    after_two = _weights(run_dir / "model")
+    assert any(not torch.equal(after_one[k], after_two[k]) for k in after_one)
+    # Assert: the restarted clients continued their ledgers (context.state was new)
+    steps = {i: round_steps(n, 8, 1)[1] for i, n in enumerate(_partition_sizes(run_dir, 3))}
+    for i in range(3):
+        ledger = load_ledger(run_dir / "client-state" / f"partition-{i}-rdp.json")
+        assert ledger is not None and ledger.num_steps == 2 * steps[i]
+    # Assert: the MLflow run (the same one) holds both rounds once each
+    (wer,) = _mlflow_history(uri, run_dir, ("wer",))
+    assert [m.step for m in wer] == [1, 2]
+    print(f"\nrun of 1 round + resume to 2 rounds (3 clients): {wall:.1f} s wall")
+
+
+def _sqlite_uri(run_dir: Path) -> str:
+    return f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+
+
+def _mlflow_history(uri: str, run_dir: Path, keys: tuple[str, ...]) -> list[list[Any]]:
+    """Metric histories of the run named in the run folder's tracking.json, sorted by step."""
+    from mlflow import MlflowClient
+
+    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    return [sorted(client.get_metric_history(run_id, k), key=lambda m: m.step) for k in keys]
+
+
+def _partition_sizes(run_dir: Path, n: int) -> list[int]:
+    """Examples per client as the server saw them (report/clients.tsv)."""
+    rows = (run_dir / "report" / "clients.tsv").read_text().splitlines()[1:]
+    sizes = {r.split("\t")[0]: int(r.split("\t")[4]) for r in rows}
+    return [sizes[f"partition-{i}"] for i in range(n)]
+
+
+def _round_times(outcome: SimulationOutcome) -> str:
+    return ", ".join(f"{h['round_seconds']:.1f} s" for h in outcome.history)
+
+
+def _log_tail(run_dir: Path) -> str:
+    logs = [run_dir.with_suffix(".log"), run_dir / ".flwr" / "superlink.log"]
+    return "\n".join(p.read_text()[-3000:] for p in logs if p.is_file())

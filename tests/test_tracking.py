@@ -1,0 +1,320 @@
+"""MLflow tracking against real stores: sqlite in tmp_path and a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from server.mlflow_ops import flatten_params
+from server.mlflow_tracking import MlflowTracker
+from server.tracking_buffer import BUFFER_FILE
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROUND_METRICS = {
+    1: {"train_loss": 3.1, "wer": 0.95, "cer": 0.7, "epsilon_max": 1.2, "epsilon_mean": 1.0},
+    2: {"train_loss": 2.4, "wer": 0.80, "cer": 0.5, "epsilon_max": 1.9, "epsilon_mean": 1.6},
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The tracker sets these for http URIs (process-wide); set here, they are restored afterwards.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    # Any store MLflow might open implicitly lands here, not in the repo (asserted below).
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+
+def _model_dir(root: Path) -> Path:
+    model = root / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"not-really-safetensors")
+    (model / "config.json").write_text('{"format": "fedspeech-model"}', encoding="utf-8")
+    return model
+
+
+def _report_dir(root: Path) -> Path:
+    report = root / "report"
+    report.mkdir(parents=True)
+    (report / "clients.tsv").write_text("client\tepsilon\n0\t1.9\n", encoding="utf-8")
+    return report
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str) -> set[str]:
+    return {f.path for f in client.list_artifacts(run_id, path)}
+
+
+def test_flatten_params_strings_nested_and_truncated() -> None:
+    # Execute
+    flat = flatten_params({"a": {"b": [1, 2]}, "dp": False, "long": "x" * 7000, "none": None})
+
+    # Assert
+    assert flat["a.b"] == "[1, 2]"
+    assert flat["dp"] == "false"
+    assert flat["none"] == ""
+    assert len(flat["long"]) == 6000 and flat["long"].endswith("...")
+
+
+def test_run_records_params_metrics_artifacts_and_registered_model(tmp_path: Path) -> None:
+    # Prepare
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    model = _model_dir(tmp_path)
+    tracker = MlflowTracker(uri, "fed", "run-1", tmp_path / "run", registered_model_name="asr")
+
+    # Execute
+    tracker.log_params({"num-rounds": 2, "dp": True, "model": {"hidden-size": 64}})
+    for rnd, metrics in ROUND_METRICS.items():
+        tracker.log_round(rnd, {**metrics, "clients_ok": 2, "clients_failed": 0})
+    tracker.log_artifacts(_report_dir(tmp_path))
+    tracker.finish(model)
+
+    # Assert
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["num-rounds"] == "2"
+    assert run.data.params["model.hidden-size"] == "64"
+    assert _steps(client, tracker.run_id, "wer") == {1: 0.95, 2: 0.80}
+    assert _steps(client, tracker.run_id, "clients_ok") == {1: 2.0, 2: 2.0}
+    assert _artifacts(client, tracker.run_id, "model") == {
+        "model/model.safetensors",
+        "model/config.json",
+    }
+    assert {"plots/wer_cer.png", "plots/epsilon.png"} <= _artifacts(client, tracker.run_id, "plots")
+    assert _artifacts(client, tracker.run_id, "report") == {"report/clients.tsv"}
+    params_json = client.download_artifacts(tracker.run_id, "config/params.json", str(tmp_path))
+    assert json.loads(Path(params_json).read_text())["model"] == {"hidden-size": 64}
+    plot = client.download_artifacts(tracker.run_id, "plots/wer_cer.png", str(tmp_path))
+    assert Path(plot).read_bytes().startswith(PNG_MAGIC)
+    version = client.get_model_version("asr", "1")
+    assert version.run_id == tracker.run_id
+    assert version.source == f"runs:/{tracker.run_id}/model"
+    assert not (tmp_path / "run" / BUFFER_FILE).exists()
+    assert not (tmp_path / "cwd" / "mlflow.db").exists()
+    assert not (tmp_path / "cwd" / "mlruns").exists()
+
+
+def test_resume_continues_the_same_run(tmp_path: Path) -> None:
+    # Prepare: phase 1 logs round 1 and stops without finishing (a crash or --stop-after)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MlflowTracker(uri, "fed", "run-1", tmp_path / "run")
+    first.log_params({"num-rounds": 2, "lr": 0.001})
+    first.log_round(1, ROUND_METRICS[1])
+
+    # Execute: phase 2 reattaches, re-logs its config (one value changed), logs round 2
+    second = MlflowTracker(uri, "fed", "run-1", tmp_path / "run", resume_run_id=first.run_id)
+    second.log_params({"num-rounds": 2, "lr": 0.01})
+    second.log_round(2, ROUND_METRICS[2])
+    second.finish(_model_dir(tmp_path))
+
+    # Assert
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert second.run_id == first.run_id
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.001"  # MLflow params are write-once: the first value stays
+    assert _steps(client, first.run_id, "wer") == {1: 0.95, 2: 0.80}
+    assert _steps(client, first.run_id, "epsilon_max") == {1: 1.2, 2: 1.9}
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_unknown_resume_id_starts_a_new_run(tmp_path: Path) -> None:
+    # Execute
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "fed", "r", tmp_path / "run", resume_run_id="0" * 32)
+
+    # Assert
+    assert tracker.run_id != "0" * 32 and not tracker.run_id.startswith("pending-")
+
+
+def test_outage_never_raises_and_buffers_to_disk(tmp_path: Path) -> None:
+    # Prepare: an http tracking URI on a closed loopback port
+    uri = f"http://127.0.0.1:{_free_port()}"
+    run_folder = tmp_path / "run"
+    start = time.monotonic()
+
+    # Execute: everything the server loop calls
+    tracker = MlflowTracker(uri, "fed", "r", run_folder, retry_interval_s=0)
+    tracker.log_params({"num-rounds": 2})
+    for rnd, metrics in ROUND_METRICS.items():
+        tracker.log_round(rnd, metrics)
+    tracker.log_artifacts(_report_dir(tmp_path))
+    tracker.finish(_model_dir(tmp_path))
+    elapsed = time.monotonic() - start
+
+    # Assert
+    assert tracker.run_id.startswith("pending-")
+    lines = [json.loads(x) for x in (run_folder / BUFFER_FILE).read_text().splitlines()]
+    ops = [x["op"] for x in lines]
+    assert ops.count("metrics") == 2 and "params" in ops and ops[-1] == "terminate"
+    assert (run_folder / "plots" / "wer_cer.png").read_bytes().startswith(PNG_MAGIC)
+    assert elapsed < 15, f"an outage stalled the tracker for {elapsed:.1f} s"
+
+
+def test_buffer_flushed_when_store_returns_and_replayed_by_next_tracker(tmp_path: Path) -> None:
+    # Prepare: a sqlite store that cannot open (its folder is a file) = MLflow unavailable
+    blocker = tmp_path / "store"
+    blocker.write_text("in the way", encoding="utf-8")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    crashed = MlflowTracker(uri, "fed", "r", tmp_path / "run", retry_interval_s=0)
+    crashed.log_params({"num-rounds": 2})
+    crashed.log_round(1, ROUND_METRICS[1])
+    assert crashed.run_id.startswith("pending-") and (tmp_path / "run" / BUFFER_FILE).is_file()
+
+    # Execute: the process "dies"; the store comes back; the server resumes with the id it had
+    blocker.unlink()
+    resumed = MlflowTracker(
+        uri, "fed", "r", tmp_path / "run", resume_run_id=crashed.run_id, retry_interval_s=0
+    )
+    resumed.log_round(2, ROUND_METRICS[2])
+    resumed.finish(None)
+
+    # Assert: round 1 (from the buffer file) and round 2 are in one run; the buffer is gone
+    client = MlflowClient(tracking_uri=uri)
+    assert not resumed.run_id.startswith("pending-")
+    assert _steps(client, resumed.run_id, "wer") == {1: 0.95, 2: 0.80}
+    assert client.get_run(resumed.run_id).data.params["num-rounds"] == "2"
+    assert not (tmp_path / "run" / BUFFER_FILE).exists()
+
+
+def test_placeholder_id_resumes_the_run_created_later(tmp_path: Path) -> None:
+    # Prepare: phase 1 starts offline (its checkpoint keeps the placeholder id), then MLflow
+    # comes back mid-run and the run is created
+    blocker = tmp_path / "store"
+    blocker.write_text("in the way", encoding="utf-8")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    first = MlflowTracker(uri, "fed", "r", tmp_path / "run", retry_interval_s=0)
+    placeholder = first.run_id
+    blocker.unlink()
+    first.log_round(1, ROUND_METRICS[1])
+    assert first.run_id != placeholder
+
+    # Execute: resume with the placeholder
+    second = MlflowTracker(uri, "fed", "r", tmp_path / "run", resume_run_id=placeholder)
+    second.log_round(2, ROUND_METRICS[2])
+
+    # Assert
+    assert second.run_id == first.run_id
+    client = MlflowClient(tracking_uri=uri)
+    assert _steps(client, first.run_id, "wer") == {1: 0.95, 2: 0.80}
+
+
+# ---------------------------------------------------------------------- real mlflow server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout_s} s")
+
+
+class MlflowServers:
+    """Starts ``mlflow server`` processes on 127.0.0.1 and stops every one of them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, port: int) -> str:
+        """Start a server with a sqlite store under ``root``; return its URL once healthy."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        with (self.root / "server.log").open("ab") as log:
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, timeout_s=90)
+        return url
+
+    def stop_all(self) -> None:
+        """SIGTERM each server's process group (uvicorn workers included), then SIGKILL."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=5)
+
+
+@pytest.fixture
+def mlflow_servers(tmp_path: Path) -> Iterator[MlflowServers]:
+    """Real MLflow servers on demand; always stopped at teardown."""
+    servers = MlflowServers(tmp_path / "server")
+    try:
+        yield servers
+    finally:
+        servers.stop_all()
+
+
+def test_server_down_then_up_receives_buffered_metrics(
+    tmp_path: Path, mlflow_servers: MlflowServers
+) -> None:
+    # Prepare: no server yet at the tracking URI
+    port = _free_port()
+    tracker = MlflowTracker(
+        f"http://127.0.0.1:{port}", "fed", "r", tmp_path / "run", retry_interval_s=0
+    )
+    tracker.log_params({"num-rounds": 3})
+    tracker.log_round(1, ROUND_METRICS[1])
+    tracker.log_round(2, ROUND_METRICS[2])
+    assert tracker.run_id.startswith("pending-") and (tmp_path / "run" / BUFFER_FILE).is_file()
+
+    # Execute: the server comes up mid-run; the next round's call flushes the buffer
+    url = mlflow_servers.start(port)
+    tracker.log_round(3, {"wer": 0.7})
+    tracker.finish(_model_dir(tmp_path))
+
+    # Assert
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    assert _steps(client, tracker.run_id, "wer") == {1: 0.95, 2: 0.80, 3: 0.7}
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert "model/model.safetensors" in _artifacts(client, tracker.run_id, "model")
+    assert client.get_model_version("fedspeech", "1").run_id == tracker.run_id
+    assert not (tmp_path / "run" / BUFFER_FILE).exists()
