@@ -1,5 +1,6 @@
 """Deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication, two authenticated
-SuperNodes with their own data folders, an unregistered intruder, and `flwr run` (~70 s here).
+SuperNodes with their own data folders, an unregistered intruder, and `flwr run` (~70 s here;
+in the default suite because it is the product's deployment path).
 
 The same commands as docs/deployment.md, with certificates from scripts/make_certs.sh.
 """
@@ -32,8 +33,6 @@ TINY: dict[str, Any] = {
     **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
     **{"batch-size": 8, "epochs": 1, "noise-multiplier": 1.0, "delta": 1e-5, "dp-seed": 0},
 }
-
-pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
@@ -205,8 +204,7 @@ def test_tls_superlink_admits_registered_nodes_only_and_trains(
     assert all(h["clients_ok"] == 2 and h["update_norm"] > 0 for h in history)
     assert history[1]["epsilon_max"] > history[0]["epsilon_max"] > 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
-    if (tmp_path / "mlflow.db").exists():  # once server.tracking.open_tracker uses MLflow
-        _assert_mlflow_rounds(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _assert_mlflow_rounds(f"sqlite:///{tmp_path / 'mlflow.db'}")
     print(f"\ndeployment TLS + node auth, 2 nodes x 2 rounds: flwr run {wall:.1f} s")
 
 
