@@ -53,10 +53,10 @@ def _build_parser() -> argparse.ArgumentParser:
     cli_train.register(sub)
     cli_fed.register(sub)
 
-    demo = sub.add_parser("demo", help="build the synthetic corpus, partition it, extract features")
-    demo.add_argument("--out", type=Path, default=Path(".fedspeech/demo"), help="working folder")
-    demo.add_argument("--run-config", default="", help='overrides, e.g. "synthetic-utterances=600"')
-    demo.add_argument("--preset", help="experiments/NAME.toml or a TOML file")
+    demo = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic corpus")
+    demo.add_argument("--out", type=Path, help="run folder (default: the preset's out-dir)")
+    demo.add_argument("--preset", default="demo", help="experiments/NAME.toml or a TOML file")
+    demo.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2"')
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -64,7 +64,11 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedspeech.demo import run_demo
 
-    run_demo(args.out, preset=args.preset, overrides=args.run_config)
+    try:
+        run_demo(args.out, preset=args.preset, overrides=args.run_config)
+    except RuntimeError as exc:  # the simulation stopped early: its cause is logged above
+        log.error("demo: %s", exc)
+        return 1
     return 0
 
 

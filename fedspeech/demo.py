@@ -1,63 +1,84 @@
-"""``make demo`` / ``fedspeech demo``: the whole pipeline on the built-in synthetic corpus.
+"""``make demo`` / ``fedspeech demo``: the whole product on the built-in synthetic corpus.
 
-Today: synthesize the corpus, partition it by voice into clients, extract each client's features
-(cached). Federated private training and transcription join as they land.
+Builds the corpus, holds some voices out, partitions the rest by voice into clients, runs a
+federated DP simulation (``fedspeech simulate``), then transcribes a held-out file with the final
+model and prints WER, CER and epsilon.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-
-from features.corpora.synthetic import build_synthetic_corpus
-from features.manifest import read_manifest
-from features.partition import partition_utterances, summary_table, write_partitions
-from fedspeech.config import resolve_run_config
-from fedspeech.pipeline import FeatureSummary, load_examples
 
 log = logging.getLogger("fedspeech")
 
+DEMO_PRESET = "demo"
 
-def run_demo(out: Path, *, preset: str | None = None, overrides: str = "") -> list[FeatureSummary]:
-    """Run the demo in ``out``; returns the per-client feature summaries (also printed)."""
-    cfg = resolve_run_config(preset, overrides)
-    data = cfg.data
-    if data.corpus == "synthetic":
-        log.info("step 1/3: synthetic corpus, %d utterances", data.synthetic_utterances)
-        manifest, _ = build_synthetic_corpus(
-            out / "corpus",
-            num_utterances=data.synthetic_utterances,
-            seed=data.synthetic_seed,
-            augment=data.synthetic_augment,
-            sample_rate=cfg.features.sample_rate,
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo printed."""
+
+    model_dir: Path
+    wer: float | None
+    cer: float | None
+    epsilon_max: float | None
+    transcript: str
+    reference: str
+    tracking_run_id: str | None
+
+
+def run_demo(
+    out: Path | None = None, *, preset: str | None = DEMO_PRESET, overrides: str = ""
+) -> DemoResult:
+    """Run the demo; ``out`` is the run folder (default: the preset's ``out-dir``).
+
+    Raises:
+        RuntimeError: the simulation did not finish (its log names the cause).
+    """
+    from fedspeech.cli_fed import simulate
+    from fedspeech.config import resolve_run_config
+    from fedspeech.fed_data import heldout_utterances
+    from fedspeech.modeldir import load_model_dir
+    from fedspeech.transcribe import Transcriber
+
+    outcome = simulate(preset=preset, overrides=overrides, out=out)
+    if not outcome.finished or outcome.model_dir is None:
+        raise RuntimeError(
+            f"the federated simulation stopped after {outcome.rounds} rounds; "
+            f"see {outcome.run_dir / '.flwr'} and the log above"
         )
-    else:
-        manifest = Path(data.corpus)
-        log.info("step 1/3: corpus %s", manifest)
-    utterances = read_manifest(manifest)
-
-    log.info("step 2/3: %d clients, partitioned by %s", data.num_partitions, data.partition)
-    parts = partition_utterances(
-        utterances,
-        data.num_partitions,
-        data.partition,
-        seed=data.partition_seed,
-        alpha=data.dirichlet_alpha,
+    cfg = resolve_run_config(preset, overrides)
+    utterance = heldout_utterances(cfg, cfg.fed.data_dir)[0]
+    (result,) = Transcriber(load_model_dir(outcome.model_dir)).transcribe_files([utterance.path])
+    text = result.hypothesis.text if result.hypothesis is not None else f"<{result.error}>"
+    last = outcome.history[-1]
+    demo = DemoResult(
+        model_dir=outcome.model_dir,
+        wer=last.get("wer"),
+        cer=last.get("cer"),
+        epsilon_max=last.get("epsilon_max"),
+        transcript=text,
+        reference=utterance.transcript,
+        tracking_run_id=outcome.tracking_run_id,
     )
-    client_manifests = write_partitions(parts, out / "clients")
-    print(summary_table(parts))
-
-    log.info(
-        "step 3/3: features (%d-dim frames, cached in %s)", cfg.features.frame_dim, out / "cache"
-    )
-    summaries = []
-    for path in client_manifests:
-        _, _, summary = load_examples(path, cfg.features, cache_root=out / "cache")
-        summaries.append(summary)
-        print(summary)
     print(
-        f"demo: {sum(s.examples for s in summaries)} examples ready for training in "
-        f"{len(summaries)} clients ({sum(s.skipped for s in summaries)} skipped); "
-        f"outputs in {out}"
+        f"\nheld-out voice {utterance.speaker}, {utterance.path.name}:\n"
+        f"  reference:  {demo.reference}\n  recognised: {demo.transcript}\n"
+        f"after {outcome.rounds} rounds on {cfg.data.num_partitions} clients: "
+        f"WER {_pct(demo.wer)}, CER {_pct(demo.cer)} on the held-out voices; "
+        f"epsilon max {_num(demo.epsilon_max)} (delta {cfg.train.delta:g})\n"
+        f"model: {demo.model_dir}\n"
+        f"MLflow run {demo.tracking_run_id} in {cfg.fed.tracking_uri} "
+        f"(browse: .venv/bin/mlflow ui --backend-store-uri {cfg.fed.tracking_uri})"
     )
-    return summaries
+    return demo
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
