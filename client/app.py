@@ -1,19 +1,25 @@
 """Flower ClientApp: translates a train message into ``client.local_round.run_round`` and back.
 
-In: ``arrays`` (global weights, ArrayRecord) and ``config`` (``server-round``). Out: ``arrays``
-(new weights; absent when the client declines), ``metrics`` (MetricRecord, see
-``client.local_round``) and, when declining, ``decline`` (ConfigRecord with the ``reason``).
+In: ``arrays`` (global weights, ArrayRecord) and ``config`` (``server-round``; FedProx adds
+``proximal-mu``). Out: ``arrays`` (new weights; absent when the client declines), ``metrics``
+(MetricRecord, see ``client.local_round``) and, when declining, ``decline`` (ConfigRecord with the
+``reason``).
 Only weights and these numbers leave the node: never audio, features or transcripts.
 
 The privacy ledger is kept in ``context.state`` (across rounds of a run) and in a JSON file (see
 ``client.node_state``: across runs and restarts); the longer history of the two wins.
+
+Importing this module is cheap on purpose (torch, Opacus and the pipeline load on the first
+message): Flower's simulation imports the ClientApp in its driver before it starts Ray, while the
+ServerApp starts in another thread of the same process; a heavy import here delayed Ray's start,
+and with it round 1, by ~2-4 s (benchmarks/fed_overhead.py).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -25,10 +31,8 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.local_round import load_node_examples, run_round
-from client.node_state import load_ledger, newest_ledger, resolve_node_data, save_ledger
-from client.privacy import PrivacyState
-from fedspeech.config import RunConfig
+if TYPE_CHECKING:
+    from client.privacy import PrivacyState
 
 log = logging.getLogger("fedspeech.client")
 
@@ -40,12 +44,20 @@ _LEDGER_KEY = "fedspeech.privacy"  # context.state record holding the ledger JSO
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run one round of local training (or decline it) and reply."""
+    import torch  # lazy, like the rest: see the module docstring
+
+    from client.local_round import load_node_examples, run_round
+    from client.node_state import load_ledger, newest_ledger, resolve_node_data, save_ledger
+    from fedspeech.config import RunConfig
+
     _show_progress()
     cfg = RunConfig.from_flat(context.run_config)
     node = resolve_node_data(context.node_config, cfg)
     if node.threads:
         torch.set_num_threads(node.threads)
-    server_round = int(str(msg.content.config_records["config"].get("server-round", 0)))
+    config = msg.content.config_records["config"]
+    server_round = int(str(config.get("server-round", 0)))
+    proximal_mu = float(str(config.get("proximal-mu", 0.0)))  # only FedProx sends it
     ledger_in_state = _state_ledger(context)
     prior = newest_ledger(ledger_in_state, load_ledger(node.ledger_file))
 
@@ -59,6 +71,7 @@ def train(msg: Message, context: Context) -> Message:
         prior=prior,
         budget=node.epsilon_budget,
         seed_offset=node.partition[0] if node.partition else context.node_id % 1_000_003,
+        proximal_mu=proximal_mu,
     )
     if outcome.privacy_state is not None and outcome.privacy_state != ledger_in_state:
         # Ledger first, reply second: a reply lost after this still counts as spent.
@@ -95,6 +108,8 @@ def _show_progress() -> None:
 
 
 def _state_ledger(context: Context) -> PrivacyState | None:
+    from client.privacy import PrivacyState
+
     record = context.state.get(_LEDGER_KEY)
     if not isinstance(record, ConfigRecord) or "ledger" not in record:
         return None

@@ -35,6 +35,7 @@ def train_private(
     prior_state: PrivacyState | None,
     planned_steps: int | None,
     device: torch.device,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """DP-SGD on the Opacus twin of ``model``; see ``client.train.train_local`` for the contract.
 
@@ -73,7 +74,8 @@ def train_private(
     prior.restore_into(engine.accountant)
     gsm, optimizer, dp_loader = engine.make_private(
         module=net,
-        optimizer=make_optimizer(net.parameters(), cfg),
+        # FedProx's pull is hooked on this inner optimizer: after the private step, no privacy cost
+        optimizer=make_optimizer(net.parameters(), cfg, proximal_mu=proximal_mu),
         data_loader=loader,
         noise_multiplier=noise,
         max_grad_norm=cfg.max_grad_norm,

@@ -85,6 +85,7 @@ def run_round(
     prior: PrivacyState | None,
     budget: float | None,
     seed_offset: int = 0,
+    proximal_mu: float = 0.0,
 ) -> RoundOutcome:
     """Train the global model on ``examples`` for one round, unless the budget forbids it.
 
@@ -96,6 +97,7 @@ def run_round(
         prior: this client's ledger so far (None: fresh).
         budget: lifetime epsilon budget at ``cfg.train.delta`` (None: no limit).
         seed_offset: distinguishes clients' seeds (e.g. the partition id).
+        proximal_mu: FedProx's proximal weight, as the server sent it (0: plain local training).
     """
     start = time.perf_counter()
     train = cfg.train
@@ -116,7 +118,7 @@ def run_round(
     tokenizer = CharTokenizer()
     model = BiGRUCTC(cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size))
     load_plain_state_dict(model, global_state)
-    result = train_local(model, examples, train, privacy_state=prior)
+    result = train_local(model, examples, train, privacy_state=prior, proximal_mu=proximal_mu)
     metrics = {
         "train-loss": result.metrics["train_loss"],
         "num-examples": result.metrics["num_examples"],

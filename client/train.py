@@ -44,6 +44,7 @@ def train_local(
     planned_steps: int | None = None,
     augment: Augment | None = None,
     device: torch.device | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train a copy of ``model`` on ``examples`` for ``cfg.epochs`` epochs (``model`` is untouched).
 
@@ -58,6 +59,9 @@ def train_local(
         augment: ``(T, D) -> (T, D)`` training-feature transform; default with
             ``cfg.spec_augment``: ``SpecAugment(seed=cfg.seed)``.
         device: where to train (default CPU).
+        proximal_mu: FedProx's proximal weight: after every optimizer step the weights are pulled
+            back towards ``model``'s (the round's global weights) by ``lr * proximal_mu`` of the
+            gap, outside DP clipping and noise (see ``client.proximal``). 0: plain training.
 
     Returns:
         Weights, metrics and, with DP, the privacy spent.
@@ -86,12 +90,17 @@ def train_local(
                 prior_state=privacy_state,
                 planned_steps=planned_steps,
                 device=device,
+                proximal_mu=proximal_mu,
             )
-        return _train_plain(model, dataset, cfg, device)
+        return _train_plain(model, dataset, cfg, device, proximal_mu)
 
 
 def _train_plain(
-    model: nn.Module, dataset: FeatureDataset, cfg: TrainConfig, device: torch.device
+    model: nn.Module,
+    dataset: FeatureDataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     start = time.perf_counter()
     net = convert_model(model, dp=False).to(device).train()
@@ -102,7 +111,7 @@ def _train_plain(
         max_frames=cfg.max_frames_per_batch,
     )
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_ctc)
-    optimizer = make_optimizer(net.parameters(), cfg)
+    optimizer = make_optimizer(net.parameters(), cfg, proximal_mu=proximal_mu)
     loss, steps, skipped = math.nan, 0, 0
     for epoch in range(cfg.epochs):
         total, count = 0.0, 0

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from client.privacy import PrivacyState
+from client.proximal import add_proximal_step
 from fedspeech.train_config import TrainConfig
 
 
@@ -38,11 +39,24 @@ class TrainResult:
     privacy_state: PrivacyState | None = None
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The torch optimizer ``cfg.optimizer`` names (SGD with momentum 0.9)."""
+def make_optimizer(
+    params: Iterable[nn.Parameter], cfg: TrainConfig, *, proximal_mu: float = 0.0
+) -> torch.optim.Optimizer:
+    """The torch optimizer ``cfg.optimizer`` names (SGD with momentum 0.9).
+
+    Args:
+        params: the parameters to train; their current values are FedProx's anchor.
+        cfg: training settings.
+        proximal_mu: FedProx's proximal weight: after each step the parameters are pulled back
+            towards their current values (``client.proximal``); 0: plain optimizer.
+    """
+    optimizer: torch.optim.Optimizer
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    add_proximal_step(optimizer, proximal_mu)
+    return optimizer
 
 
 def make_metrics(loss: float, n: int, steps: int, skipped: int, start: float) -> dict[str, float]:

@@ -93,7 +93,7 @@ def simulate(
 
     from fedspeech.config import resolve_run_config
     from fedspeech.fed_data import corpus_manifest
-    from fedspeech.flower_launch import flwr_run, local_superlink, write_run_config
+    from fedspeech.flower_launch import flwr_run, local_superlink, stage_app, write_run_config
 
     app_dir = _app_dir()
     cfg = resolve_run_config(preset, overrides, cwd=app_dir)
@@ -130,7 +130,7 @@ def simulate(
     with local_superlink(run_dir / ".flwr") as link:
         rc = flwr_run(
             link,
-            app_dir,
+            stage_app(app_dir, run_dir / ".flwr" / "app"),  # packs in ms, not seconds
             run_config=config_file,
             federation_config={"num-supernodes": n, "client-resources-num-cpus": client_cpus},
             output=output,

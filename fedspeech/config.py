@@ -102,6 +102,7 @@ class FedConfig:
     resume: bool = False  # continue from out-dir's checkpoint
     round_timeout: float = 3600.0  # seconds to wait for a round's replies
     client_threads: int = 1  # torch threads per ClientApp (0: torch's default)
+    server_threads: int = 1  # torch threads of the ServerApp (central evaluation; 0: default)
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment_name: str = "fedspeech"
     run_name: str = ""  # "": derived from the out-dir name
@@ -119,8 +120,8 @@ class FedConfig:
             raise ConfigError('epsilon-budget must be > 0 (or "" for none)')
         if min(self.planned_rounds, self.holdout_speakers, self.eval_max_utterances) < 0:
             raise ConfigError("planned-rounds, holdout-speakers, eval-max-utterances must be >= 0")
-        if self.client_threads < 0:
-            raise ConfigError("client-threads must be >= 0")
+        if self.client_threads < 0 or self.server_threads < 0:
+            raise ConfigError("client-threads and server-threads must be >= 0")
         _parse_budgets(self.partition_budgets)  # fail at config time, not in round 1
 
     @property

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +42,7 @@ LAUNCH_ID_VAR = "FEDSPEECH_LAUNCH_ID"
 CONNECTION = "fedspeech"
 _STARTUP_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 10.0
+_NEVER_APP_DIRS = frozenset({".git", ".flwr"})  # never part of a FAB, never walked
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,47 @@ def flwr_run(
         return subprocess.run(
             command, env=dict(link.env), stdout=fh, stderr=subprocess.STDOUT, check=False
         ).returncode
+
+
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy the files ``flwr run`` would pack from ``app_dir`` into ``dest`` (replaced); return it.
+
+    ``flwr run DIR`` (flwr 1.42) lists every file under DIR, ignored folders included, before it
+    filters them: with the checkout's ``.venv`` (~60k files) that took 4.5 s of every launch here
+    (``flwr build`` of the repo; 0.2 s of the staged copy). This walk prunes git-ignored folders,
+    ``.git`` and ``.flwr``, then keeps what Flower's own publish filter keeps, so the FAB holds
+    the same files.
+
+    Raises:
+        ValueError: a path is deeper than Flower allows in an app.
+    """
+    from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
+
+    gitignore = app_dir / ".gitignore"
+    ignored = build_pathspec(
+        load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b"")
+    )
+    files: dict[str, Path | bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(app_dir, followlinks=False):
+        here = Path(dirpath)
+        rel = here.relative_to(app_dir)
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d not in _NEVER_APP_DIRS and not ignored.match_file(f"{(rel / d).as_posix()}/")
+        ]
+        for name in filenames:
+            if not (here / name).is_symlink():  # Flower skips symlinks too
+                files[(rel / name).as_posix()] = here / name
+    kept = filter_paths_for_publish(files)
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel_path, source in kept.items():
+        assert isinstance(source, Path)
+        target = dest / rel_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    return dest
 
 
 def stop_launched(process: subprocess.Popen[bytes], launch_id: str) -> list[int]:

@@ -5,7 +5,8 @@ tracker report: ``train_loss`` (mean over trained clients, weighted by examples)
 (central evaluation), ``epsilon_max`` / ``epsilon_mean`` (each reporting client's total so far),
 ``clients_ok`` / ``clients_declined`` / ``clients_failed``, ``num_examples``, ``update_norm`` (L2
 norm of the change of the global weights), ``train_seconds`` (sending to aggregating),
-``round_seconds`` (the whole round, evaluation and checkpoint included).
+``round_seconds`` (the whole round, evaluation and checkpoint included), ``client_seconds`` (sum of
+the replies' ``seconds``: the clients' own work), ``eval_seconds`` (central evaluation).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class RoundSummary:
     wer: float | None = None
     cer: float | None = None
     round_seconds: float | None = None
+    client_seconds: float | None = None
+    eval_seconds: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics that are set (for a tracker's ``log_round``)."""
@@ -94,6 +97,7 @@ def summarize_round(
     total = sum(w for w, _ in pairs)
     loss = sum(w * x for w, x in pairs) / total if total else None
     eps = [r.metrics["epsilon"] for r in reports if r.status != "failed" and "epsilon" in r.metrics]
+    seconds = [r.metrics["seconds"] for r in reports if "seconds" in r.metrics]
     return RoundSummary(
         round=server_round,
         clients_ok=len(ok),
@@ -104,14 +108,26 @@ def summarize_round(
         epsilon_max=max(eps) if eps else None,
         epsilon_mean=sum(eps) / len(eps) if eps else None,
         train_seconds=train_seconds,
+        client_seconds=sum(seconds) if seconds else None,
     )
 
 
 def with_evaluation(
-    summary: RoundSummary, *, wer: float | None, cer: float | None, update_norm: float | None
+    summary: RoundSummary,
+    *,
+    wer: float | None,
+    cer: float | None,
+    update_norm: float | None,
+    eval_seconds: float | None = None,
 ) -> RoundSummary:
     """The summary with the central evaluation and the update norm filled in."""
-    return replace(summary, wer=_finite(wer), cer=_finite(cer), update_norm=update_norm)
+    return replace(
+        summary,
+        wer=_finite(wer),
+        cer=_finite(cer),
+        update_norm=update_norm,
+        eval_seconds=eval_seconds,
+    )
 
 
 def update_norm(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> float:

@@ -149,9 +149,13 @@ class FederatedRun:
         """Evaluate, checkpoint, track and log a finished round; ``started``: its perf_counter."""
         new_state = {k: v.detach().to("cpu", torch.float32) for k, v in new_state.items()}
         summary = summarize_round(server_round, reports, train_seconds)
+        eval_start = time.perf_counter()
         wer, cer = self.evaluator(new_state)
+        eval_seconds = time.perf_counter() - eval_start
         norm = update_norm(self.global_state, new_state)
-        summary = with_evaluation(summary, wer=wer, cer=cer, update_norm=norm)
+        summary = with_evaluation(
+            summary, wer=wer, cer=cer, update_norm=norm, eval_seconds=eval_seconds
+        )
         clients = {k: dict(v) for k, v in self.state.clients.items()}
         update_clients(clients, server_round, reports)
         summary = replace(summary, round_seconds=time.perf_counter() - started)

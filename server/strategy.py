@@ -56,7 +56,7 @@ class ScreenedFedAdam(_ScreenReplies, FedAdam):
 
 
 class ScreenedFedProx(_ScreenReplies, FedProx):
-    """FedProx: FedAvg that sends ``proximal-mu`` to the clients."""
+    """FedProx: FedAvg that sends ``proximal-mu``; clients pull towards the global weights."""
 
 
 class ScreenedFedMedian(_ScreenReplies, FedMedian):
@@ -77,11 +77,7 @@ def make_strategy(cfg: FedConfig) -> Strategy:
         # eta_l is only reported by Flower; the clients' lr is the run config's lr.
         return ScreenedFedAdam(eta=cfg.server_lr, **common)  # type: ignore[arg-type]
     if cfg.strategy == "fedprox":
-        log.warning(
-            "fedprox: proximal-mu=%g is sent to the clients, but client.train has no proximal "
-            "term yet: local training is plain (DP-)SGD, i.e. FedAvg",
-            cfg.proximal_mu,
-        )
+        # The clients apply the proximal term (client.proximal) with the mu this sends them.
         return ScreenedFedProx(proximal_mu=cfg.proximal_mu, **common)  # type: ignore[arg-type]
     if cfg.strategy == "fedmedian":
         return ScreenedFedMedian(**common)  # type: ignore[arg-type]
