@@ -33,6 +33,8 @@ test-all: lint typecheck
 bench: install
 	$(BIN)/python benchmarks/mfcc_speed.py
 	$(BIN)/python benchmarks/synthetic_build.py
+	$(BIN)/python benchmarks/transcribe_rtf.py
+	$(BIN)/python benchmarks/fed_overhead.py
 
 clean:
 	rm -rf $(VENV) .fedspeech .pytest_cache .mypy_cache .ruff_cache

@@ -49,8 +49,9 @@ def train(msg: Message, context: Context) -> Message:
     from client.local_round import load_node_examples, run_round
     from client.node_state import load_ledger, newest_ledger, resolve_node_data, save_ledger
     from fedspeech.config import RunConfig
+    from fedspeech.logs import show_progress
 
-    _show_progress()
+    show_progress(("client", "fedspeech"))
     cfg = RunConfig.from_flat(context.run_config)
     node = resolve_node_data(context.node_config, cfg)
     if node.threads:
@@ -93,18 +94,6 @@ def train(msg: Message, context: Context) -> Message:
         "declined" if outcome.state_dict is None else _fmt(outcome.metrics),
     )
     return Message(content=content, reply_to=msg)
-
-
-def _show_progress() -> None:
-    """Our INFO lines on the node's console (fedspeech's loggers only, not the root)."""
-    for name in ("client", "fedspeech"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(handler)
-            logger.propagate = False
-            logger.setLevel(logging.INFO)
 
 
 def _state_ledger(context: Context) -> PrivacyState | None:

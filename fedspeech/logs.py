@@ -22,3 +22,22 @@ def setup_logging(verbosity: int = 0) -> None:
     # Third-party chatter that drowns the pipeline's own progress lines.
     for noisy in ("numba", "matplotlib", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def show_progress(
+    names: tuple[str, ...] = ("fedspeech", "server", "client", "features"),
+    level: int = logging.INFO,
+) -> None:
+    """Print our own loggers' records in a Flower process (its output is what users see).
+
+    Only fedspeech's loggers get a handler: the root logger stays untouched, so Flower's and
+    httpx's records are not printed twice.
+    """
+    for name in names:
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.propagate = False
+        logger.setLevel(level)

@@ -155,13 +155,7 @@ def save_model_dir(
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        if directory.exists():  # swap: the old one is only removed once the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / "model")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -230,3 +224,18 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+def replace_directory(new: Path, final: Path) -> None:
+    """Move the finished folder ``new`` to ``final``, replacing any folder there.
+
+    The old folder is moved aside first and removed only once the new one is in place, so a crash
+    leaves either the old or the new folder at ``final``, never a half-written one.
+    """
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)

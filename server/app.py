@@ -16,28 +16,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedspeech.config import RunConfig
+from fedspeech.logs import show_progress
 from server.run import FederatedRun
 from server.strategy import export_state, import_state, make_strategy, missing_reports
 
 log = logging.getLogger("fedspeech.server")
 
 app = ServerApp()
-
-
-def show_progress(level: int = logging.INFO) -> None:
-    """Print our own log lines (the process's output is what ``flwr run --stream`` shows).
-
-    Only fedspeech's loggers get a handler: the root logger stays untouched, so Flower's and
-    httpx's records are not printed twice.
-    """
-    for name in ("fedspeech", "server", "client", "features"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(handler)
-            logger.propagate = False
-        logger.setLevel(level)
 
 
 @app.main()

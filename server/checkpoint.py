@@ -25,7 +25,7 @@ from torch import Tensor
 from features.mfcc import FeatureConfig
 from features.text import CharTokenizer
 from fedspeech.model import ModelConfig
-from fedspeech.modeldir import load_model_dir, save_model_dir
+from fedspeech.modeldir import load_model_dir, replace_directory, save_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,7 @@ def save_checkpoint(
             fh.write(state.to_json())
             fh.flush()
             os.fsync(fh.fileno())
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.old-", dir=run_dir))
-            os.replace(final, old / CHECKPOINT_DIR)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
