@@ -3,8 +3,10 @@
 Two flavours share one state-dict layout (that of a plain ``nn.GRU``/``nn.LSTM``/``nn.RNN``):
 
 * ``BiGRUCTC(cfg)`` uses the fused cuDNN/MKL recurrent layer: inference and non-private training.
-* ``BiGRUCTC(cfg, dp=True)`` uses Opacus's ``DPGRU``/``DPLSTM``/``DPRNN`` (a Python loop over time
-  steps whose ``RNNLinear`` layers Opacus can compute per-sample gradients for): DP-SGD training.
+* ``BiGRUCTC(cfg, dp=True)`` is the DP-SGD flavour. A GRU becomes ``fedspeech.fast_gru.FastGRU``
+  (fused forward, exact per-sample gradients from one product over time; see docs/dp_gru.md);
+  ``dp_rnn="opacus"`` (and every LSTM/RNN cell) uses Opacus's ``DPGRU``/``DPLSTM``/``DPRNN``
+  instead (a Python loop over time steps whose ``RNNLinear`` layers Opacus hooks per step).
 
 ``plain_state_dict`` exports either flavour (also inside Opacus's ``GradSampleModule``) under the
 plain names, and ``convert_model`` moves weights between flavours; outputs agree to float rounding.
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 CellType = Literal["gru", "lstm", "rnn"]
+DPRNNImpl = Literal["fast", "opacus"]
 
 _PLAIN_CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
@@ -94,14 +97,21 @@ class BiGRUCTC(nn.Module):
 
     Args:
         cfg: model shape.
-        dp: build the Opacus-trainable flavour (``DPGRU`` etc.). Its ``forward`` needs batches
-            sorted by decreasing length (see ``forward``).
+        dp: build the Opacus-trainable flavour.
+        dp_rnn: with ``dp``, the GRU implementation: ``fast`` (``FastGRU``, any batch order) or
+            ``opacus`` (``DPGRU``; its ``forward`` needs batches sorted by decreasing length).
+            LSTM and RNN cells always use Opacus's layers (sorted batches).
     """
 
-    def __init__(self, cfg: ModelConfig, *, dp: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, *, dp: bool = False, dp_rnn: DPRNNImpl = "fast") -> None:
         super().__init__()
+        if dp_rnn not in get_args(DPRNNImpl):
+            raise ValueError(f"dp_rnn must be one of {get_args(DPRNNImpl)}, got {dp_rnn!r}")
         self.cfg = cfg
         self.dp = dp
+        self.fast_rnn = dp and cfg.cell == "gru" and dp_rnn == "fast"
+        # Opacus's DP layers compute per-sample gradients in packed (= sorted) order.
+        self.needs_sorted_batch = dp and not self.fast_rnn
         rnn_input = cfg.frontend_dim or cfg.input_dim
         # No BatchNorm anywhere: it mixes examples, which per-sample clipping cannot allow.
         self.frontend: nn.Module = (
@@ -112,7 +122,7 @@ class BiGRUCTC(nn.Module):
         # Dropout sits outside the recurrent layer in both flavours: nn.GRU drops between layers,
         # whereas Opacus's DPRNNBase drops every time step's hidden state, recurrent path
         # included. Keeping it outside makes DP and non-DP training the same model.
-        rnn_cls = _dp_cell(cfg.cell) if dp else _PLAIN_CELLS[cfg.cell]
+        rnn_cls = _dp_cell(cfg.cell, fast=self.fast_rnn) if dp else _PLAIN_CELLS[cfg.cell]
         self.rnn = rnn_cls(
             rnn_input,
             cfg.hidden_size,
@@ -128,9 +138,10 @@ class BiGRUCTC(nn.Module):
         """Log-probabilities of every frame.
 
         Padding frames (index >= ``lengths[b]``) do not influence the valid frames; their own
-        outputs are meaningless. The DP flavour needs ``lengths`` in decreasing order so that
-        Opacus's per-sample gradients of the recurrent layer (computed in packed = sorted order)
-        line up with those of the other layers (batch order).
+        outputs are meaningless. The DP flavour with Opacus's layers (``needs_sorted_batch``)
+        needs ``lengths`` in decreasing order so that Opacus's per-sample gradients of the
+        recurrent layer (computed in packed = sorted order) line up with those of the other
+        layers (batch order); ``FastGRU`` takes any order.
 
         Args:
             feats: ``(B, T, D)`` padded feature frames.
@@ -146,22 +157,32 @@ class BiGRUCTC(nn.Module):
         lengths = lengths.to(device="cpu", dtype=torch.int64)  # pack_padded_sequence wants CPU
         if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > total):
             raise ValueError(f"lengths must be in [1, {total}], got {lengths.tolist()}")
-        if self.dp and bool((lengths[1:] > lengths[:-1]).any()):
+        if self.needs_sorted_batch and bool((lengths[1:] > lengths[:-1]).any()):
             raise ValueError("the DP model needs a batch sorted by decreasing length")
         x = self.dropout(self.frontend(feats))  # (B, T, F) with F = frontend_dim or D
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=self.dp)
-        out, _ = self.rnn(packed)
-        y, _ = pad_packed_sequence(out, batch_first=True, total_length=total)  # (B, T, H*dirs)
+        if self.fast_rnn:
+            y, _ = self.rnn(x, lengths)  # (B, T, H*dirs), zero on padding
+        else:
+            packed = pack_padded_sequence(
+                x, lengths, batch_first=True, enforce_sorted=self.needs_sorted_batch
+            )
+            out, _ = self.rnn(packed)
+            y, _ = pad_packed_sequence(out, batch_first=True, total_length=total)  # (B, T, H*dirs)
         y = self.norm(self.dropout(y))  # (B, T, H*dirs)
         return torch.log_softmax(self.head(y), dim=-1)  # (B, T, V)
 
 
-def _dp_cell(cell: str) -> type[nn.Module]:
-    """Opacus's DP twin of a recurrent layer type.
+def _dp_cell(cell: str, *, fast: bool) -> type[nn.Module]:
+    """The DP twin of a recurrent layer type: ``FastGRU`` (``fast``) or Opacus's layer.
 
     Imported here, not at module level: importing opacus costs ~1.2 s (measured here) and
     configures the root logger, which inference (transcribe, fresh ClientApp processes) never needs.
     """
+    if fast:
+        # This import also registers FastGRU's grad sampler with Opacus.
+        from fedspeech.fast_gru_grad_sampler import FastGRU
+
+        return FastGRU
     from opacus.layers import DPGRU, DPLSTM, DPRNN
 
     return {"gru": DPGRU, "lstm": DPLSTM, "rnn": DPRNN}[cell]
@@ -218,11 +239,11 @@ def load_plain_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None
             target.copy_(value)
 
 
-def convert_model(model: nn.Module, *, dp: bool) -> BiGRUCTC:
+def convert_model(model: nn.Module, *, dp: bool, dp_rnn: DPRNNImpl = "fast") -> BiGRUCTC:
     """A new ``BiGRUCTC`` of the requested flavour with ``model``'s weights (same device, dtype)."""
     inner = unwrap(model)
     ref = next(inner.parameters())
-    out = BiGRUCTC(inner.cfg, dp=dp).to(device=ref.device, dtype=ref.dtype)
+    out = BiGRUCTC(inner.cfg, dp=dp, dp_rnn=dp_rnn).to(device=ref.device, dtype=ref.dtype)
     load_plain_state_dict(out, plain_state_dict(inner))
     out.train(inner.training)
     return out
