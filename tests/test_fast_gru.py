@@ -24,6 +24,7 @@ from fedspeech.model import BiGRUCTC, ModelConfig, convert_model, load_plain_sta
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
     pytest.mark.filterwarnings("ignore:Optimal order is the"),
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off"),  # no torchcsprng here; no noise
 ]
 
 
