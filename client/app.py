@@ -4,7 +4,9 @@ In: ``arrays`` (global weights, ArrayRecord) and ``config`` (``server-round``; F
 ``proximal-mu``). Out: ``arrays`` (new weights; absent when the client declines), ``metrics``
 (MetricRecord, see ``client.local_round``) and, when declining, ``decline`` (ConfigRecord with the
 ``reason``).
-Only weights and these numbers leave the node: never audio, features or transcripts.
+Only weights and these numbers leave the node: never audio, features or transcripts
+(``tests/test_reliability.py`` inspects a real reply). ``FEDSPEECH_FAULT`` in the node's
+environment injects faults for reliability tests (``client.faults``; off when unset).
 
 The privacy ledger is kept in ``context.state`` (across rounds of a run) and in a JSON file (see
 ``client.node_state``: across runs and restarts); the longer history of the two wins.
@@ -46,6 +48,7 @@ def train(msg: Message, context: Context) -> Message:
     """Run one round of local training (or decline it) and reply."""
     import torch  # lazy, like the rest: see the module docstring
 
+    from client.faults import active_faults, apply_faults
     from client.local_round import load_node_examples, run_round
     from client.node_state import load_ledger, newest_ledger, resolve_node_data, save_ledger
     from fedspeech.config import RunConfig
@@ -62,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
     ledger_in_state = _state_ledger(context)
     prior = newest_ledger(ledger_in_state, load_ledger(node.ledger_file))
 
-    examples = load_node_examples(node, cfg)
+    examples, data_metrics = load_node_examples(node, cfg)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     outcome = run_round(
         global_state,
@@ -79,12 +82,17 @@ def train(msg: Message, context: Context) -> Message:
         save_ledger(node.ledger_file, outcome.privacy_state)
         context.state[_LEDGER_KEY] = ConfigRecord({"ledger": outcome.privacy_state.to_json()})
 
-    metrics: dict[str, MetricRecordValues] = dict(outcome.metrics)
+    update = outcome.state_dict
+    faults = active_faults(node.partition[0] if node.partition else None, server_round)
+    if faults:  # testing aid only: see client.faults
+        update = apply_faults(faults, update)
+
+    metrics: dict[str, MetricRecordValues] = {**outcome.metrics, **data_metrics}
     if node.partition is not None:  # lets the server's report name simulated clients stably
         metrics["partition-id"] = float(node.partition[0])
     content = RecordDict({"metrics": MetricRecord(metrics)})
-    if outcome.state_dict is not None:
-        content["arrays"] = ArrayRecord(outcome.state_dict)
+    if update is not None:
+        content["arrays"] = ArrayRecord(update)
     else:
         content["decline"] = ConfigRecord({"reason": outcome.declined_reason or "declined"})
     log.info(

@@ -22,7 +22,7 @@ from fedspeech import __version__
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, count_parameters
 from fedspeech.modeldir import save_model_dir
-from fedspeech.pipeline import load_examples
+from fedspeech.pipeline import initial_weights, load_examples
 
 log = logging.getLogger("fedspeech")
 
@@ -54,8 +54,9 @@ def train_central(
         )
     tokenizer = CharTokenizer()
     model_cfg = cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size)
-    torch.manual_seed(cfg.train.seed)  # weight init
+    torch.manual_seed(cfg.train.seed)  # weight init, dropout
     model = BiGRUCTC(model_cfg)
+    model.load_state_dict(initial_weights(cfg, model_cfg))  # ``init-model`` or fresh
     log.info(
         "training %s parameters on %d utterances for %d epochs (%s)",
         f"{count_parameters(model):,}",
@@ -66,6 +67,7 @@ def train_central(
     result = train_local(model, examples, cfg.train)
     provenance: dict[str, Any] = {
         "mode": "central",
+        "init_model": cfg.fed.init_model or None,
         "data": str(manifest.resolve()),
         "utterances": len(examples),
         "skipped": len(report.skipped),

@@ -6,7 +6,9 @@ than its epsilon budget declines: it trains nothing, spends nothing and says why
 
 Reply metric keys (stable; Flower's strategies weight by ``num-examples``): ``train-loss``,
 ``num-examples``, ``num-steps``, ``skipped-batches``, ``seconds``, ``declined`` (0/1) and, with
-DP, ``epsilon`` (the client's total so far), ``noise-multiplier``, ``sample-rate``.
+DP, ``epsilon`` (the client's total so far), ``noise-multiplier``, ``sample-rate``. The data
+pass adds ``skipped-utterances`` and its split by reason (``data_metrics``): counts only, never
+which utterance.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from client.batching import LabelledFeatures
 from client.node_state import NodeData
 from client.privacy import PrivacyBudgetError, PrivacyState, calibrate_noise_multiplier
 from client.train import train_local
-from features.dataset import Example
-from features.errors import FedspeechDataError
+from features.dataset import SKIP_KINDS, Example
+from features.errors import FedspeechDataError, SkipReport
 from features.text import CharTokenizer
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, load_plain_state_dict
@@ -55,8 +57,13 @@ class RoundOutcome:
     declined_reason: str | None = None
 
 
-def load_node_examples(node: NodeData, cfg: RunConfig) -> list[Example]:
+def load_node_examples(node: NodeData, cfg: RunConfig) -> tuple[list[Example], dict[str, float]]:
     """The node's training examples (features from the node's cache after the first round).
+
+    Unusable utterances are skipped, each named with its reason in the node's log.
+
+    Returns:
+        The examples and ``data_metrics`` of the pass (how many were skipped, by reason).
 
     Raises:
         FedspeechDataError: no usable utterance.
@@ -73,7 +80,18 @@ def load_node_examples(node: NodeData, cfg: RunConfig) -> list[Example]:
         raise FedspeechDataError(
             f"{manifest}: no usable utterances ({len(report.skipped)} skipped)"
         )
-    return examples
+    return examples, data_metrics(report)
+
+
+def data_metrics(report: SkipReport) -> dict[str, float]:
+    """Reply metrics of a feature pass: ``skipped-utterances`` and ``skipped-<kind>`` per reason.
+
+    Every kind is always present (0 when none), so all clients report the same metric names.
+    """
+    counts = report.counts()
+    metrics = {"skipped-utterances": float(len(report.skipped))}
+    metrics.update({f"skipped-{kind}": float(counts.get(kind, 0)) for kind in SKIP_KINDS})
+    return metrics
 
 
 def run_round(

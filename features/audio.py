@@ -11,9 +11,12 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from features.errors import AudioError, SkipReport
+from features.errors import AudioError, SampleRateError, SkipReport
 
 TARGET_SAMPLE_RATE = 16_000
+# Telephone band: the lowest rate that still carries intelligible speech. Lower-rate files (or a
+# header with a wrong, tiny rate) are refused rather than upsampled into a muffled 16 kHz signal.
+MIN_SOURCE_SAMPLE_RATE = 8_000
 # Shorter than one 25 ms analysis window: no MFCC frame can be computed from it.
 MIN_DURATION_S = 0.025
 # A WAV header is a handful of chunks (fmt, LIST, fact, ...) before "data"; stop looking after this.
@@ -37,16 +40,19 @@ def load_audio(
     *,
     min_duration_s: float = MIN_DURATION_S,
     max_duration_s: float | None = None,
+    min_source_rate: int = MIN_SOURCE_SAMPLE_RATE,
 ) -> np.ndarray:
     """Decode ``path`` to a mono float32 waveform at ``sample_rate``.
 
-    Multi-channel audio is averaged to mono; other rates are resampled with soxr (high quality).
-    Samples outside [-1, 1] (float files) are scaled down to peak 1.
+    Multi-channel audio is averaged to mono; other rates (from ``min_source_rate`` up) are
+    resampled with soxr (high quality). Samples outside [-1, 1] (float files) are scaled down to
+    peak 1.
 
     Returns:
         ``(N,)`` float32 array.
 
     Raises:
+        SampleRateError: the file's sample rate is below ``min_source_rate``.
         AudioError: unreadable/corrupt/truncated file, no samples, non-finite samples, or a
             duration outside ``[min_duration_s, max_duration_s]``. The message names the file.
     """
@@ -56,6 +62,10 @@ def load_audio(
         raise AudioError(f"{path}: cannot decode audio ({_short(exc)})") from exc
     if data.shape[0] == 0:
         raise AudioError(f"{path}: empty audio file (0 samples)")
+    if sr < min_source_rate:
+        raise SampleRateError(
+            f"{path}: sample rate {sr} Hz is below {min_source_rate} Hz (too low for speech)"
+        )
     truncated = _wav_truncation(path)
     if truncated:
         raise AudioError(f"{path}: truncated WAV file ({truncated})")

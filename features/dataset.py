@@ -12,7 +12,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from features.cache import FeatureCache
-from features.errors import FedspeechDataError, SkipReport
+from features.errors import (
+    AudioError,
+    FedspeechDataError,
+    SampleRateError,
+    SkipReport,
+    TextError,
+)
 from features.manifest import Utterance
 from features.mfcc import FeatureExtractor
 from features.text import CharTokenizer, normalize_transcript
@@ -59,7 +65,8 @@ def extract_manifest(
 
     An utterance is skipped (named in the report and a warning, never raised) when its audio cannot
     be used, its transcript is empty or has characters the tokenizer cannot spell, or it is
-    CTC-infeasible: more labels than model frames.
+    CTC-infeasible: more labels than model frames. Each skip has a ``kind`` (``SKIP_KINDS``:
+    ``audio``, ``sample-rate``, ``transcript``, ``ctc-infeasible``) for counts that name no file.
 
     Args:
         utterances: manifest rows.
@@ -76,7 +83,7 @@ def extract_manifest(
     for utt in tqdm(utterances, desc="features", unit="utt", disable=show):
         # the report names the file; reasons say what is wrong with it
         if not utt.path.is_file():
-            report.skip(utt.path, "audio file not found")
+            report.skip(utt.path, "audio file not found", "audio")
             continue
         try:
             text = normalize_transcript(utt.transcript)
@@ -86,13 +93,14 @@ def extract_manifest(
             else:
                 feats = cache.get_or_compute(utt.path, extractor.from_file)  # (T', D)
         except FedspeechDataError as exc:  # AudioError, TextError
-            report.skip(utt.path, str(exc).removeprefix(f"{utt.path}: "))
+            report.skip(utt.path, str(exc).removeprefix(f"{utt.path}: "), _skip_kind(exc))
             continue
         if labels.numel() > feats.shape[0]:
             report.skip(
                 utt.path,
                 f"CTC-infeasible: {labels.numel()} labels > {feats.shape[0]} frames "
                 f"({utt.duration_s:.2f} s at {extractor.cfg.frame_shift_s * 1000:.0f} ms/frame)",
+                "ctc-infeasible",
             )
             continue
         examples.append(Example(utt.path, feats, labels, text, utt.speaker, utt.duration_s))
@@ -101,3 +109,17 @@ def extract_manifest(
     if cache is not None:
         log.info("feature cache %s: %d hits, %d misses", cache.dir, cache.hits, cache.misses)
     return examples, report
+
+
+SKIP_KINDS = ("audio", "sample-rate", "transcript", "ctc-infeasible", "other")
+"""The kinds of reasons ``extract_manifest`` skips an utterance for (``Skipped.kind``)."""
+
+
+def _skip_kind(exc: FedspeechDataError) -> str:
+    if isinstance(exc, SampleRateError):
+        return "sample-rate"
+    if isinstance(exc, AudioError):
+        return "audio"
+    if isinstance(exc, TextError):
+        return "transcript"
+    return "other"

@@ -14,6 +14,10 @@ class AudioError(FedspeechDataError):
     """An audio file that cannot be used (unreadable, corrupt, empty, too short/long, non-finite)."""
 
 
+class SampleRateError(AudioError):
+    """Audio recorded at a sample rate too low to carry speech (below 8 kHz)."""
+
+
 class TextError(FedspeechDataError):
     """A transcript that cannot be mapped onto the tokenizer's alphabet (or is empty)."""
 
@@ -24,10 +28,15 @@ class ManifestError(FedspeechDataError):
 
 @dataclass(frozen=True)
 class Skipped:
-    """One item a batch reader left out, and why."""
+    """One item a batch reader left out, and why.
+
+    ``kind`` sorts the reasons into a few counts (e.g. ``audio``, ``sample-rate``,
+    ``transcript``, ``ctc-infeasible``) that can be reported without naming any item.
+    """
 
     item: str
     reason: str
+    kind: str = "other"
 
 
 @dataclass
@@ -38,9 +47,9 @@ class SkipReport:
     kept: int = 0
     skipped: list[Skipped] = field(default_factory=list)
 
-    def skip(self, item: object, reason: str | BaseException) -> None:
-        """Record ``item`` as skipped and log the reason as a warning naming it."""
-        entry = Skipped(str(item), str(reason))
+    def skip(self, item: object, reason: str | BaseException, kind: str = "other") -> None:
+        """Record ``item`` as skipped (a ``kind`` of reason) and log a warning naming it."""
+        entry = Skipped(str(item), str(reason), kind)
         self.skipped.append(entry)
         # Error messages already start with the item's name: don't print it twice.
         message = (
@@ -53,6 +62,13 @@ class SkipReport:
         log = logger or logging.getLogger("fedspeech")
         level = logging.WARNING if self.skipped else logging.INFO
         log.log(level, "%s: kept %d, skipped %d", self.what, self.kept, len(self.skipped))
+
+    def counts(self) -> dict[str, int]:
+        """Skipped items per ``kind``."""
+        out: dict[str, int] = {}
+        for entry in self.skipped:
+            out[entry.kind] = out.get(entry.kind, 0) + 1
+        return out
 
     def merge(self, other: SkipReport) -> None:
         """Add another report's counts to this one."""

@@ -31,8 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the CLI's last line of defence: a clear message, not a traceback
         from features.errors import FedspeechDataError
         from fedspeech.config import ConfigError
+        from server.checkpoint import CheckpointError
 
-        if isinstance(exc, FedspeechDataError | ConfigError | FileNotFoundError):
+        if isinstance(exc, FedspeechDataError | ConfigError | FileNotFoundError | CheckpointError):
             log.error("%s", exc)
             return 2
         raise

@@ -21,6 +21,12 @@ def register(sub: Any) -> None:
     p.add_argument("--voices", type=int, default=16, help="distinct synthetic speakers (>= 12)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment", action="store_true", help="add noise/reverb (deterministic)")
+    p.add_argument(
+        "--text",
+        choices=["sentences", "digits"],
+        default="sentences",
+        help="what the voices say: mixed sentences, or one digit word each",
+    )
     p.set_defaults(handler=_synthetic)
 
     p = dsub.add_parser("librispeech", help="a LibriSpeech folder (speaker/chapter/*.flac)")
@@ -75,6 +81,7 @@ def _synthetic(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_voices=args.voices,
         augment=args.augment,
+        text=args.text,
     )
     print(manifest)
     return _report_exit(report)

@@ -33,6 +33,7 @@ class SimulationOutcome:
         history: per-round summaries (``server.rounds.RoundSummary.to_json``).
         tracking_run_id: the tracker's run id.
         seconds: wall time of the launch (SuperLink start to cleanup).
+        error: why the server stopped the run early (None: it did not, or did not say).
     """
 
     run_dir: Path
@@ -43,6 +44,7 @@ class SimulationOutcome:
     history: list[dict[str, Any]]
     tracking_run_id: str | None
     seconds: float
+    error: str | None = None
 
 
 def register(sub: Any) -> None:
@@ -87,6 +89,7 @@ def simulate(
     Raises:
         ConfigError: bad run config.
         FileNotFoundError: ``resume`` without a checkpoint in the run folder.
+        server.checkpoint.CheckpointError: ``resume`` and no checkpoint is intact.
         RuntimeError: the SuperLink does not start.
     """
     import time
@@ -117,13 +120,23 @@ def simulate(
     flat["tracking-uri"] = absolute_sqlite_uri(cfg.fed.tracking_uri)
     cfg = type(cfg).from_flat(flat)  # validates the adjusted config
     if cfg.fed.resume:
-        from server.checkpoint import find_checkpoint
+        from server.checkpoint import load_checkpoint
 
-        if find_checkpoint(run_dir) is None:
+        # Verified here (sizes and hashes against its manifest) so that a damaged checkpoint is
+        # refused with its reason before any Flower process starts.
+        if load_checkpoint(run_dir) is None:
             raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
     # Build the corpus here, once, with progress on the console; the Flower processes then
     # find it finished (the builder's no-op path) instead of queueing on its lock.
     corpus_manifest(cfg, cfg.fed.data_dir)
+    if cfg.fed.pretrain_utterances and not cfg.fed.resume:
+        if cfg.fed.init_model:
+            log.warning("init-model is set: skipping the public pre-training")
+        else:
+            from fedspeech.pretrain import public_pretrained_model
+
+            flat["init-model"] = str(public_pretrained_model(cfg, cfg.fed.data_dir))
+            cfg = type(cfg).from_flat(flat)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = write_run_config(run_dir / "run_config.toml", flat)
     start = time.perf_counter()
@@ -176,6 +189,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if outcome.model_dir is not None:
         print(f"model: {outcome.model_dir}")
     if not outcome.finished:
+        if outcome.error:
+            log.error("%s", outcome.error)
         log.error(
             "the run did not finish (flwr run exit status %d); logs in %s",
             outcome.returncode,
@@ -187,6 +202,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcome:
     from server.checkpoint import RunState, find_checkpoint
+    from server.tracking import read_tracking_info
 
     path = find_checkpoint(run_dir)
     state = RunState()
@@ -202,6 +218,7 @@ def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcom
         history=state.history,
         tracking_run_id=state.tracking_run_id,
         seconds=seconds,
+        error=read_tracking_info(run_dir).get("error"),
     )
 
 

@@ -97,10 +97,14 @@ class FedConfig:
     eval_manifest: str = ""  # server-side eval manifest; "": the held-out speakers
     eval_max_utterances: int = 0  # cap on central-eval utterances (0: all)
     init_model: str = ""  # model directory to start from (e.g. pre-trained); "": fresh
+    pretrain_utterances: int = 0  # simulate: pre-train on this many public synthetic utterances
+    pretrain_epochs: int = 10  # epochs of that (non-private) pre-training
     data_dir: str = ".fedspeech/data"  # simulation: corpus, partitions, feature cache
     out_dir: str = ".fedspeech/run"  # run folder: checkpoint, final model, round log
     resume: bool = False  # continue from out-dir's checkpoint
     round_timeout: float = 3600.0  # seconds to wait for a round's replies
+    min_successful_clients: int = 1  # accepted updates a round needs, else retry, then stop
+    round_retries: int = 1  # re-sends of a round short of min-successful-clients before stopping
     client_threads: int = 1  # torch threads per ClientApp (0: torch's default)
     server_threads: int = 1  # torch threads of the ServerApp (central evaluation; 0: default)
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -122,6 +126,10 @@ class FedConfig:
             raise ConfigError("planned-rounds, holdout-speakers, eval-max-utterances must be >= 0")
         if self.client_threads < 0 or self.server_threads < 0:
             raise ConfigError("client-threads and server-threads must be >= 0")
+        if self.pretrain_utterances < 0 or self.pretrain_epochs < 1:
+            raise ConfigError("pretrain-utterances must be >= 0 and pretrain-epochs >= 1")
+        if self.min_successful_clients < 1 or self.round_retries < 0:
+            raise ConfigError("min-successful-clients must be >= 1 and round-retries >= 0")
         _parse_budgets(self.partition_budgets)  # fail at config time, not in round 1
 
     @property

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 from features.cache import FeatureCache
 from features.dataset import Example, extract_manifest
@@ -12,6 +16,11 @@ from features.errors import SkipReport
 from features.manifest import read_manifest
 from features.mfcc import FeatureConfig, FeatureExtractor
 from features.text import CharTokenizer
+from fedspeech.config import ConfigError, RunConfig
+from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
+from fedspeech.modeldir import load_model_dir
+
+log = logging.getLogger("fedspeech")
 
 
 @dataclass(frozen=True)
@@ -76,3 +85,24 @@ def load_examples(
         cache_misses=cache.misses,
     )
     return examples, report, summary
+
+
+def initial_weights(cfg: RunConfig, model_config: ModelConfig) -> dict[str, Tensor]:
+    """``init-model``'s weights, else a fresh model seeded with ``seed``.
+
+    Raises:
+        ConfigError: ``init-model`` does not have the run config's model shape and features.
+    """
+    if cfg.fed.init_model:
+        loaded = load_model_dir(cfg.fed.init_model)
+        if loaded.model_config != model_config or loaded.feature_config != cfg.features:
+            raise ConfigError(
+                f"init-model {cfg.fed.init_model}: model {loaded.model_config} / features "
+                f"{loaded.feature_config} differ from the run config's {model_config} / "
+                f"{cfg.features}"
+            )
+        log.info("starting from %s", cfg.fed.init_model)
+        return plain_state_dict(loaded.model)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        return plain_state_dict(BiGRUCTC(model_config))

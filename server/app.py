@@ -2,8 +2,12 @@
 
 Per round: the strategy samples nodes and builds the train messages (global weights +
 ``server-round``), the Grid sends them and collects replies until ``round-timeout``, the strategy
-aggregates the clients that trained, and ``FederatedRun.finish_round`` evaluates, checkpoints,
-tracks and logs. Everything but the message traffic lives in plain modules (``server.run``).
+screens the replies and aggregates the accepted ones, and ``FederatedRun.finish_round``
+evaluates, checkpoints, tracks and logs. A round with fewer than ``min-successful-clients``
+accepted updates changes nothing: it is sent again (at most ``round-retries`` times, and only
+when some client failed or was rejected: clients out of privacy budget decline again), then the
+run stops with a ``RoundFailedError`` that names every client's reason; the checkpoint keeps the
+last complete round. Everything but the message traffic lives in plain modules (``server.run``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import logging
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedspeech.config import RunConfig
 from fedspeech.logs import show_progress
+from server.rounds import ClientReport, retry_may_help, shortfall
 from server.run import FederatedRun
 from server.strategy import export_state, import_state, make_strategy, missing_reports
 
@@ -25,9 +31,17 @@ log = logging.getLogger("fedspeech.server")
 app = ServerApp()
 
 
+class RoundFailedError(RuntimeError):
+    """A round had too few accepted client updates, also after its retries: the run stops."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run (or resume) the federated training the run config describes."""
+    """Run (or resume) the federated training the run config describes.
+
+    Raises:
+        RoundFailedError: a round stayed below ``min-successful-clients``.
+    """
     show_progress()
     cfg = RunConfig.from_flat(context.run_config)
     if cfg.fed.server_threads:
@@ -36,17 +50,39 @@ def main(grid: Grid, context: Context) -> None:
         # busy (intra-op threads wait for each other at every op, and a busy core stalls them).
         torch.set_num_threads(cfg.fed.server_threads)
     run = FederatedRun.open(cfg)
+    try:
+        _run_rounds(run, cfg, grid)
+    except RoundFailedError:
+        raise  # already reported by FederatedRun.abort
+    except BaseException as exc:
+        run.tracker.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    model_dir = run.finish()
+    log.info("done: %d rounds; final model directory %s", run.state.round, model_dir.resolve())
+
+
+def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
     strategy = make_strategy(cfg.fed)
     import_state(strategy, run.strategy_arrays)
     arrays = ArrayRecord(run.global_state)
     for server_round in run.pending_rounds:
         started = time.perf_counter()
         log.info("round %d/%d", server_round, cfg.fed.num_server_rounds)
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.fed.round_timeout))
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        reports = [*strategy.last_reports, *missing_reports(messages, replies)]  # type: ignore[attr-defined]
-        train_seconds = time.perf_counter() - started
+        for attempt in range(cfg.fed.round_retries + 1):
+            new_arrays, reports = _train_once(strategy, server_round, arrays, grid, cfg)
+            problem = shortfall(reports, cfg.fed.min_successful_clients)
+            if problem is None:
+                break
+            if attempt == cfg.fed.round_retries or not retry_may_help(reports):
+                run.abort(server_round, problem)
+                raise RoundFailedError(f"round {server_round}: {problem}")
+            log.warning(
+                "round %d, attempt %d of %d: %s; sending the round again",
+                server_round,
+                attempt + 1,
+                cfg.fed.round_retries + 1,
+                problem,
+            )
         if new_arrays is not None:
             arrays = new_arrays
         run.finish_round(
@@ -54,8 +90,20 @@ def main(grid: Grid, context: Context) -> None:
             arrays.to_torch_state_dict(),
             reports,
             started=started,
-            train_seconds=train_seconds,
+            train_seconds=time.perf_counter() - started,
             strategy_arrays=export_state(strategy),
+            retries=attempt,
         )
-    model_dir = run.finish()
-    log.info("done: %d rounds; final model directory %s", run.state.round, model_dir.resolve())
+
+
+def _train_once(
+    strategy: Strategy, server_round: int, arrays: ArrayRecord, grid: Grid, cfg: RunConfig
+) -> tuple[ArrayRecord | None, list[ClientReport]]:
+    """Send one round's train messages; the aggregate (None: too few accepted) and the reports."""
+    messages: list[Message] = list(
+        strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+    )
+    replies = list(grid.send_and_receive(messages, timeout=cfg.fed.round_timeout))
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)
+    reports = [*strategy.last_reports, *missing_reports(messages, replies)]  # type: ignore[attr-defined]
+    return new_arrays, reports

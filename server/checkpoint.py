@@ -2,13 +2,17 @@
 
 ``<run dir>/checkpoint/`` holds ``model/`` (a model directory: what ``fedspeech transcribe``
 reads), ``state.json`` (round, per-round history, per-client table, tracking run id, run config)
-and, for server optimizers with state (FedAdam), ``strategy.safetensors``. A checkpoint is
-written into a temporary sibling folder and swapped in by renames; a crash mid-swap leaves the
-previous checkpoint as ``.checkpoint.old-*``, which ``load_checkpoint`` falls back to.
+and, for server optimizers with state (FedAdam), ``strategy.safetensors``, and last
+``manifest.json``: the size and SHA-256 of every other file. A checkpoint is written into a
+temporary sibling folder (files fsynced) and swapped in by renames; a crash mid-swap leaves the
+previous checkpoint as ``.checkpoint.old-*``, which ``load_checkpoint`` falls back to. Loading
+checks the manifest first: a truncated, missing or altered file is detected, never loaded; an
+intact older checkpoint is used if there is one, else ``CheckpointError`` says what is wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +36,13 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 STRATEGY_FILE = "strategy.safetensors"
+MANIFEST_FILE = "manifest.json"
 _STATE_VERSION = 1
+_MANIFEST_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or damaged (the message names the file and the problem)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,11 @@ def save_checkpoint(
             fh.write(state.to_json())
             fh.flush()
             os.fsync(fh.fileno())
+        manifest = {"version": _MANIFEST_VERSION, "files": _describe_files(tmp)}
+        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,14 +137,68 @@ def save_checkpoint(
 
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
-    """The run folder's checkpoint (or the one a crash left mid-swap); None if there is none.
+    """The run folder's newest intact checkpoint; None if there is none.
+
+    The current one, else (a crash mid-swap, a damaged current one) the newest intact
+    ``.checkpoint.old-*``.
 
     Raises:
-        ValueError: a checkpoint exists but is damaged (its model directory or state.json).
+        CheckpointError: checkpoints exist but none is intact (the message says what is wrong).
     """
-    path = find_checkpoint(Path(run_dir))
-    if path is None:
-        return None
+    candidates = checkpoint_candidates(Path(run_dir))
+    errors: list[str] = []
+    for path in candidates:
+        try:
+            checkpoint = _load(path)
+        except (ValueError, OSError) as exc:
+            log.error("checkpoint %s is damaged, not loaded: %s", path, exc)
+            errors.append(f"{path}: {exc}")
+            continue
+        if errors:
+            log.warning(
+                "using the older intact checkpoint %s (round %d)", path, checkpoint.state.round
+            )
+        return checkpoint
+    if errors:
+        raise CheckpointError("no intact checkpoint: " + "; ".join(errors))
+    return None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of the checkpoint folder ``path`` against its ``manifest.json``.
+
+    A checkpoint written before manifests existed is accepted with a warning.
+
+    Raises:
+        CheckpointError: the manifest is unreadable, or a file is missing, of another size or
+            of another SHA-256 than it records.
+    """
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        log.warning("%s has no %s (an older fedspeech wrote it): not verified", path, MANIFEST_FILE)
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("version") != _MANIFEST_VERSION or not isinstance(files, dict):
+            raise ValueError("unknown manifest format")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    for name, expected in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {MANIFEST_FILE})")
+        size = file.stat().st_size
+        if size != expected.get("size"):
+            raise CheckpointError(
+                f"{file}: {size} bytes, {expected.get('size')} written: truncated or altered"
+            )
+        if _sha256(file) != expected.get("sha256"):
+            raise CheckpointError(f"{file}: content differs from what was written (SHA-256)")
+
+
+def _load(path: Path) -> Checkpoint:
+    verify_checkpoint(path)
     loaded = load_model_dir(path / "model")  # validates config and weights, never unpickles
     state = RunState.from_json((path / STATE_FILE).read_text(encoding="utf-8"))
     arrays: dict[str, np.ndarray] = {}
@@ -142,12 +211,37 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
 
 def find_checkpoint(run_dir: Path) -> Path | None:
     """``run_dir/checkpoint``, else the newest ``.checkpoint.old-*/checkpoint``, else None."""
+    candidates = checkpoint_candidates(run_dir)
+    return candidates[0] if candidates else None
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint folders holding a state file: the current one first, then older, newest first."""
     final = run_dir / CHECKPOINT_DIR
-    if (final / STATE_FILE).is_file():
-        return final
     olds = sorted(
         (p / CHECKPOINT_DIR for p in run_dir.glob(f".{CHECKPOINT_DIR}.old-*")),
         key=lambda p: p.stat().st_mtime if p.exists() else 0.0,
+        reverse=True,
     )
-    olds = [p for p in olds if (p / STATE_FILE).is_file()]
-    return olds[-1] if olds else None
+    return [p for p in [final, *olds] if (p / STATE_FILE).is_file()]
+
+
+def _describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Relative path -> size and SHA-256 of every file under ``folder`` (each fsynced first)."""
+    out: dict[str, dict[str, Any]] = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+        out[file.relative_to(folder).as_posix()] = {
+            "size": file.stat().st_size,
+            "sha256": _sha256(file),
+        }
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -3,8 +3,9 @@
 The summary's keys are the stable per-round metric names the run folder, the console and the
 tracker report: ``train_loss`` (mean over trained clients, weighted by examples), ``wer``, ``cer``
 (central evaluation), ``epsilon_max`` / ``epsilon_mean`` (each reporting client's total so far),
-``clients_ok`` / ``clients_declined`` / ``clients_failed``, ``num_examples``, ``update_norm`` (L2
-norm of the change of the global weights), ``train_seconds`` (sending to aggregating),
+``clients_ok`` / ``clients_declined`` / ``clients_failed`` / ``clients_rejected``, ``retries``
+(re-sends of a round that fell short of ``min-successful-clients``), ``num_examples``,
+``update_norm`` (L2 norm of the change of the global weights), ``train_seconds`` (sending to aggregating),
 ``round_seconds`` (the whole round, evaluation and checkpoint included), ``client_seconds`` (sum of
 the replies' ``seconds``: the clients' own work), ``eval_seconds`` (central evaluation).
 """
@@ -14,12 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-ReplyStatus = Literal["ok", "declined", "failed"]
+ReplyStatus = Literal["ok", "declined", "failed", "rejected"]
+_STATUSES: tuple[ReplyStatus, ...] = get_args(ReplyStatus)
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,11 @@ class ClientReport:
 
     Attributes:
         client: ``partition-<i>`` for simulated nodes, else ``node-<node id>``.
-        status: ``ok`` (weights aggregated), ``declined`` (budget) or ``failed`` (error, no reply).
+        status: ``ok`` (weights aggregated), ``declined`` (budget), ``failed`` (error reply, no
+            reply before the timeout) or ``rejected`` (a reply whose update the server refused:
+            non-finite values, wrong names/shapes/dtypes, a bad example count).
         metrics: the reply's metrics (empty for failures).
-        reason: why it declined or failed.
+        reason: why it declined, failed or was rejected.
     """
 
     client: str
@@ -52,6 +56,8 @@ class RoundSummary:
     epsilon_max: float | None
     epsilon_mean: float | None
     train_seconds: float
+    clients_rejected: int = 0
+    retries: int = 0
     update_norm: float | None = None
     wer: float | None = None
     cer: float | None = None
@@ -81,8 +87,8 @@ class RoundSummary:
         return (
             f"round {self.round}: loss {_fmt(self.train_loss)}, WER {_fmt(self.wer)}, "
             f"CER {_fmt(self.cer)}, {eps}, clients ok {self.clients_ok} / declined "
-            f"{self.clients_declined} / failed {self.clients_failed}, "
-            f"{_fmt(self.round_seconds, '.1f')} s"
+            f"{self.clients_declined} / failed {self.clients_failed} / rejected "
+            f"{self.clients_rejected}, {_fmt(self.round_seconds, '.1f')} s"
         )
 
 
@@ -103,6 +109,7 @@ def summarize_round(
         clients_ok=len(ok),
         clients_declined=sum(r.status == "declined" for r in reports),
         clients_failed=sum(r.status == "failed" for r in reports),
+        clients_rejected=sum(r.status == "rejected" for r in reports),
         num_examples=int(sum(weights)),
         train_loss=loss,
         epsilon_max=max(eps) if eps else None,
@@ -110,6 +117,29 @@ def summarize_round(
         train_seconds=train_seconds,
         client_seconds=sum(seconds) if seconds else None,
     )
+
+
+def shortfall(reports: Sequence[ClientReport], minimum: int) -> str | None:
+    """Why a round's replies are too few to aggregate (None: at least ``minimum`` are ``ok``).
+
+    The text counts every status and names each client that did not train, with its reason.
+    """
+    ok = sum(r.status == "ok" for r in reports)
+    if ok >= minimum:
+        return None
+    others = "; ".join(f"{r.client} {r.status}: {r.reason}" for r in reports if r.status != "ok")
+    return (
+        f"{ok} of {len(reports)} sampled clients trained, fewer than min-successful-clients "
+        f"{minimum}" + (f" ({others})" if others else "")
+    )
+
+
+def retry_may_help(reports: Sequence[ClientReport]) -> bool:
+    """Whether re-sending a short round can help: some client failed or was rejected.
+
+    Clients that declined (privacy budget spent) decline again; a retry only spends time.
+    """
+    return any(r.status in ("failed", "rejected") for r in reports)
 
 
 def with_evaluation(
@@ -141,10 +171,8 @@ def update_clients(
 ) -> None:
     """Fold a round's replies into the per-client table (in place)."""
     for r in reports:
-        row = table.setdefault(
-            r.client, {"rounds_ok": 0, "rounds_declined": 0, "rounds_failed": 0, "epsilon": None}
-        )
-        row[f"rounds_{r.status}"] += 1
+        row = table.setdefault(r.client, {**{f"rounds_{s}": 0 for s in _STATUSES}, "epsilon": None})
+        row[f"rounds_{r.status}"] = row.get(f"rounds_{r.status}", 0) + 1  # older rows lack some
         row["last_round"] = server_round
         if "epsilon" in r.metrics:
             row["epsilon"] = _finite(r.metrics["epsilon"])
@@ -156,11 +184,11 @@ def update_clients(
 
 def clients_tsv(table: Mapping[str, Mapping[str, Any]]) -> str:
     """The per-client table as TSV text (one row per client, sorted)."""
-    columns = ["client", "rounds_ok", "rounds_declined", "rounds_failed", "num_examples"]
+    columns = ["client", *(f"rounds_{s}" for s in _STATUSES), "num_examples"]
     columns += ["epsilon", "last_round", "last_reason"]
     lines = ["\t".join(columns)]
     for client in sorted(table):
-        row = {"client": client, **table[client]}
+        row = {"client": client, **{f"rounds_{s}": 0 for s in _STATUSES}, **table[client]}
         lines.append("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
     return "\n".join(lines) + "\n"
 

@@ -2,9 +2,12 @@
 
 ``FederatedRun.open`` starts fresh (new weights or ``init-model``, a cleared run folder, a new
 tracking run) or, with ``resume``, continues from the run folder's checkpoint (next round = last
-finished + 1, the same tracking run). After each round ``finish_round`` evaluates the global model
-centrally, writes the checkpoint, reports to the tracker and logs one progress line; ``finish``
-writes the final model directory and the per-client report. Run folder (``out-dir``)::
+finished + 1, the same tracking run; rounds the checkpoint holds but the tracker never got, from a
+crash between the two, are logged then, so every round is reported exactly once). After each
+round ``finish_round`` evaluates the global model centrally, writes the checkpoint, reports to
+the tracker and logs one progress line; ``finish`` writes the final model directory and the
+per-client report; ``abort`` closes a run that cannot go on (the checkpoint keeps the last
+complete round, and no final model is written). Run folder (``out-dir``)::
 
     checkpoint/{model/, state.json}  latest global model and run state (resume reads it)
     model/                           the final model directory (fedspeech transcribe --model)
@@ -32,10 +35,11 @@ from torch import Tensor
 from features.manifest import write_manifest
 from features.text import CharTokenizer
 from fedspeech import __version__
-from fedspeech.config import ConfigError, RunConfig
+from fedspeech.config import RunConfig
 from fedspeech.fed_data import heldout_utterances
-from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
-from fedspeech.modeldir import load_model_dir, save_model_dir
+from fedspeech.model import ModelConfig
+from fedspeech.modeldir import save_model_dir
+from fedspeech.pipeline import initial_weights
 from server.checkpoint import CHECKPOINT_DIR, RunState, load_checkpoint, save_checkpoint
 from server.evaluation import CentralEvaluator
 from server.rounds import (
@@ -47,7 +51,7 @@ from server.rounds import (
     update_norm,
     with_evaluation,
 )
-from server.tracking import Tracker, open_tracker
+from server.tracking import Tracker, open_tracker, read_rounds
 
 log = logging.getLogger("fedspeech.server")
 
@@ -109,6 +113,7 @@ class FederatedRun:
             log.info(
                 "resuming %s after round %d (tracking run %s)", run_dir, state.round, tracker.run_id
             )
+            _log_untracked_rounds(tracker, run_dir, state.history)
         else:
             _clear_previous_run(run_dir)
             global_state, arrays = initial_weights(cfg, model_config), {}
@@ -145,10 +150,14 @@ class FederatedRun:
         started: float,
         train_seconds: float,
         strategy_arrays: Mapping[str, np.ndarray] | None = None,
+        retries: int = 0,
     ) -> RoundSummary:
-        """Evaluate, checkpoint, track and log a finished round; ``started``: its perf_counter."""
+        """Evaluate, checkpoint, track and log a finished round; ``started``: its perf_counter.
+
+        ``retries``: how often the round was re-sent before enough clients trained.
+        """
         new_state = {k: v.detach().to("cpu", torch.float32) for k, v in new_state.items()}
-        summary = summarize_round(server_round, reports, train_seconds)
+        summary = replace(summarize_round(server_round, reports, train_seconds), retries=retries)
         eval_start = time.perf_counter()
         wer, cer = self.evaluator(new_state)
         eval_seconds = time.perf_counter() - eval_start
@@ -184,6 +193,19 @@ class FederatedRun:
                 log.warning("round %d: %s %s: %s", server_round, r.client, r.status, r.reason)
         log.info("%s", summary.line())
         return summary
+
+    def abort(self, server_round: int, reason: str) -> None:
+        """Close a run that cannot complete ``server_round``: log, tell the tracker, keep state.
+
+        The checkpoint (last complete round) stays as it is: ``--resume`` continues from there.
+        """
+        message = (
+            f"run stopped in round {server_round}: {reason}. The global model was not updated; "
+            f"the last complete round ({self.state.round}) is in {self.run_dir / CHECKPOINT_DIR} "
+            "(continue with --resume)"
+        )
+        log.error("%s", message)
+        self.tracker.fail(message)
 
     def finish(self) -> Path:
         """Write the final model directory and reports; close the tracking run."""
@@ -228,27 +250,6 @@ class FederatedRun:
         }
 
 
-def initial_weights(cfg: RunConfig, model_config: ModelConfig) -> dict[str, Tensor]:
-    """``init-model``'s weights, else a fresh model seeded with ``seed``.
-
-    Raises:
-        ConfigError: ``init-model`` does not have the run config's model shape and features.
-    """
-    if cfg.fed.init_model:
-        loaded = load_model_dir(cfg.fed.init_model)
-        if loaded.model_config != model_config or loaded.feature_config != cfg.features:
-            raise ConfigError(
-                f"init-model {cfg.fed.init_model}: model {loaded.model_config} / features "
-                f"{loaded.feature_config} differ from the run config's {model_config} / "
-                f"{cfg.features}"
-            )
-        log.info("starting from %s", cfg.fed.init_model)
-        return plain_state_dict(loaded.model)
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.train.seed)
-        return plain_state_dict(BiGRUCTC(model_config))
-
-
 def _clear_previous_run(run_dir: Path) -> None:
     found = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
     found += [p.name for p in run_dir.glob(f".{CHECKPOINT_DIR}.*")]
@@ -260,6 +261,23 @@ def _clear_previous_run(run_dir: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def _log_untracked_rounds(
+    tracker: Tracker, run_dir: Path, history: Sequence[Mapping[str, Any]]
+) -> None:
+    """Report the checkpointed rounds that ``rounds.jsonl`` lacks (a crash after the checkpoint)."""
+    tracked = {row.get("round") for row in read_rounds(run_dir)}
+    for row in history:
+        if row.get("round") in tracked:
+            continue
+        metrics = {
+            k: float(v)
+            for k, v in row.items()
+            if k != "round" and isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        log.warning("round %s was checkpointed but not tracked; tracking it now", row.get("round"))
+        tracker.log_round(int(row["round"]), metrics)
 
 
 def _warn_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> None:

@@ -2,18 +2,25 @@
 
 Each is Flower's own strategy with one addition (``_ScreenReplies``): before aggregating, replies
 are sorted into ``ok`` (weights to aggregate), ``declined`` (the client's privacy budget said
-no: metrics only, never averaged in) and ``failed`` (an error reply, or no arrays); the reports
-of the last round are kept for the server's bookkeeping (``server.rounds``). Weighted averages
-use ``num-examples`` (Flower's default key), which every training reply carries.
+no: metrics only, never averaged in), ``failed`` (an error reply, or no arrays) and ``rejected``
+(an update that does not fit the global model it was sent: other tensor names, shapes or dtypes,
+NaN/Inf values, an undecodable array, or a ``num-examples`` that is not a positive finite count).
+Only ``ok`` replies reach Flower's aggregation, rebuilt to hold nothing but their weights and
+``num-examples``, and only when at least ``min-successful-clients`` of them arrived (else the
+round aggregates nothing and the server retries or stops: ``server.app``). The reports of the last
+round are kept for the server's bookkeeping (``server.rounds``). Weighted averages use
+``num-examples`` (Flower's default key), which every training reply carries.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
 from fedspeech.config import FedConfig
@@ -24,25 +31,47 @@ log = logging.getLogger("fedspeech.server")
 WEIGHT_KEY = "num-examples"
 
 
+ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
 class _ScreenReplies:
-    """Mixin (before a Flower strategy in the bases): aggregate only the ``ok`` replies."""
+    """Mixin (before a Flower strategy in the bases): aggregate only the ``ok`` replies.
+
+    ``configure_train`` remembers the names, shapes and dtypes of the weights it sends; replies
+    must match them. ``min_successful_clients``: fewer ``ok`` replies aggregate nothing.
+    """
 
     last_reports: list[ClientReport]
+    min_successful_clients: int = 1
+    _sent: ArraySpec | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling and messages; the sent weights' layout is kept for screening."""
+        self._sent = array_spec(arrays)
+        messages: Iterable[Message] = super().configure_train(  # type: ignore[misc]
+            server_round, arrays, config, grid
+        )
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sort the replies, keep their reports, aggregate the trained ones."""
+        """Sort the replies, keep their reports, aggregate the accepted ones (if enough)."""
         replies = list(replies)
-        self.last_reports = [client_report(m) for m in replies]
+        self.last_reports = [client_report(m, self._sent) for m in replies]
         ok = [m for m, r in zip(replies, self.last_reports, strict=True) if r.status == "ok"]
-        if not ok:
+        if len(ok) < max(1, self.min_successful_clients):
             log.warning(
-                "round %d: no client trained; the global model stays as it was", server_round
+                "round %d: %d client update(s) accepted, %d needed; nothing aggregated",
+                server_round,
+                len(ok),
+                max(1, self.min_successful_clients),
             )
             return None, None
         aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
-            server_round, ok
+            server_round, [_weights_only(m) for m in ok]
         )
         return aggregated
 
@@ -64,7 +93,16 @@ class ScreenedFedMedian(_ScreenReplies, FedMedian):
 
 
 def make_strategy(cfg: FedConfig) -> Strategy:
-    """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` (at least ``min-clients``)."""
+    """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` (at least ``min-clients``).
+
+    It aggregates a round only when ``min-successful-clients`` updates were accepted.
+    """
+    strategy = _make_strategy(cfg)
+    strategy.min_successful_clients = cfg.min_successful_clients  # type: ignore[attr-defined]
+    return strategy
+
+
+def _make_strategy(cfg: FedConfig) -> Strategy:
     common = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 1.0,  # unused: the server runs no client-side evaluation rounds
@@ -84,8 +122,14 @@ def make_strategy(cfg: FedConfig) -> Strategy:
     return ScreenedFedAvg(**common)  # type: ignore[arg-type]
 
 
-def client_report(msg: Message) -> ClientReport:
-    """One reply as ``ok`` / ``declined`` / ``failed``, with its metrics."""
+def client_report(msg: Message, sent: ArraySpec | None = None) -> ClientReport:
+    """One reply as ``ok`` / ``declined`` / ``failed`` / ``rejected``, with its metrics.
+
+    Args:
+        msg: the reply.
+        sent: names -> (shape, dtype) of the weights the client was sent (``array_spec``); a
+            trained reply must return exactly these. None: not checked.
+    """
     name = f"node-{msg.metadata.src_node_id}"
     if msg.has_error():
         return ClientReport(name, "failed", {}, f"error {msg.error.code}: {msg.error.reason}")
@@ -102,9 +146,69 @@ def client_report(msg: Message) -> ClientReport:
         decline = content.get("decline")
         reason = str(decline.get("reason", "")) if isinstance(decline, ConfigRecord) else ""
         return ClientReport(name, "declined", metrics, reason or "declined")
-    if not isinstance(content.get("arrays"), ArrayRecord) or WEIGHT_KEY not in metrics:
+    arrays = content.get("arrays")
+    if not isinstance(arrays, ArrayRecord) or WEIGHT_KEY not in metrics:
         return ClientReport(name, "failed", metrics, "reply without arrays or num-examples")
+    examples = metrics[WEIGHT_KEY]
+    if not (math.isfinite(examples) and examples > 0):
+        return ClientReport(name, "rejected", metrics, f"num-examples {examples!r} is not > 0")
+    problem = None if sent is None else screen_arrays(arrays, sent)
+    if problem is not None:
+        return ClientReport(name, "rejected", metrics, problem)
     return ClientReport(name, "ok", metrics)
+
+
+def array_spec(arrays: ArrayRecord) -> ArraySpec:
+    """Names -> (shape, dtype) of the arrays in a record (decoded, not the declared header)."""
+    spec: ArraySpec = {}
+    for key, array in arrays.items():
+        value = array.numpy()
+        spec[key] = (tuple(value.shape), value.dtype)
+    return spec
+
+
+def screen_arrays(
+    arrays: ArrayRecord, sent: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+) -> str | None:
+    """Why an update cannot be averaged into the weights ``sent`` describes (None: it can).
+
+    Refused: missing or unexpected tensor names, another shape or dtype, an array that does not
+    decode as a plain NumPy array (never unpickled), NaN or infinite values.
+    """
+    missing, unexpected = sorted(set(sent) - set(arrays)), sorted(set(arrays) - set(sent))
+    if missing or unexpected:
+        return (
+            f"tensor names differ from the global model: missing {missing}, unexpected {unexpected}"
+        )
+    for key, (shape, dtype) in sent.items():
+        try:
+            value = arrays[key].numpy()
+        except Exception as exc:  # TypeError (not a NumPy array), ValueError (bad bytes)...
+            return f"{key}: undecodable array ({type(exc).__name__}: {exc})"
+        if tuple(value.shape) != shape:
+            return f"{key}: shape {tuple(value.shape)} != {shape} of the global model"
+        if value.dtype != dtype:
+            return f"{key}: dtype {value.dtype} != {dtype} of the global model"
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            return f"{key}: non-finite values (NaN/Inf)"
+    return None
+
+
+def _weights_only(msg: Message) -> Message:
+    """The reply as Flower's aggregation sees it: the weights and ``num-examples``, no more.
+
+    Flower refuses to aggregate replies whose metric names differ; the server keeps its own
+    metrics (``client_report``), so a client's extra or missing metrics never stop a round.
+    """
+    metrics = msg.content.metric_records["metrics"]
+    content = RecordDict(
+        {
+            "arrays": msg.content.array_records["arrays"],
+            "metrics": MetricRecord({WEIGHT_KEY: metrics[WEIGHT_KEY]}),
+        }
+    )
+    # A reply with the original's metadata (sender, reply-to): Flower's internal constructor.
+    return Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
 
 
 def missing_reports(sent: Iterable[Message], replies: Iterable[Message]) -> list[ClientReport]:

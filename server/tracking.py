@@ -1,7 +1,8 @@
 """Run tracking hook of the server: a ``Tracker`` protocol and two plain implementations.
 
 The server calls, in order: ``log_params`` once per fresh run, ``log_round`` after every round
-(after the checkpoint is on disk), then ``log_artifacts`` and ``finish`` at the end. A tracker
+(after the checkpoint is on disk), then ``log_artifacts`` and ``finish`` at the end, or ``fail``
+with the reason when the run stops early. A tracker
 keeps its ``run_id`` in the checkpoint, so a resumed run reopens the same tracking run.
 Trackers must not raise for tracking trouble (a server that is down): warn and carry on.
 
@@ -52,8 +53,12 @@ class Tracker(Protocol):
         """Record the files in ``directory`` (reports: per-client table, history)."""
         ...
 
-    def finish(self, model_dir: Path) -> None:
+    def finish(self, model_dir: Path | None) -> None:
         """Record the final model directory and close the run."""
+        ...
+
+    def fail(self, reason: str) -> None:
+        """Close the run as failed, keeping ``reason`` (a resume reopens it)."""
         ...
 
 
@@ -77,7 +82,10 @@ class NullTracker:
     def log_artifacts(self, directory: Path) -> None:
         """Ignore."""
 
-    def finish(self, model_dir: Path) -> None:
+    def finish(self, model_dir: Path | None) -> None:
+        """Ignore."""
+
+    def fail(self, reason: str) -> None:
         """Ignore."""
 
 
@@ -97,6 +105,8 @@ class LocalTracker:
         previous = _read_json(self.run_dir / TRACKING_FILE)
         if run_id and previous.get("run_id") == run_id:
             self._info.update(previous)
+            self._info.pop("error", None)  # a resumed run is running again
+        self._info["status"] = "RUNNING"
         self._write_info()
 
     @property
@@ -119,9 +129,15 @@ class LocalTracker:
         self._info["artifacts"] = sorted({*self._info["artifacts"], str(directory)})
         self._write_info()
 
-    def finish(self, model_dir: Path) -> None:
+    def finish(self, model_dir: Path | None) -> None:
         """Note the final model directory in ``tracking.json``."""
-        self._info["model_dir"] = str(model_dir)
+        self._info["model_dir"] = None if model_dir is None else str(model_dir)
+        self._info["status"] = "FINISHED"
+        self._write_info()
+
+    def fail(self, reason: str) -> None:
+        """Note ``status: FAILED`` and the ``error`` in ``tracking.json``."""
+        self._info.update(status="FAILED", error=reason)
         self._write_info()
 
     def _write_info(self) -> None:
@@ -168,10 +184,20 @@ class FanOutTracker:
         for t in self._trackers:
             t.log_artifacts(directory)
 
-    def finish(self, model_dir: Path) -> None:
+    def finish(self, model_dir: Path | None) -> None:
         """Forward to every tracker."""
         for t in self._trackers:
             t.finish(model_dir)
+
+    def fail(self, reason: str) -> None:
+        """Forward to every tracker."""
+        for t in self._trackers:
+            t.fail(reason)
+
+
+def read_tracking_info(run_dir: str | Path) -> dict[str, Any]:
+    """A ``LocalTracker``'s ``tracking.json``: run id, ``status``, ``error``, model directory."""
+    return _read_json(Path(run_dir) / TRACKING_FILE)
 
 
 def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -191,8 +191,9 @@ def _mlflow_history(uri: str, run_dir: Path, keys: tuple[str, ...]) -> list[list
 
 def _partition_sizes(run_dir: Path, n: int) -> list[int]:
     """Examples per client as the server saw them (report/clients.tsv)."""
-    rows = (run_dir / "report" / "clients.tsv").read_text().splitlines()[1:]
-    sizes = {r.split("\t")[0]: int(r.split("\t")[4]) for r in rows}
+    header, *rows = (run_dir / "report" / "clients.tsv").read_text().splitlines()
+    column = header.split("\t").index("num_examples")
+    sizes = {r.split("\t")[0]: int(r.split("\t")[column]) for r in rows}
     return [sizes[f"partition-{i}"] for i in range(n)]
 
 

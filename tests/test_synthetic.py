@@ -17,7 +17,7 @@ import soundfile as sf
 
 from features.corpora import synthetic
 from features.corpora.augment import add_noise, augment_waveform, make_noise, reverberate
-from features.corpora.sentences import generate_sentences, vocabulary
+from features.corpora.sentences import DIGIT_WORDS, generate_sentences, vocabulary
 from features.corpora.synthetic import (
     MIN_VOICES,
     build_synthetic_corpus,
@@ -343,3 +343,20 @@ def test_refuses_to_overwrite_foreign_data_and_bad_parameters(tmp_path: Path) ->
     assert (tmp_path / "b" / "manifest.tsv").read_text() == "user manifest"
     with pytest.raises(ValueError, match="num_voices >= 12"):
         build_synthetic_corpus(tmp_path / "x", num_voices=4)
+
+
+def test_digit_corpus_says_each_digit_word_equally_often(tmp_path: Path) -> None:
+    # Execute: a digits build next to the same seed's sentence build
+    manifest, report = build_synthetic_corpus(
+        tmp_path / "digits", num_utterances=40, num_voices=MIN_VOICES, text="digits", seed=3
+    )
+    rows = read_manifest(manifest)
+
+    # Assert: one digit word per utterance, each digit 4 times, audio of every voice on disk
+    words = [r.transcript for r in rows]
+    assert report.kept == 40 and sorted(set(words)) == sorted(DIGIT_WORDS)
+    assert all(words.count(w) == 4 for w in DIGIT_WORDS)
+    assert len({r.speaker for r in rows}) == MIN_VOICES
+    assert all(sf.info(str(r.path)).samplerate == 16_000 for r in rows)
+    with pytest.raises(ValueError, match="text must be one of"):
+        build_synthetic_corpus(tmp_path / "x", num_utterances=12, text="poems")  # type: ignore[arg-type]

@@ -318,3 +318,35 @@ def test_server_down_then_up_receives_buffered_metrics(
     assert "model/model.safetensors" in _artifacts(client, tracker.run_id, "model")
     assert client.get_model_version("fedspeech", "1").run_id == tracker.run_id
     assert not (tmp_path / "run" / BUFFER_FILE).exists()
+
+
+@pytest.mark.slow
+def test_server_going_down_mid_run_loses_nothing(
+    tmp_path: Path, mlflow_servers: MlflowServers
+) -> None:
+    # Prepare: a tracking server that is up for round 1
+    port = _free_port()
+    url = mlflow_servers.start(port)
+    tracker = MlflowTracker(url, "fed", "r", tmp_path / "run", retry_interval_s=0)
+    tracker.log_params({"num-rounds": 3})
+    tracker.log_round(1, ROUND_METRICS[1])
+    assert not tracker.run_id.startswith("pending-")
+
+    # Execute: the server dies; round 2 is logged during the outage; the server comes back
+    mlflow_servers.stop_all()
+    start = time.monotonic()
+    tracker.log_round(2, ROUND_METRICS[2])
+    outage_call = time.monotonic() - start
+    buffered = (tmp_path / "run" / BUFFER_FILE).read_text()
+    mlflow_servers.start(port)  # the same store
+    tracker.log_round(3, {"wer": 0.7})
+    tracker.finish(_model_dir(tmp_path))
+
+    # Assert: round 2 waited in the run folder, then reached MLflow; every round is there once
+    assert '"step": 2' in buffered
+    assert outage_call < 15, f"the outage stalled the round for {outage_call:.1f} s"
+    client = MlflowClient(tracking_uri=url)
+    assert _steps(client, tracker.run_id, "wer") == {1: 0.95, 2: 0.80, 3: 0.7}
+    assert len(client.get_metric_history(tracker.run_id, "wer")) == 3
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert not (tmp_path / "run" / BUFFER_FILE).exists()

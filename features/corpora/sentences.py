@@ -325,6 +325,18 @@ def generate_sentences(count: int, seed: int = 0) -> list[str]:
     return out
 
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def generate_digits(count: int, seed: int = 0) -> list[str]:
+    """``count`` single digit words ("zero" .. "nine"), each digit equally often, shuffled by ``seed``."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    out = [DIGIT_WORDS[i % len(DIGIT_WORDS)] for i in range(count)]
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def vocabulary(sentences: Iterable[str]) -> set[str]:
     """Distinct words of ``sentences``."""
     return {word for sentence in sentences for word in sentence.split()}

@@ -25,13 +25,14 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from features.corpora.augment import augment_waveform
-from features.corpora.sentences import generate_sentences
+from features.corpora.sentences import generate_digits, generate_sentences
 from features.errors import Skipped, SkipReport
 from features.manifest import Utterance, read_manifest, write_manifest
 from features.tts import Espeak, Voice
@@ -56,6 +57,8 @@ RATES = tuple(range(130, 201, 5))
 PITCHES = tuple(range(25, 76, 5))  # espeak 0..100; the extremes sound robotic
 PITCH_RANGES = tuple(range(30, 81, 10))  # intonation: flat (30) to lively (80)
 MIN_VOICES = 12
+
+TextKind = Literal["sentences", "digits"]
 
 _BUILD_FORMAT = 1  # bump when the output for given parameters changes: forces a rebuild
 _BUILD_INFO = "build_info.json"
@@ -122,6 +125,7 @@ def build_synthetic_corpus(
     augment: bool = False,
     sample_rate: int = 16_000,
     workers: int | None = None,
+    text: TextKind = "sentences",
 ) -> tuple[Path, SkipReport]:
     """Synthesize the corpus into ``out_dir`` (or reuse a finished build with the same parameters).
 
@@ -134,6 +138,8 @@ def build_synthetic_corpus(
         sample_rate: output rate in Hz (espeak's 22050 Hz is resampled with soxr).
         workers: worker processes; None = automatic (1 for small builds, else up to 4 CPUs).
             The output does not depend on it.
+        text: ``sentences`` (the generator's mixed domains) or ``digits`` (one digit word,
+            "zero" to "nine", per utterance: public pre-training data for spoken-digit tasks).
 
     Returns:
         ``(manifest path, report)``; utterances that fail to synthesize are skipped and reported.
@@ -150,7 +156,9 @@ def build_synthetic_corpus(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):  # several processes may ask for the same corpus at once
-        return _build(out_dir, num_utterances, seed, num_voices, augment, sample_rate, workers)
+        return _build(
+            out_dir, num_utterances, seed, num_voices, augment, sample_rate, workers, text
+        )
 
 
 def _build(
@@ -161,10 +169,15 @@ def _build(
     augment: bool,
     sample_rate: int,
     workers: int | None,
+    text: TextKind,
 ) -> tuple[Path, SkipReport]:
+    if text not in get_args(TextKind):
+        raise ValueError(f"text must be one of {get_args(TextKind)}, got {text!r}")
     params: dict[str, object] = {"format": _BUILD_FORMAT, "num_utterances": num_utterances}
     params |= {"seed": seed, "num_voices": num_voices, "augment": augment}
     params["sample_rate"] = sample_rate
+    if text != "sentences":  # keeps existing sentence builds up to date
+        params["text"] = text
     manifest_path = out_dir / _MANIFEST
     report = _finished_build(out_dir, params)
     if report is not None:
@@ -179,7 +192,7 @@ def _build(
     _clear_previous(out_dir)
     _write_info(out_dir, params, voices, None)
 
-    jobs = _plan(out_dir, voices, num_utterances, seed)
+    jobs = _plan(out_dir, voices, num_utterances, seed, text)
     chunks = [
         _Chunk(tuple(jobs[i : i + _CHUNK]), seed, sample_rate, babble)
         for i in range(0, len(jobs), _CHUNK)
@@ -203,9 +216,12 @@ def _build(
     return manifest_path, report
 
 
-def _plan(out_dir: Path, voices: list[Voice], num_utterances: int, seed: int) -> list[_Job]:
+def _plan(
+    out_dir: Path, voices: list[Voice], num_utterances: int, seed: int, text: TextKind
+) -> list[_Job]:
     """Sentence, speaker and file of every utterance; speakers get equal shares in random order."""
-    sentences = generate_sentences(num_utterances, seed)
+    generate = generate_digits if text == "digits" else generate_sentences
+    sentences = generate(num_utterances, seed)
     owners = [i % len(voices) for i in range(num_utterances)]
     random.Random(f"{seed}:speakers").shuffle(owners)
     for voice in voices:
