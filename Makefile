@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 export FLWR_TELEMETRY_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test test-all lint typecheck bench clean
+.PHONY: install demo test test-slow test-all lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ typecheck: install
 
 test: lint typecheck
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -107,6 +107,10 @@ def run_round(
 ) -> RoundOutcome:
     """Train the global model on ``examples`` for one round, unless the budget forbids it.
 
+    DP-SGD runs when the run's privacy unit includes samples (``cfg.sample_level_dp``); with
+    ``privacy-unit = "user"`` the client trains without it (the server clips and noises its
+    update instead) and reports no epsilon.
+
     Args:
         global_state: the global model's weights (plain names).
         examples: this client's utterances.
@@ -121,7 +125,7 @@ def run_round(
     train = cfg.train
     seed = train.seed + _ROUND_SEED_STRIDE * server_round + seed_offset
     dp_seed = None if train.dp_seed is None else train.dp_seed + 2 * (seed - train.seed)
-    train = dataclasses.replace(train, seed=seed, dp_seed=dp_seed)
+    train = dataclasses.replace(train, seed=seed, dp_seed=dp_seed, dp=cfg.sample_level_dp)
     if train.dp:
         prior = prior or PrivacyState(mechanism=train.accountant)
         noise, reason = _plan_noise(cfg, len(examples), prior, budget)

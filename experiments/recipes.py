@@ -1,5 +1,6 @@
 """Recipes on real speech: one command per row of docs/results.md.
 
+    python experiments/recipes.py digits pretrain           # public model (no private data)
     python experiments/recipes.py digits central            # centralized, non-private
     python experiments/recipes.py digits fed                # federated, non-private
     python experiments/recipes.py digits fed-dp --epsilon 8 # federated, DP-SGD on every client
@@ -45,7 +46,8 @@ log = logging.getLogger("fedspeech.recipes")
 
 RESULTS = ROOT / "experiments" / "results"
 WORK = ROOT / ".fedspeech" / "recipes"
-MODES = ("central", "fed", "fed-dp")
+MODES = ("pretrain", "central", "fed", "fed-dp")
+PRETRAINED = "@pretrained"  # an init-model value: this task's public pre-trained model
 EXPERIMENT = "fedspeech-recipes"
 
 
@@ -105,21 +107,20 @@ SENTENCE_EVAL_SPEAKERS = 15  # never looked at before the final rows
 
 
 def sentence_split(work: Path) -> tuple[Path, Path, Path]:
-    """speechocean762 speakers -> (train + all of librispeech_samples, dev, eval) manifests.
+    """speechocean762 speakers -> (train, dev, eval) manifests.
 
-    The split is seeded and fixed: 15 evaluation and 10 dev speakers of speechocean762, whose
-    utterances no client holds; every other speaker of both corpora trains.
+    The split is seeded and fixed: 15 evaluation and 10 dev speakers, whose utterances no client
+    holds; the other 100 speakers train. (librispeech_samples is the public pre-training data.)
     """
     data = shared_data()
     ocean = read_manifest(data / "speechocean762_train" / "manifest.tsv")
-    libri = read_manifest(data / "librispeech_samples" / "manifest.tsv")
     speakers = sorted({r.speaker for r in ocean})
     random.Random(762).shuffle(speakers)
     held_eval = set(speakers[:SENTENCE_EVAL_SPEAKERS])
     held_dev = set(
         speakers[SENTENCE_EVAL_SPEAKERS : SENTENCE_EVAL_SPEAKERS + SENTENCE_DEV_SPEAKERS]
     )
-    train = [r for r in ocean if r.speaker not in held_eval | held_dev] + libri
+    train = [r for r in ocean if r.speaker not in held_eval | held_dev]
     return (
         _write(work / "train.tsv", train),
         _write(work / "dev.tsv", [r for r in ocean if r.speaker in held_dev]),
@@ -132,6 +133,38 @@ def sentence_folds(work: Path, only: Sequence[str]) -> list[Fold]:
     train, dev, evaluate = sentence_split(work)
     return [Fold("dev", train, dev)] if "dev" in only else [Fold("eval", train, evaluate)]
 
+
+def digits_public(work: Path) -> Path:
+    """Public speech for digits: LibriSpeech samples + synthetic digit words (128 voices, 8 kHz).
+
+    No FSDD speaker is in either. The synthetic words are rendered at 8 kHz like FSDD's audio.
+    """
+    from features.corpora.synthetic import build_synthetic_corpus
+
+    digits, _ = build_synthetic_corpus(
+        work / "synthetic-digits",
+        num_utterances=6000,
+        seed=1,
+        num_voices=128,
+        text="digits",
+        sample_rate=8000,
+    )
+    libri = read_manifest(shared_data() / "librispeech_samples" / "manifest.tsv")
+    return _write(work / "public.tsv", libri + read_manifest(digits))
+
+
+def sentences_public(work: Path) -> Path:
+    """Public speech for sentences: the LibriSpeech samples (no speechocean762 speaker)."""
+    return _write(
+        work / "public.tsv", read_manifest(shared_data() / "librispeech_samples" / "manifest.tsv")
+    )
+
+
+PUBLIC: dict[str, Callable[[Path], Path]] = {
+    "digits": digits_public,
+    "sentences-silo": sentences_public,
+    "sentences-device": sentences_public,
+}
 
 TASKS: dict[str, Callable[[Path, Sequence[str]], list[Fold]]] = {
     "digits": digits_folds,
@@ -154,6 +187,8 @@ def recipe_config(task: str, mode: str, epsilon: float | None, extra: str = "") 
         recipe = tomllib.load(fh)
     flat: dict[str, Any] = dict(recipe.get("recipe", {}))
     flat.update(recipe.get(mode, {}))
+    if flat.get("init-model") == PRETRAINED:
+        flat["init-model"] = str(pretrained_model(task))
     if mode == "fed-dp":
         if epsilon is None:
             raise SystemExit("fed-dp needs --epsilon")
@@ -162,6 +197,35 @@ def recipe_config(task: str, mode: str, epsilon: float | None, extra: str = "") 
         flat["dp"] = False
     flat.update(parse_overrides(extra))
     return flat
+
+
+def pretrained_model(task: str) -> Path:
+    """Where ``recipes.py TASK pretrain`` leaves the task's public model (it must exist)."""
+    model = WORK / task / "pretrain" / "model"
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"{model}: missing; run `python experiments/recipes.py {task} pretrain`")
+    return model
+
+
+def pretrain(task: str, extra: str) -> Path:
+    """Train the task's public model (no DP: public data costs no privacy) and score it."""
+    from client.central import train_central
+
+    flat = recipe_config(task, "pretrain", None, extra)
+    out = WORK / task / "pretrain"
+    public = PUBLIC[task](out)
+    start = time.perf_counter()
+    cfg = resolve_run_config(None, flat, cwd=ROOT)
+    train_central(public, cfg, out / "model")
+    seconds = time.perf_counter() - start
+    results = []
+    for fold in TASKS[task](WORK / task / "folds", []):
+        greedy, beam = score(out / "model", fold)
+        results.append(FoldResult(fold.name, *greedy, *beam, None, 0, seconds, str(out / "model")))
+    summary = summarize(task, "pretrain", "pretrain", flat, results, extra, [])
+    summary["seconds"] = seconds  # one model for every fold
+    _save(summary, cfg, out)
+    return out / "model"
 
 
 def row_name(mode: str, epsilon: float | None) -> str:
@@ -231,16 +295,22 @@ def run_row(task: str, mode: str, epsilon: float | None, folds: Sequence[str], e
         log.info("%s %s: fold %s -> %s", task, name, fold.name, asdict(result))
         results.append(result)
     summary = summarize(task, name, mode, flat, results, extra, folds)
-    out = RESULTS / task / f"{name}.json"
+    _save(summary, cfg, work / name)
+    return RESULTS / task / f"{name}.json"
+
+
+def _save(summary: dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
+    """The row's JSON in experiments/results, its MLflow run, and a one-line verdict."""
+    out = RESULTS / summary["task"] / f"{summary['row']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    track(cfg, summary, work / name)
+    track(cfg, summary, run_dir)
     print(
-        f"{task} {name}: WER {summary['wer']:.3f} (beam {summary['beam_wer']:.3f}), "
-        f"CER {summary['cer']:.3f} (beam {summary['beam_cer']:.3f}), "
-        f"epsilon {summary['epsilon']}, {summary['seconds']:.0f} s -> {out}"
+        f"{summary['task']} {summary['row']}: WER {summary['wer']:.3f} "
+        f"(beam {summary['beam_wer']:.3f}), CER {summary['cer']:.3f} "
+        f"(beam {summary['beam_cer']:.3f}), epsilon {summary['epsilon']}, "
+        f"{summary['seconds']:.0f} s -> {out}"
     )
-    return out
 
 
 def summarize(
@@ -325,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode is None:
         parser.error("a task needs a mode")
     folds = [f for f in args.folds.split(",") if f]
+    if args.mode == "pretrain":
+        pretrain(args.task, args.run_config)
+        return 0
     run_row(args.task, args.mode, args.epsilon, folds, args.run_config)
     return 0
 

@@ -47,12 +47,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    from fedspeech import cli_data, cli_fed, cli_infer, cli_train
+    from fedspeech import cli_audit, cli_data, cli_fed, cli_infer, cli_train
 
     cli_data.register(sub)
     cli_infer.register(sub)
     cli_train.register(sub)
     cli_fed.register(sub)
+    cli_audit.register(sub)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic corpus")
     demo.add_argument("--out", type=Path, help="run folder (default: the preset's out-dir)")

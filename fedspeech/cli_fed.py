@@ -183,6 +183,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         f"simulate: {outcome.rounds} rounds in {outcome.seconds:.0f} s; "
         f"WER {_fmt(last.get('wer'))}, CER {_fmt(last.get('cer'))}, "
         f"epsilon max {_fmt(last.get('epsilon_max'))}"
+        + (f", user epsilon {_fmt(last['user_epsilon'])}" if last.get("user_epsilon") else "")
     )
     print(f"run folder: {outcome.run_dir}")
     print(f"tracking run id: {outcome.tracking_run_id}")

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 from features.mfcc import FeatureConfig
 from features.partition import PartitionMethod
 from fedspeech.model import CellType, ModelConfig
+from fedspeech.privacy_config import PrivacyConfig
 from fedspeech.train_config import TrainConfig
 
 
@@ -169,6 +170,30 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        unit = self.privacy.privacy_unit
+        if unit != "sample" and not self.train.dp:
+            raise ConfigError(
+                f"privacy-unit {unit!r} with dp = false: dp = false is the non-private baseline; "
+                'set dp = true (with privacy-unit = "user" the clients then train without DP-SGD)'
+            )
+        if self.privacy.user_level and self.fed.strategy == "fedmedian":
+            raise ConfigError(
+                f"privacy-unit {unit!r} needs strategy fedavg, fedprox or fedadam: user-level DP "
+                "noises a mean of clipped updates, and a median has no such bound"
+            )
+
+    @property
+    def sample_level_dp(self) -> bool:
+        """Clients train with DP-SGD (``dp`` on, unit ``sample`` or ``both``)."""
+        return self.train.dp and self.privacy.sample_level
+
+    @property
+    def user_level_dp(self) -> bool:
+        """The server clips and noises client updates (``dp`` on, unit ``user`` or ``both``)."""
+        return self.train.dp and self.privacy.user_level
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -208,6 +233,7 @@ def _section_types() -> dict[str, type]:
         "model": ModelSection,
         "train": TrainConfig,
         "fed": FedConfig,
+        "privacy": PrivacyConfig,
     }
 
 

@@ -3,7 +3,9 @@
 Per round: the strategy samples nodes and builds the train messages (global weights +
 ``server-round``), the Grid sends them and collects replies until ``round-timeout``, the strategy
 screens the replies and aggregates the accepted ones, and ``FederatedRun.finish_round``
-evaluates, checkpoints, tracks and logs. A round with fewer than ``min-successful-clients``
+evaluates, checkpoints, tracks and logs (with user-level DP the strategy clips and noises the
+accepted updates, ``server.user_dp``, and ``finish_round`` charges the round to the run's
+ledger). A round with fewer than ``min-successful-clients``
 accepted updates changes nothing: it is sent again (at most ``round-retries`` times, and only
 when some client failed or was rejected: clients out of privacy budget decline again), then the
 run stops with a ``RoundFailedError`` that names every client's reason; the checkpoint keeps the
@@ -25,6 +27,7 @@ from fedspeech.logs import show_progress
 from server.rounds import ClientReport, retry_may_help, shortfall
 from server.run import FederatedRun
 from server.strategy import export_state, import_state, make_strategy, missing_reports
+from server.user_dp import UserDPRelease, UserLevelDP
 
 log = logging.getLogger("fedspeech.server")
 
@@ -62,14 +65,18 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
-    strategy = make_strategy(cfg.fed)
+    user_dp = None
+    if cfg.user_level_dp:
+        # A resumed run continues with the clipping norm its checkpoint holds (adaptive clipping).
+        user_dp = UserLevelDP(cfg.privacy, clip_norm=run.user_ledger.clip_norm)
+    strategy = make_strategy(cfg.fed, user_dp=user_dp)
     import_state(strategy, run.strategy_arrays)
     arrays = ArrayRecord(run.global_state)
     for server_round in run.pending_rounds:
         started = time.perf_counter()
         log.info("round %d/%d", server_round, cfg.fed.num_server_rounds)
         for attempt in range(cfg.fed.round_retries + 1):
-            new_arrays, reports = _train_once(strategy, server_round, arrays, grid, cfg)
+            new_arrays, reports, release = _train_once(strategy, server_round, arrays, grid, cfg)
             problem = shortfall(reports, cfg.fed.min_successful_clients)
             if problem is None:
                 break
@@ -93,17 +100,24 @@ def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
             train_seconds=time.perf_counter() - started,
             strategy_arrays=export_state(strategy),
             retries=attempt,
+            user_dp=release,
         )
 
 
 def _train_once(
     strategy: Strategy, server_round: int, arrays: ArrayRecord, grid: Grid, cfg: RunConfig
-) -> tuple[ArrayRecord | None, list[ClientReport]]:
-    """Send one round's train messages; the aggregate (None: too few accepted) and the reports."""
+) -> tuple[ArrayRecord | None, list[ClientReport], UserDPRelease | None]:
+    """Send one round's train messages.
+
+    Returns:
+        The aggregate (None: too few accepted), the reports, and the user-level DP record of the
+        aggregate (None without user-level DP or without an aggregate).
+    """
     messages: list[Message] = list(
         strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
     )
     replies = list(grid.send_and_receive(messages, timeout=cfg.fed.round_timeout))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     reports = [*strategy.last_reports, *missing_reports(messages, replies)]  # type: ignore[attr-defined]
-    return new_arrays, reports
+    release: UserDPRelease | None = getattr(strategy, "last_user_dp", None)
+    return new_arrays, reports, release

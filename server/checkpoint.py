@@ -1,7 +1,8 @@
 """Checkpoints of a federated run: the global model after a round, plus where the run stands.
 
 ``<run dir>/checkpoint/`` holds ``model/`` (a model directory: what ``fedspeech transcribe``
-reads), ``state.json`` (round, per-round history, per-client table, tracking run id, run config)
+reads), ``state.json`` (round, per-round history, per-client table, tracking run id, run config,
+user-level privacy ledger)
 and, for server optimizers with state (FedAdam), ``strategy.safetensors``, and last
 ``manifest.json``: the size and SHA-256 of every other file. A checkpoint is written into a
 temporary sibling folder (files fsynced) and swapped in by renames; a crash mid-swap leaves the
@@ -56,6 +57,8 @@ class RunState:
         tracking_run_id: the tracker's run id (reopened on resume).
         run_config: the flat run config the run was started with.
         finished: the run reached its last planned round.
+        user_privacy: the user-level DP ledger (``server.user_dp.UserPrivacyLedger.to_dict``):
+            saved with the round it charges, so a resumed run neither loses nor repeats a round.
     """
 
     round: int = 0
@@ -64,6 +67,7 @@ class RunState:
     tracking_run_id: str | None = None
     run_config: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
+    user_privacy: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Pretty JSON (strict: no NaN)."""

@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 # its keys has a value; keys are the server's per-round metric names (a stable interface).
 PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "wer_cer.png": ("Word and character error rate", "error rate", ("wer", "cer")),
-    "epsilon.png": ("Privacy spent per round", "epsilon", ("epsilon_max", "epsilon_mean")),
+    "epsilon.png": (
+        "Privacy spent per round",
+        "epsilon",
+        ("epsilon_max", "epsilon_mean", "user_epsilon"),
+    ),
     "train_loss.png": ("Mean client training loss", "CTC loss", ("train_loss",)),
 }
 

@@ -8,6 +8,10 @@ tracker report: ``train_loss`` (mean over trained clients, weighted by examples)
 ``update_norm`` (L2 norm of the change of the global weights), ``train_seconds`` (sending to aggregating),
 ``round_seconds`` (the whole round, evaluation and checkpoint included), ``client_seconds`` (sum of
 the replies' ``seconds``: the clients' own work), ``eval_seconds`` (central evaluation).
+With user-level DP (``server.user_dp``): ``user_epsilon`` (the run's user-level epsilon so far, at
+``user-delta``), ``user_clip_norm`` (the clipping norm of the round), ``user_noise_std`` (std of the
+noise on the averaged update), ``user_sample_rate`` (clients sampled / connected) and, with
+adaptive clipping, ``user_unclipped_share`` (the noisy share of unclipped updates).
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ class RoundSummary:
     round_seconds: float | None = None
     client_seconds: float | None = None
     eval_seconds: float | None = None
+    user_epsilon: float | None = None
+    user_clip_norm: float | None = None
+    user_noise_std: float | None = None
+    user_sample_rate: float | None = None
+    user_unclipped_share: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics that are set (for a tracker's ``log_round``)."""
@@ -84,6 +93,8 @@ class RoundSummary:
             if self.epsilon_max is not None and self.epsilon_mean is not None
             else "eps -"
         )
+        if self.user_epsilon is not None:
+            eps += f", user eps {self.user_epsilon:.3f}"
         return (
             f"round {self.round}: loss {_fmt(self.train_loss)}, WER {_fmt(self.wer)}, "
             f"CER {_fmt(self.cer)}, {eps}, clients ok {self.clients_ok} / declined "

@@ -52,6 +52,7 @@ from server.rounds import (
     with_evaluation,
 )
 from server.tracking import Tracker, open_tracker, read_rounds
+from server.user_dp import UserDPRelease, UserPrivacyLedger
 
 log = logging.getLogger("fedspeech.server")
 
@@ -137,6 +138,11 @@ class FederatedRun:
         )
 
     @property
+    def user_ledger(self) -> UserPrivacyLedger:
+        """The user-level privacy spent so far (empty without user-level DP)."""
+        return UserPrivacyLedger.from_dict(self.state.user_privacy)
+
+    @property
     def pending_rounds(self) -> range:
         """The rounds still to run (empty when the checkpoint is already at the last one)."""
         return range(self.state.round + 1, self.cfg.fed.num_server_rounds + 1)
@@ -151,13 +157,29 @@ class FederatedRun:
         train_seconds: float,
         strategy_arrays: Mapping[str, np.ndarray] | None = None,
         retries: int = 0,
+        user_dp: UserDPRelease | None = None,
     ) -> RoundSummary:
         """Evaluate, checkpoint, track and log a finished round; ``started``: its perf_counter.
 
         ``retries``: how often the round was re-sent before enough clients trained.
+        ``user_dp``: the round's user-level DP release, charged to the ledger that is saved in
+        the same checkpoint as the round (so a round is charged exactly once, also across
+        ``--resume``).
         """
         new_state = {k: v.detach().to("cpu", torch.float32) for k, v in new_state.items()}
         summary = replace(summarize_round(server_round, reports, train_seconds), retries=retries)
+        ledger = self.user_ledger
+        if user_dp is not None:
+            ledger = ledger.record(server_round, user_dp)
+            summary = replace(
+                summary,
+                user_clip_norm=user_dp.clip_norm,
+                user_noise_std=user_dp.noise_std,
+                user_sample_rate=user_dp.sample_rate,
+                user_unclipped_share=user_dp.unclipped_share,
+            )
+        if self.cfg.user_level_dp:
+            summary = replace(summary, user_epsilon=ledger.epsilon(self.cfg.privacy.user_delta))
         eval_start = time.perf_counter()
         wer, cer = self.evaluator(new_state)
         eval_seconds = time.perf_counter() - eval_start
@@ -174,6 +196,7 @@ class FederatedRun:
             history=[*self.state.history, summary.to_json()],
             clients=clients,
             finished=server_round >= self.cfg.fed.num_server_rounds,
+            user_privacy=ledger.to_dict() if ledger.history else self.state.user_privacy,
         )
         self.global_state = new_state
         self.strategy_arrays = dict(strategy_arrays or {})
@@ -229,7 +252,8 @@ class FederatedRun:
 
     def provenance(self) -> dict[str, Any]:
         """Training record stored in the model directories' config.json."""
-        train = self.cfg.train
+        train, privacy = self.cfg.train, self.cfg.privacy
+        sample, user = self.cfg.sample_level_dp, self.cfg.user_level_dp
         epsilons = [c["epsilon"] for c in self.state.clients.values() if c.get("epsilon")]
         return {
             "mode": "federated",
@@ -238,12 +262,19 @@ class FederatedRun:
             "strategy": self.cfg.fed.strategy,
             "clients": len(self.state.clients),
             "dp": train.dp,
-            "epsilon": max(epsilons) if epsilons else None,  # the worst client's total
-            "delta": train.delta if train.dp else None,
-            "noise_multiplier": train.noise_multiplier if train.dp else None,
-            "target_epsilon": train.target_epsilon if train.dp else None,
-            "max_grad_norm": train.max_grad_norm if train.dp else None,
-            "accountant": train.accountant if train.dp else None,
+            "privacy_unit": privacy.privacy_unit if train.dp else None,
+            # sample level: the worst client's total
+            "epsilon": max(epsilons) if epsilons else None,
+            "delta": train.delta if sample else None,
+            "noise_multiplier": train.noise_multiplier if sample else None,
+            "target_epsilon": train.target_epsilon if sample else None,
+            "max_grad_norm": train.max_grad_norm if sample else None,
+            "accountant": train.accountant if sample else None,
+            "user_epsilon": self.user_ledger.epsilon(privacy.user_delta) if user else None,
+            "user_delta": privacy.user_delta if user else None,
+            "user_noise_multiplier": privacy.user_noise_multiplier if user else None,
+            "user_clip_norm": privacy.user_clip_norm if user else None,
+            "adaptive_clipping": privacy.adaptive_clipping if user else None,
             "tracking_run_id": self.state.tracking_run_id,
             "run_config": self.cfg.to_flat(),
             "fedspeech_version": __version__,

@@ -10,6 +10,13 @@ Only ``ok`` replies reach Flower's aggregation, rebuilt to hold nothing but thei
 round aggregates nothing and the server retries or stops: ``server.app``). The reports of the last
 round are kept for the server's bookkeeping (``server.rounds``). Weighted averages use
 ``num-examples`` (Flower's default key), which every training reply carries.
+
+With user-level DP (``server.user_dp``) the accepted updates are clipped, averaged with uniform
+weights and noised there; that private aggregate then enters Flower's strategy as the one reply
+it averages, so FedAdam's server step and FedProx work on it unchanged (post-processing).
+Flower's own ``DifferentialPrivacyServerSide*Clipping`` wrappers do not fit this loop: they clip
+before the screening (NaN updates included), average with the ``num-examples`` weights, skip a
+round in which any client failed, and keep their accountant in memory only (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
 from fedspeech.config import FedConfig
 from server.rounds import ClientReport
+from server.user_dp import UserDPRelease, UserLevelDP
 
 log = logging.getLogger("fedspeech.server")
 
@@ -43,16 +51,27 @@ class _ScreenReplies:
 
     last_reports: list[ClientReport]
     min_successful_clients: int = 1
+    user_dp: UserLevelDP | None = None
+    last_user_dp: UserDPRelease | None = None
     _sent: ArraySpec | None = None
+    _sent_arrays: dict[str, np.ndarray] | None = None
+    _sampled: int = 0
+    _population: int = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's sampling and messages; the sent weights' layout is kept for screening."""
+        """Flower's sampling and messages; the sent weights' layout is kept for screening.
+
+        With user-level DP the sent weights, the number sampled and the number of connected
+        nodes are kept too (the updates' reference, the mean's denominator, the sampling rate).
+        """
         self._sent = array_spec(arrays)
-        messages: Iterable[Message] = super().configure_train(  # type: ignore[misc]
-            server_round, arrays, config, grid
-        )
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.user_dp is not None:
+            self._sent_arrays = {k: v.numpy() for k, v in arrays.items()}
+            self._sampled = len(messages)
+            self._population = max(len(list(grid.get_node_ids())), len(messages))
         return messages
 
     def aggregate_train(
@@ -60,6 +79,7 @@ class _ScreenReplies:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sort the replies, keep their reports, aggregate the accepted ones (if enough)."""
         replies = list(replies)
+        self.last_user_dp = None
         self.last_reports = [client_report(m, self._sent) for m in replies]
         ok = [m for m, r in zip(replies, self.last_reports, strict=True) if r.status == "ok"]
         if len(ok) < max(1, self.min_successful_clients):
@@ -70,10 +90,29 @@ class _ScreenReplies:
                 max(1, self.min_successful_clients),
             )
             return None, None
+        if self.user_dp is not None:
+            to_average = [self._private_aggregate(ok)]
+        else:
+            to_average = [_weights_only(m) for m in ok]
         aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
-            server_round, [_weights_only(m) for m in ok]
+            server_round, to_average
         )
         return aggregated
+
+    def _private_aggregate(self, ok: list[Message]) -> Message:
+        """One reply carrying the user-level DP aggregate of the accepted updates (weight 1)."""
+        assert self.user_dp is not None and self._sent_arrays is not None
+        updates = [{k: v.numpy() for k, v in m.content.array_records["arrays"].items()} for m in ok]
+        new, self.last_user_dp = self.user_dp.release(
+            self._sent_arrays, updates, sampled=self._sampled, population=self._population
+        )
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}),
+                "metrics": MetricRecord({WEIGHT_KEY: 1.0}),
+            }
+        )
+        return Message(content=content, metadata=ok[0].metadata)  # type: ignore[call-overload]
 
 
 class ScreenedFedAvg(_ScreenReplies, FedAvg):
@@ -92,13 +131,15 @@ class ScreenedFedMedian(_ScreenReplies, FedMedian):
     """Coordinate-wise median of the trained clients' weights."""
 
 
-def make_strategy(cfg: FedConfig) -> Strategy:
+def make_strategy(cfg: FedConfig, *, user_dp: UserLevelDP | None = None) -> Strategy:
     """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` (at least ``min-clients``).
 
-    It aggregates a round only when ``min-successful-clients`` updates were accepted.
+    It aggregates a round only when ``min-successful-clients`` updates were accepted; with
+    ``user_dp`` it aggregates them with that mechanism (clipping, uniform weights, noise).
     """
     strategy = _make_strategy(cfg)
     strategy.min_successful_clients = cfg.min_successful_clients  # type: ignore[attr-defined]
+    strategy.user_dp = user_dp  # type: ignore[attr-defined]
     return strategy
 
 

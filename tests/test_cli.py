@@ -24,7 +24,7 @@ def test_help_lists_the_commands() -> None:
         check=True,
     ).stdout
     # Assert
-    assert "data" in out and "demo" in out
+    assert "data" in out and "demo" in out and "audit" in out
 
 
 def test_data_fsdd_then_partition_then_features(

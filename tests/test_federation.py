@@ -176,6 +176,49 @@ def test_resume_continues_the_run_and_the_privacy_ledgers(
     print(f"\nrun of 1 round + resume to 2 rounds (3 clients): {wall:.1f} s wall")
 
 
+@pytest.mark.slow  # 25-27 s of simulation here, ~33 s when it builds the module's corpus
+def test_both_privacy_units_report_user_and_sample_epsilon_per_round(
+    data_dir: Path, no_leftovers: Path
+) -> None:
+    # Prepare: 4 clients with DP-SGD, half of them sampled per round (q = 0.5), server-side
+    # clipping and noise on top (privacy-unit "both")
+    run_dir, user_noise = no_leftovers, 1.5
+    overrides = {**TINY, "data-dir": str(data_dir), "num-server-rounds": 2}
+    overrides.update({"privacy-unit": "both", "user-noise-multiplier": user_noise})
+    overrides.update({"user-clip-norm": 0.5, "user-delta": DELTA, "fraction-train": 0.5})
+    overrides["tracking-uri"] = _sqlite_uri(run_dir)
+    # Execute
+    start = time.perf_counter()
+    outcome = simulate(
+        overrides=overrides, num_supernodes=4, out=run_dir, output=run_dir.with_suffix(".log")
+    )
+    wall = time.perf_counter() - start
+    # Assert: both guarantees in every round of rounds.jsonl; user epsilon is the accountant's
+    assert outcome.finished and outcome.rounds == 2, _log_tail(run_dir)
+    rows = read_rounds(run_dir)
+    assert [row["round"] for row in rows] == [1, 2]
+    for r, row in enumerate(rows, start=1):
+        assert row["clients_ok"] == 2 and row["user_sample_rate"] == 0.5
+        assert row["epsilon_max"] > 0
+        assert row["user_epsilon"] == pytest.approx(_rdp_epsilon([(user_noise, 0.5, r)]), rel=1e-12)
+        assert row["user_noise_std"] == pytest.approx(user_noise * 0.5 / 2)
+    assert rows[1]["user_epsilon"] > rows[0]["user_epsilon"]
+    # Assert: MLflow holds both per round, and the model records both units
+    user, sample = _mlflow_history(
+        overrides["tracking-uri"], run_dir, ("user_epsilon", "epsilon_max")
+    )
+    assert [m.step for m in user] == [1, 2] and [m.step for m in sample] == [1, 2]
+    assert [m.value for m in user] == pytest.approx([row["user_epsilon"] for row in rows])
+    assert outcome.model_dir is not None
+    provenance = load_model_dir(outcome.model_dir).provenance
+    assert provenance["privacy_unit"] == "both" and provenance["epsilon"] > 0
+    assert provenance["user_epsilon"] == pytest.approx(rows[1]["user_epsilon"])
+    print(
+        f"\nprivacy-unit both, 4 clients (2 a round) x 2 rounds: {wall:.1f} s wall; "
+        f"user eps {rows[1]['user_epsilon']:.2f}, sample eps max {rows[1]['epsilon_max']:.2f}"
+    )
+
+
 def _sqlite_uri(run_dir: Path) -> str:
     return f"sqlite:///{run_dir.parent / 'mlflow.db'}"
 

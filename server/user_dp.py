@@ -1,0 +1,349 @@
+"""User-level differential privacy at the server: clip every client's update, add noise once, account.
+
+DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models") with
+optional quantile-based adaptive clipping (Andrew et al. 2021, "Differentially Private Learning
+with Adaptive Clipping"). One round, for the m clients sampled out of the N connected::
+
+    delta_i = w_i - w                                 client i's update (its weights - the global)
+    c_i     = delta_i * min(1, C / ||delta_i||)        ||c_i|| <= C (one L2 norm over all tensors)
+    mean    = (sum_i c_i + N(0, (z_u C)^2 I)) / m      noise on the SUM: std z_u C; on the mean z_u C / m
+    w'      = w + mean
+
+Every client weighs the same (not its number of examples) and the denominator is m, the number
+sampled, fixed before any client trains: a client that failed, declined or was rejected adds a
+zero update. Adding or removing one client changes the sum by at most C, so the mean's
+sensitivity is C / m and its noise std z_u C / m: a Gaussian mechanism with multiplier z_u.
+
+Adaptive clipping also releases the noisy share of unclipped updates
+``b = (sum_i (1[||delta_i|| <= C] - 1/2) + N(0, sigma_b^2)) / m + 1/2`` and moves
+``C <- C exp(-eta (b - gamma))``, so C drifts to the gamma-quantile of the update norms. Centred
+indicators give the count sensitivity 1/2, and the pair (update sum with noise z_u C, count with
+noise sigma_b) is a Gaussian mechanism with multiplier z, ``z^-2 = z_u^-2 + (2 sigma_b)^-2``
+(Andrew et al., Theorem 1): for the configured total z the update gets the larger
+``z_u = (z^-2 - (2 sigma_b)^-2)^-1/2`` and the accountant charges z. The clipping norm is then a
+function of earlier noisy releases only.
+
+Accounting (``UserPrivacyLedger``): one step per aggregated round of the subsampled Gaussian
+mechanism with multiplier z and rate q = m / N in Opacus's RDP accountant. Flower samples exactly m
+nodes rather than each with probability q; charging that as Poisson sampling at q = m / N is the
+usual approximation (exact when every node is sampled, q = 1). Nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedspeech.privacy_config import PrivacyConfig
+
+__all__ = [
+    "UserDPRelease",
+    "UserLevelDP",
+    "UserPrivacyLedger",
+    "clip_update",
+    "count_noise_stddev",
+    "flat_norm",
+    "next_clip_norm",
+    "noised_mean",
+    "noisy_unclipped_share",
+    "update_noise_multiplier",
+]
+
+log = logging.getLogger(__name__)
+
+Arrays = Mapping[str, np.ndarray]
+# (noise multiplier, sample rate, steps): Opacus's accountant history entry.
+HistoryEntry = tuple[float, float, int]
+
+
+def flat_norm(arrays: Arrays) -> float:
+    """L2 norm of all arrays together, as one flat vector (in float64)."""
+    return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in arrays.values()))
+
+
+def clip_update(delta: Arrays, clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """``delta`` scaled to L2 norm at most ``clip_norm`` (float64), and its norm before clipping."""
+    norm = flat_norm(delta)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {k: np.asarray(v, dtype=np.float64) * scale for k, v in delta.items()}, norm
+
+
+def noised_mean(
+    clipped: Sequence[Arrays],
+    template: Arrays,
+    *,
+    noise_std: float,
+    denominator: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """``(sum of clipped + N(0, noise_std^2 I)) / denominator``, one array per ``template`` key.
+
+    Args:
+        clipped: the clipped updates (each with the template's keys and shapes).
+        template: names and shapes of the result (e.g. the global weights).
+        noise_std: std of the Gaussian noise added to the SUM (z C).
+        denominator: fixed divisor (the number of clients sampled), not the number that replied.
+        rng: noise source.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, like in template.items():
+        total = np.zeros(like.shape, dtype=np.float64)
+        for update in clipped:
+            total += update[key]
+        total += rng.normal(0.0, noise_std, size=like.shape)  # one draw per coordinate
+        out[key] = total / denominator
+    return out
+
+
+def count_noise_stddev(cfg: PrivacyConfig, sampled: int) -> float:
+    """sigma_b: the configured one, else ``max(sampled / 20, z)`` (Andrew et al.'s m/20, >= z)."""
+    if cfg.user_clip_count_stddev is not None:
+        return cfg.user_clip_count_stddev
+    return max(sampled / 20, cfg.user_noise_multiplier)
+
+
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float | None) -> float:
+    """z_u, the update's share of a total multiplier z when the count gets noise sigma_b.
+
+    ``(z^-2 - (2 sigma_b)^-2)^-1/2`` (Andrew et al. 2021); ``count_stddev`` None: z itself.
+
+    >>> round(update_noise_multiplier(1.0, 1.0), 4)
+    1.1547
+
+    Raises:
+        ValueError: ``2 sigma_b <= z`` (the count alone would spend the whole budget).
+    """
+    if count_stddev is None:
+        return noise_multiplier
+    if 2 * count_stddev <= noise_multiplier:
+        raise ValueError(f"count noise {count_stddev} must exceed z / 2 = {noise_multiplier / 2}")
+    return float((noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5)
+
+
+def noisy_unclipped_share(
+    norms: Sequence[float],
+    clip_norm: float,
+    sampled: int,
+    count_stddev: float,
+    rng: np.random.Generator,
+) -> float:
+    """Noisy share of the ``sampled`` clients whose update norm was at most ``clip_norm``.
+
+    The indicators are centred (each contributes +-1/2: sensitivity 1/2); clients without an
+    update contribute 0, i.e. count as half clipped.
+    """
+    centred = sum(0.5 if norm <= clip_norm else -0.5 for norm in norms)
+    return float((centred + rng.normal(0.0, count_stddev)) / sampled + 0.5)
+
+
+def next_clip_norm(clip_norm: float, unclipped_share: float, quantile: float, lr: float) -> float:
+    """Andrew et al.'s geometric update ``C exp(-lr (share - quantile))``.
+
+    >>> next_clip_norm(1.0, 0.5, 0.5, 0.2)
+    1.0
+    """
+    return float(clip_norm * math.exp(-lr * (unclipped_share - quantile)))
+
+
+@dataclass(frozen=True)
+class UserDPRelease:
+    """What one round's user-level DP aggregation did (no per-client information).
+
+    Attributes:
+        noise_multiplier: z, what the accountant charges for the round.
+        update_noise_multiplier: z_u, the multiplier of the noise on the update sum (= z with
+            fixed clipping, larger with adaptive clipping).
+        sample_rate: q = sampled / population.
+        clip_norm: C used this round.
+        next_clip_norm: C for the next round (= C with fixed clipping).
+        sampled: m, clients sampled (the mean's denominator).
+        population: N, nodes connected when the round was sampled.
+        noise_std: std of the noise on the mean, z_u C / m.
+        unclipped_share: the noisy share of unclipped updates (adaptive clipping only).
+    """
+
+    noise_multiplier: float
+    update_noise_multiplier: float
+    sample_rate: float
+    clip_norm: float
+    next_clip_norm: float
+    sampled: int
+    population: int
+    noise_std: float
+    unclipped_share: float | None = None
+
+
+class UserLevelDP:
+    """The server's user-level DP mechanism, holding the current clipping norm.
+
+    Args:
+        cfg: the privacy settings.
+        clip_norm: the clipping norm to continue from (a resumed run); None: ``user-clip-norm``.
+        rng: noise source; None: a generator seeded from OS entropy (whoever knows a seed can
+            subtract the noise, so fix one only in tests).
+    """
+
+    def __init__(
+        self,
+        cfg: PrivacyConfig,
+        *,
+        clip_norm: float | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clip_norm = clip_norm if clip_norm is not None else cfg.user_clip_norm
+        self.rng = rng if rng is not None else np.random.default_rng()
+
+    def release(
+        self,
+        global_arrays: Arrays,
+        updates: Sequence[Arrays],
+        *,
+        sampled: int,
+        population: int,
+    ) -> tuple[dict[str, np.ndarray], UserDPRelease]:
+        """The private aggregate: global weights + the noisy mean of clipped updates.
+
+        Args:
+            global_arrays: the weights the clients were sent (name -> array).
+            updates: the accepted clients' returned weights (same names, shapes, dtypes).
+            sampled: clients sampled this round (at least ``len(updates)``).
+            population: nodes connected when sampling (at least ``sampled``).
+
+        Returns:
+            The new global weights (the template's dtypes; non-float arrays kept as they were)
+            and the round's record. With adaptive clipping ``self.clip_norm`` moves on.
+        """
+        if not 1 <= len(updates) <= sampled <= population:
+            raise ValueError(
+                f"need 1 <= updates ({len(updates)}) <= sampled ({sampled}) <= population "
+                f"({population})"
+            )
+        cfg, clip_norm = self.cfg, self.clip_norm
+        floats = {k: v for k, v in global_arrays.items() if np.asarray(v).dtype.kind == "f"}
+        base = {k: np.asarray(v, dtype=np.float64) for k, v in floats.items()}
+        clipped, norms = [], []
+        for update in updates:
+            delta = {k: np.asarray(update[k], dtype=np.float64) - base[k] for k in base}
+            update_clipped, norm = clip_update(delta, clip_norm)
+            clipped.append(update_clipped)
+            norms.append(norm)
+        z = cfg.user_noise_multiplier
+        count_stddev = count_noise_stddev(cfg, sampled) if cfg.adaptive_clipping else None
+        z_update = update_noise_multiplier(z, count_stddev)
+        mean = noised_mean(
+            clipped, base, noise_std=z_update * clip_norm, denominator=sampled, rng=self.rng
+        )
+        new = {
+            k: (base[k] + mean[k]).astype(np.asarray(v).dtype) if k in mean else np.array(v)
+            for k, v in global_arrays.items()
+        }
+        share, following = None, clip_norm
+        if count_stddev is not None:
+            share = noisy_unclipped_share(norms, clip_norm, sampled, count_stddev, self.rng)
+            following = next_clip_norm(clip_norm, share, cfg.user_clip_quantile, cfg.user_clip_lr)
+            self.clip_norm = following
+        release = UserDPRelease(
+            noise_multiplier=z,
+            update_noise_multiplier=z_update,
+            sample_rate=sampled / population,
+            clip_norm=clip_norm,
+            next_clip_norm=following,
+            sampled=sampled,
+            population=population,
+            noise_std=z_update * clip_norm / sampled,
+            unclipped_share=share,
+        )
+        log.info(
+            "user-level DP: %d update(s) clipped to %.4g, mean noised with std %.3g "
+            "(z %.3g, q %d/%d)",
+            len(updates),
+            clip_norm,
+            release.noise_std,
+            z_update,
+            sampled,
+            population,
+        )
+        return new, release
+
+
+@dataclass(frozen=True)
+class UserPrivacyLedger:
+    """User-level privacy spent by a run, kept in the checkpoint so that it survives a restart.
+
+    Attributes:
+        history: (z, q, rounds) entries in Opacus's accountant format; consecutive rounds with the
+            same (z, q) share one entry, as Opacus's own accountant keeps them.
+        last_round: the last round charged (a round is charged once, when it is checkpointed).
+        clip_norm: the clipping norm for the next round (None: ``user-clip-norm``).
+    """
+
+    history: tuple[HistoryEntry, ...] = ()
+    last_round: int = 0
+    clip_norm: float | None = None
+
+    @property
+    def rounds(self) -> int:
+        """Rounds charged so far."""
+        return sum(steps for _, _, steps in self.history)
+
+    def record(self, server_round: int, release: UserDPRelease) -> UserPrivacyLedger:
+        """The ledger with ``server_round`` charged.
+
+        Raises:
+            ValueError: the round is not after the last one charged (it would count twice).
+        """
+        if server_round <= self.last_round:
+            raise ValueError(
+                f"round {server_round} is already accounted (ledger at round {self.last_round})"
+            )
+        z, q = release.noise_multiplier, release.sample_rate
+        history = list(self.history)
+        if history and history[-1][:2] == (z, q):
+            history[-1] = (z, q, history[-1][2] + 1)
+        else:
+            history.append((z, q, 1))
+        return UserPrivacyLedger(tuple(history), server_round, release.next_clip_norm)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent at ``delta`` (Opacus RDP accountant; 0.0 before any round)."""
+        if not self.history:
+            return 0.0
+        # Lazy: importing opacus takes ~1.2 s here, which runs without user-level DP need not pay.
+        from opacus.accountants import RDPAccountant
+
+        accountant = RDPAccountant()
+        accountant.history = list(self.history)
+        return float(accountant.get_epsilon(delta=delta))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (``RunState.user_privacy``)."""
+        return {
+            "accountant": "rdp",
+            "history": [list(entry) for entry in self.history],
+            "last_round": self.last_round,
+            "clip_norm": self.clip_norm,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UserPrivacyLedger:
+        """Inverse of ``to_dict``; an empty mapping (a run without user-level DP) is empty.
+
+        Raises:
+            ValueError: a malformed ledger.
+        """
+        if not data:
+            return cls()
+        try:
+            if data.get("accountant", "rdp") != "rdp":
+                raise ValueError(f"unknown accountant {data.get('accountant')!r}")
+            history = tuple((float(z), float(q), int(n)) for z, q, n in data["history"])
+            clip = data.get("clip_norm")
+            return cls(history, int(data["last_round"]), None if clip is None else float(clip))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a user privacy ledger: {exc}") from exc
