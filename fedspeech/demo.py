@@ -1,7 +1,7 @@
 """``make demo`` / ``fedspeech demo``: the whole product on the built-in synthetic corpus.
 
-Builds the corpus, holds some voices out, partitions the rest by voice into clients, runs a
-federated DP simulation (``fedspeech simulate``), then transcribes a held-out file with the final
+Builds the corpus, holds some voices out, partitions the rest by voice into clients, pre-trains
+on public synthetic speech (``pretrain-utterances``), runs a federated DP simulation (``fedspeech simulate``), then transcribes a held-out file with the final
 model and prints WER, CER and epsilon.
 """
 
@@ -69,11 +69,23 @@ def run_demo(
         f"after {outcome.rounds} rounds on {cfg.data.num_partitions} clients: "
         f"WER {_pct(demo.wer)}, CER {_pct(demo.cer)} on the held-out voices; "
         f"epsilon max {_num(demo.epsilon_max)} (delta {cfg.train.delta:g})\n"
+        f"{_start(cfg.fed.pretrain_utterances, cfg.fed.init_model)}"
         f"model: {demo.model_dir}\n"
         f"MLflow run {demo.tracking_run_id} in {cfg.fed.tracking_uri} "
         f"(browse: .venv/bin/mlflow ui --backend-store-uri {cfg.fed.tracking_uri})"
     )
     return demo
+
+
+def _start(pretrain_utterances: int, init_model: str) -> str:
+    if init_model:
+        return f"round 1 started from {init_model}\n"
+    if pretrain_utterances:
+        return (
+            f"round 1 started from a model pre-trained without DP on {pretrain_utterances} public "
+            "synthetic utterances (other voices and sentences: no client data, no privacy cost)\n"
+        )
+    return ""
 
 
 def _pct(value: float | None) -> str:
