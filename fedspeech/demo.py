@@ -1,8 +1,9 @@
 """``make demo`` / ``fedspeech demo``: the whole product on the built-in synthetic corpus.
 
 Builds the corpus, holds some voices out, partitions the rest by voice into clients, pre-trains
-on public synthetic speech (``pretrain-utterances``), runs a federated DP simulation (``fedspeech simulate``), then transcribes a held-out file with the final
-model and prints WER, CER and epsilon.
+on public synthetic speech (``pretrain-utterances``), runs a federated DP simulation
+(``fedspeech simulate``), then transcribes a held-out file with the final model and prints WER,
+CER and epsilon.
 """
 
 from __future__ import annotations
