@@ -282,9 +282,16 @@ def score(model_dir: Path, fold: Fold) -> tuple[tuple[float, float], tuple[float
     return (greedy.wer, greedy.cer), (beam.wer, beam.cer)
 
 
-def run_row(task: str, mode: str, epsilon: float | None, folds: Sequence[str], extra: str) -> Path:
+def run_row(
+    task: str,
+    mode: str,
+    epsilon: float | None,
+    folds: Sequence[str],
+    extra: str,
+    name: str | None = None,
+) -> Path:
     """Run every fold of one row; write its JSON and its MLflow summary run."""
-    name = row_name(mode, epsilon)
+    name = name or row_name(mode, epsilon)
     flat = recipe_config(task, mode, epsilon, extra)
     cfg = resolve_run_config(None, flat, cwd=ROOT)  # fail before any training
     work = WORK / task
@@ -330,6 +337,8 @@ def summarize(
         command += f" --folds {','.join(folds)}"
     if extra:
         command += f' --run-config "{extra}"'
+    if name not in (mode, row_name(mode, flat.get("target-epsilon") or None)):
+        command += f" --row {name}"
     epsilons = [r.epsilon for r in results if r.epsilon is not None]
     return {
         "task": task,
@@ -385,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, help="fed-dp: every client's target epsilon")
     parser.add_argument("--folds", default="", help="only these folds (e.g. theo,jackson; dev)")
     parser.add_argument("--run-config", default="", help="extra overrides (tuning runs)")
+    parser.add_argument("--row", help="name of the row (default: the mode, e.g. fed-dp-eps8)")
     args = parser.parse_args(argv)
     setup_logging(0)
     if args.task == "report":
@@ -398,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "pretrain":
         pretrain(args.task, args.run_config)
         return 0
-    run_row(args.task, args.mode, args.epsilon, folds, args.run_config)
+    run_row(args.task, args.mode, args.epsilon, folds, args.run_config, args.row)
     return 0
 
 
