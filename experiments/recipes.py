@@ -160,6 +160,8 @@ def sentences_public(work: Path) -> Path:
     )
 
 
+PUBLIC_MODEL_OF = {"sentences-device": "sentences-silo"}  # same public data, same model
+
 PUBLIC: dict[str, Callable[[Path], Path]] = {
     "digits": digits_public,
     "sentences-silo": sentences_public,
@@ -193,6 +195,8 @@ def recipe_config(task: str, mode: str, epsilon: float | None, extra: str = "") 
         if epsilon is None:
             raise SystemExit("fed-dp needs --epsilon")
         flat.update({"dp": True, "target-epsilon": epsilon, "noise-multiplier": ""})
+        if "epsilon-budget" in flat:  # a recipe with a budget caps every client at the target
+            flat["epsilon-budget"] = epsilon
     else:
         flat["dp"] = False
     flat.update(parse_overrides(extra))
@@ -201,7 +205,7 @@ def recipe_config(task: str, mode: str, epsilon: float | None, extra: str = "") 
 
 def pretrained_model(task: str) -> Path:
     """Where ``recipes.py TASK pretrain`` leaves the task's public model (it must exist)."""
-    model = WORK / task / "pretrain" / "model"
+    model = WORK / PUBLIC_MODEL_OF.get(task, task) / "pretrain" / "model"
     if not (model / "config.json").is_file():
         raise SystemExit(f"{model}: missing; run `python experiments/recipes.py {task} pretrain`")
     return model

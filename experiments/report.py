@@ -20,6 +20,7 @@ ROW_ORDER = (
     "central",
     "central-pretrained",
     "fed",
+    "fed-pretrained",
     "fed-dp-eps8",
     "fed-dp-eps3",
     "fed-dp-eps1",
