@@ -78,7 +78,9 @@ def plot(tasks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     drawn = False
     for task, rows in tasks.items():
         private = sorted((r["epsilon"], r) for r in rows if r["epsilon"] is not None)
-        fed = next((r for r in rows if r["row"] == "fed"), None)
+        # the no-DP point: federated from the same start as the DP rows where that row exists
+        by_name = {r["row"]: r for r in rows}
+        fed = by_name.get("fed-pretrained", by_name.get("fed"))
         if not private:
             continue
         xs = [e for e, _ in private] + ([math.inf] if fed else [])
