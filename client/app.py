@@ -7,6 +7,8 @@ In: ``arrays`` (global weights, ArrayRecord) and ``config`` (``server-round``; F
 Only weights and these numbers leave the node: never audio, features or transcripts
 (``tests/test_reliability.py`` inspects a real reply). ``FEDSPEECH_FAULT`` in the node's
 environment injects faults for reliability tests (``client.faults``; off when unset).
+With ``secure-aggregation`` the weights leave the node only masked: ``client.secagg`` wraps this
+handler in Flower's SecAgg+ client mod (the reply's weights become a masked update).
 
 The privacy ledger is kept in ``context.state`` (across rounds of a run) and in a JSON file (see
 ``client.node_state``: across runs and restarts); the longer history of the two wins.
@@ -33,6 +35,8 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.secagg import secure_aggregation_mod
+
 if TYPE_CHECKING:
     from client.privacy import PrivacyState
 
@@ -43,7 +47,7 @@ app = ClientApp()
 _LEDGER_KEY = "fedspeech.privacy"  # context.state record holding the ledger JSON
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     """Run one round of local training (or decline it) and reply."""
     import torch  # lazy, like the rest: see the module docstring

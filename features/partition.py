@@ -180,7 +180,8 @@ def write_partitions(parts: Sequence[Sequence[Utterance]], out_dir: Path) -> lis
         path = out_dir / f"client_{i}" / "manifest.tsv"
         write_manifest(path, part)
         paths.append(path)
-    stale = sorted(p for p in out_dir.glob("client_*/manifest.tsv") if p not in set(paths))
+    written = set(paths)  # (a set built once: 1000 partitions made this check quadratic)
+    stale = sorted(p for p in out_dir.glob("client_*/manifest.tsv") if p not in written)
     if stale:
         # Not deleted: they may be someone's data; but a node pointed at one would train on it.
         log.warning("%s: manifests from an earlier partition remain: %s", out_dir, stale)

@@ -94,13 +94,17 @@ def simulate(
     """
     import time
 
-    from fedspeech.config import resolve_run_config
+    from fedspeech.config import ConfigError, resolve_run_config
     from fedspeech.fed_data import corpus_manifest
     from fedspeech.flower_launch import flwr_run, local_superlink, stage_app, write_run_config
 
     app_dir = _app_dir()
     cfg = resolve_run_config(preset, overrides, cwd=app_dir)
     n = num_supernodes or cfg.data.num_partitions
+    if cfg.fed.clients_per_round > n:
+        raise ConfigError(
+            f"clients-per-round {cfg.fed.clients_per_round} exceeds the {n} simulated clients"
+        )
     flat = cfg.to_flat()
     run_dir = (out or Path(cfg.fed.out_dir)).resolve()
     flat.update(

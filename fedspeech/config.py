@@ -20,6 +20,7 @@ from features.mfcc import FeatureConfig
 from features.partition import PartitionMethod
 from fedspeech.model import CellType, ModelConfig
 from fedspeech.privacy_config import PrivacyConfig
+from fedspeech.secagg_config import SecAggConfig
 from fedspeech.train_config import TrainConfig
 
 
@@ -87,6 +88,7 @@ class FedConfig:
 
     num_server_rounds: int = 3
     fraction_train: float = 1.0  # share of connected nodes sampled per round
+    clients_per_round: int = 0  # sample exactly this many nodes per round (0: fraction-train)
     min_clients: int = 2  # wait for this many nodes; sample at least this many
     strategy: StrategyName = "fedavg"
     server_lr: float = 0.01  # FedAdam's server step size (eta)
@@ -129,6 +131,8 @@ class FedConfig:
             raise ConfigError("client-threads and server-threads must be >= 0")
         if self.pretrain_utterances < 0 or self.pretrain_epochs < 1:
             raise ConfigError("pretrain-utterances must be >= 0 and pretrain-epochs >= 1")
+        if self.clients_per_round < 0:
+            raise ConfigError("clients-per-round must be >= 0 (0: sample fraction-train)")
         if self.min_successful_clients < 1 or self.round_retries < 0:
             raise ConfigError("min-successful-clients must be >= 1 and round-retries >= 0")
         _parse_budgets(self.partition_budgets)  # fail at config time, not in round 1
@@ -171,6 +175,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         unit = self.privacy.privacy_unit
@@ -184,6 +189,27 @@ class RunConfig:
                 f"privacy-unit {unit!r} needs strategy fedavg, fedprox or fedadam: user-level DP "
                 "noises a mean of clipped updates, and a median has no such bound"
             )
+        if self.secagg.secure_aggregation:
+            self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        fed = self.fed
+        if fed.strategy == "fedmedian":
+            raise ConfigError(
+                "secure-aggregation needs strategy fedavg, fedprox or fedadam: the server sees "
+                "only the sum of the updates, and a median cannot be computed from a sum"
+            )
+        if 0 < fed.clients_per_round < 3:  # a smaller sample is refused at run time
+            raise ConfigError(
+                "secure-aggregation needs at least 3 clients a round (clients-per-round): with 2, "
+                "each client learns the other's update from the sum"
+            )
+        if fed.clients_per_round > self.secagg.max_clients():
+            raise ConfigError(
+                f"clients-per-round {fed.clients_per_round} would overflow the secure sum: at most "
+                f"{self.secagg.max_clients()} with secagg-quantization-range "
+                f"{self.secagg.secagg_quantization_range}"
+            )
 
     @property
     def sample_level_dp(self) -> bool:
@@ -194,6 +220,11 @@ class RunConfig:
     def user_level_dp(self) -> bool:
         """The server clips and noises client updates (``dp`` on, unit ``user`` or ``both``)."""
         return self.train.dp and self.privacy.user_level
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """Rounds run through SecAgg+: the server sees only the sum of the updates."""
+        return self.secagg.secure_aggregation
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -234,6 +265,7 @@ def _section_types() -> dict[str, type]:
         "train": TrainConfig,
         "fed": FedConfig,
         "privacy": PrivacyConfig,
+        "secagg": SecAggConfig,
     }
 
 

@@ -106,7 +106,9 @@ def client_manifest(
     """Partition ``partition_id`` of ``num_partitions`` (held-out speakers removed), on disk.
 
     The first caller writes every partition's manifest under a file lock; the others (virtual
-    nodes starting at the same moment, later rounds) find the finished split and only read.
+    nodes starting at the same moment, later rounds) find the finished split and only read. A
+    finished split costs a caller O(1) file operations, whatever ``num_partitions`` is: its
+    ``split.json`` (written last) and its own manifest, without the lock.
 
     Raises:
         FedspeechDataError: bad partition id, or the corpus cannot be split so.
@@ -117,11 +119,14 @@ def client_manifest(
     params = _split_params(cfg, manifest, num_partitions)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(data_dir) / "splits" / key
+    target = root / f"client_{partition_id}" / "manifest.tsv"
+    if _is_complete(root, params) and target.is_file():
+        return target
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root):
-        if not _is_complete(root, params):
+        if not (_is_complete(root, params) and target.is_file()):
             _write_split(cfg, manifest, root, params, num_partitions)
-    return root / f"client_{partition_id}" / "manifest.tsv"
+    return target
 
 
 def feature_cache_dir(data_dir: str | Path) -> Path:
@@ -172,13 +177,16 @@ def _write_split(
 
 
 def _is_complete(root: Path, params: dict[str, object]) -> bool:
+    """Whether ``root`` holds a finished split with ``params`` (``split.json`` is written last)."""
     try:
         info = json.loads((root / _SPLIT_INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    n = int(str(params["num_partitions"]))
-    return {k: info.get(k) for k in params} == params and all(
-        (root / f"client_{i}" / "manifest.tsv").is_file() for i in range(n)
+    clients = info.get("clients")
+    return (
+        {k: info.get(k) for k in params} == params
+        and isinstance(clients, list)
+        and len(clients) == params["num_partitions"]
     )
 
 

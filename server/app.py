@@ -10,6 +10,11 @@ accepted updates changes nothing: it is sent again (at most ``round-retries`` ti
 when some client failed or was rejected: clients out of privacy budget decline again), then the
 run stops with a ``RoundFailedError`` that names every client's reason; the checkpoint keeps the
 last complete round. Everything but the message traffic lives in plain modules (``server.run``).
+
+With ``secure-aggregation`` the same train messages go through Flower's SecAgg+ workflow
+(``server.secagg``: four exchanges with the sampled nodes instead of one) and the strategy
+aggregates the unmasked mean it yields (``aggregate_secure``): the server never holds a single
+client's update.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from fedspeech.config import RunConfig
 from fedspeech.logs import show_progress
 from server.rounds import ClientReport, retry_may_help, shortfall
 from server.run import FederatedRun
+from server.secagg import run_secure_round
 from server.strategy import export_state, import_state, make_strategy, missing_reports
 from server.user_dp import UserDPRelease, UserLevelDP
 
@@ -69,7 +75,7 @@ def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
     if cfg.user_level_dp:
         # A resumed run continues with the clipping norm its checkpoint holds (adaptive clipping).
         user_dp = UserLevelDP(cfg.privacy, clip_norm=run.user_ledger.clip_norm)
-    strategy = make_strategy(cfg.fed, user_dp=user_dp)
+    strategy = make_strategy(cfg.fed, user_dp=user_dp, secure=cfg.secure_aggregation)
     import_state(strategy, run.strategy_arrays)
     arrays = ArrayRecord(run.global_state)
     for server_round in run.pending_rounds:
@@ -116,8 +122,16 @@ def _train_once(
     messages: list[Message] = list(
         strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
     )
-    replies = list(grid.send_and_receive(messages, timeout=cfg.fed.round_timeout))
-    new_arrays, _ = strategy.aggregate_train(server_round, replies)
-    reports = [*strategy.last_reports, *missing_reports(messages, replies)]  # type: ignore[attr-defined]
+    if cfg.secure_aggregation:
+        floats = [k for k, v in arrays.items() if v.numpy().dtype.kind == "f"]
+        secure = run_secure_round(
+            grid, messages, cfg, server_round=server_round, float_names=floats
+        )
+        new_arrays, _ = strategy.aggregate_secure(server_round, secure)  # type: ignore[attr-defined]
+        reports = list(strategy.last_reports)  # type: ignore[attr-defined]
+    else:
+        replies = list(grid.send_and_receive(messages, timeout=cfg.fed.round_timeout))
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        reports = [*strategy.last_reports, *missing_reports(messages, replies)]  # type: ignore[attr-defined]
     release: UserDPRelease | None = getattr(strategy, "last_user_dp", None)
     return new_arrays, reports, release

@@ -275,6 +275,7 @@ class FederatedRun:
             "user_noise_multiplier": privacy.user_noise_multiplier if user else None,
             "user_clip_norm": privacy.user_clip_norm if user else None,
             "adaptive_clipping": privacy.adaptive_clipping if user else None,
+            "secure_aggregation": self.cfg.secure_aggregation,
             "tracking_run_id": self.state.tracking_run_id,
             "run_config": self.cfg.to_flat(),
             "fedspeech_version": __version__,

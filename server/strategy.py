@@ -17,6 +17,11 @@ it averages, so FedAdam's server step and FedProx work on it unchanged (post-pro
 Flower's own ``DifferentialPrivacyServerSide*Clipping`` wrappers do not fit this loop: they clip
 before the screening (NaN updates included), average with the ``num-examples`` weights, skip a
 round in which any client failed, and keep their accountant in memory only (docs/privacy.md).
+
+With secure aggregation (``server.secagg``) the server never holds a client's update: replies
+cannot be screened one by one, and ``aggregate_secure`` takes the unmasked mean (or, with
+user-level DP, the sum of the clients' own clipped updates, which it noises), screens only that
+(shapes, finite values) and hands the result to Flower's strategy in the same way.
 """
 
 from __future__ import annotations
@@ -26,17 +31,27 @@ import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
 from fedspeech.config import FedConfig
 from server.rounds import ClientReport
+from server.secagg import SecureRound
 from server.user_dp import UserDPRelease, UserLevelDP
 
 log = logging.getLogger("fedspeech.server")
 
 WEIGHT_KEY = "num-examples"
+_NEGLIGIBLE_FRACTION = 1e-12  # see clients-per-round in _make_strategy
 
 
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -52,6 +67,7 @@ class _ScreenReplies:
     last_reports: list[ClientReport]
     min_successful_clients: int = 1
     user_dp: UserLevelDP | None = None
+    secure: bool = False
     last_user_dp: UserDPRelease | None = None
     _sent: ArraySpec | None = None
     _sent_arrays: dict[str, np.ndarray] | None = None
@@ -63,12 +79,16 @@ class _ScreenReplies:
     ) -> Iterable[Message]:
         """Flower's sampling and messages; the sent weights' layout is kept for screening.
 
-        With user-level DP the sent weights, the number sampled and the number of connected
-        nodes are kept too (the updates' reference, the mean's denominator, the sampling rate).
+        With user-level DP or secure aggregation the sent weights, the number sampled and the
+        number of connected nodes are kept too (the updates' reference, the mean's denominator,
+        the sampling rate); with user-level DP the messages carry the round's clipping norm
+        (``user-clip-norm``: clients clip their own updates under secure aggregation).
         """
         self._sent = array_spec(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         if self.user_dp is not None:
+            config = ConfigRecord({**config, "user-clip-norm": float(self.user_dp.clip_norm)})
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.user_dp is not None or self.secure:
             self._sent_arrays = {k: v.numpy() for k, v in arrays.items()}
             self._sampled = len(messages)
             self._population = max(len(list(grid.get_node_ids())), len(messages))
@@ -96,6 +116,61 @@ class _ScreenReplies:
             to_average = [_weights_only(m) for m in ok]
         aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
             server_round, to_average
+        )
+        return aggregated
+
+    def aggregate_secure(
+        self, server_round: int, secure: SecureRound
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate what a SecAgg+ round revealed: the mean of the clients' updates.
+
+        Only the aggregate can be screened (names, shapes, finite values); a bad one turns every
+        contributor's report into ``rejected`` (nobody can tell whose update spoiled it).
+        """
+        self.last_user_dp = None
+        self.last_reports = list(secure.reports)
+        ok = sum(r.status == "ok" for r in self.last_reports)
+        needed = max(1, self.min_successful_clients)
+        if ok < needed or secure.mean is None:
+            log.warning(
+                "round %d: %d secure contribution(s), %d needed; nothing aggregated",
+                server_round,
+                ok if secure.mean is not None else 0,
+                needed,
+            )
+            return None, None
+        assert self._sent_arrays is not None
+        base = {k: v for k, v in self._sent_arrays.items() if v.dtype.kind == "f"}
+        problem = screen_sum(secure.mean, base)
+        if problem is not None:
+            log.warning("round %d: secure aggregate rejected: %s", server_round, problem)
+            self.last_reports = [
+                ClientReport(
+                    r.client, "rejected", r.metrics, f"secure aggregate rejected: {problem}"
+                )
+                if r.status == "ok"
+                else r
+                for r in self.last_reports
+            ]
+            return None, None
+        if self.user_dp is not None:
+            contributors = round(secure.total_weight)  # every contributor weighs 1
+            share = secure.unclipped_share
+            new, self.last_user_dp = self.user_dp.release_sum(
+                self._sent_arrays,
+                {k: v * contributors for k, v in secure.mean.items()},
+                contributors=contributors,
+                unclipped=(share or 0.0) * contributors,
+                sampled=self._sampled,
+                population=self._population,
+            )
+        else:
+            new = {
+                k: (v + secure.mean[k]).astype(v.dtype) if k in base else v
+                for k, v in self._sent_arrays.items()
+            }
+        aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
+            server_round, [_aggregate_reply(new, server_round)]
         )
         return aggregated
 
@@ -131,15 +206,20 @@ class ScreenedFedMedian(_ScreenReplies, FedMedian):
     """Coordinate-wise median of the trained clients' weights."""
 
 
-def make_strategy(cfg: FedConfig, *, user_dp: UserLevelDP | None = None) -> Strategy:
-    """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` (at least ``min-clients``).
+def make_strategy(
+    cfg: FedConfig, *, user_dp: UserLevelDP | None = None, secure: bool = False
+) -> Strategy:
+    """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` (at least ``min-clients``)
+    of the connected nodes, or exactly ``clients-per-round`` of them.
 
     It aggregates a round only when ``min-successful-clients`` updates were accepted; with
-    ``user_dp`` it aggregates them with that mechanism (clipping, uniform weights, noise).
+    ``user_dp`` it aggregates them with that mechanism (clipping, uniform weights, noise);
+    ``secure``: the rounds run through SecAgg+ (``aggregate_secure``).
     """
     strategy = _make_strategy(cfg)
     strategy.min_successful_clients = cfg.min_successful_clients  # type: ignore[attr-defined]
     strategy.user_dp = user_dp  # type: ignore[attr-defined]
+    strategy.secure = secure  # type: ignore[attr-defined]
     return strategy
 
 
@@ -152,6 +232,13 @@ def _make_strategy(cfg: FedConfig) -> Strategy:
         "min_available_nodes": cfg.min_clients,
         "weighted_by_key": WEIGHT_KEY,
     }
+    if cfg.clients_per_round:
+        # Flower samples max(int(connected x fraction_train), min_train_nodes) nodes, once at
+        # least min_available_nodes are connected: a fraction that rounds to 0 nodes and a
+        # minimum of K sample exactly K, however large the population.
+        common["fraction_train"] = _NEGLIGIBLE_FRACTION
+        common["min_train_nodes"] = cfg.clients_per_round
+        common["min_available_nodes"] = max(cfg.min_clients, cfg.clients_per_round)
     if cfg.strategy == "fedadam":
         # eta_l is only reported by Flower; the clients' lr is the run config's lr.
         return ScreenedFedAdam(eta=cfg.server_lr, **common)  # type: ignore[arg-type]
@@ -233,6 +320,41 @@ def screen_arrays(
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             return f"{key}: non-finite values (NaN/Inf)"
     return None
+
+
+def screen_sum(mean: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> str | None:
+    """Why a secure aggregate cannot update the float weights ``base`` (None: it can)."""
+    missing, unexpected = sorted(set(base) - set(mean)), sorted(set(mean) - set(base))
+    if missing or unexpected:
+        return f"tensor names differ: missing {missing}, unexpected {unexpected}"
+    for key, like in base.items():
+        if np.shape(mean[key]) != like.shape:
+            return f"{key}: shape {np.shape(mean[key])} != {like.shape} of the global model"
+        if not np.isfinite(mean[key]).all():
+            return f"{key}: non-finite values (NaN/Inf)"
+    return None
+
+
+def _aggregate_reply(arrays: Mapping[str, np.ndarray], server_round: int) -> Message:
+    """A reply carrying an already aggregated model (weight 1) for Flower's strategy."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord({WEIGHT_KEY: 1.0}),
+        }
+    )
+    metadata = Metadata(
+        run_id=0,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=0.0,
+        ttl=3600.0,
+        message_type="train",
+    )
+    return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
 
 
 def _weights_only(msg: Message) -> Message:

@@ -49,7 +49,6 @@ __all__ = [
     "count_noise_stddev",
     "flat_norm",
     "next_clip_norm",
-    "noised_mean",
     "noisy_unclipped_share",
     "update_noise_multiplier",
 ]
@@ -71,33 +70,6 @@ def clip_update(delta: Arrays, clip_norm: float) -> tuple[dict[str, np.ndarray],
     norm = flat_norm(delta)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: np.asarray(v, dtype=np.float64) * scale for k, v in delta.items()}, norm
-
-
-def noised_mean(
-    clipped: Sequence[Arrays],
-    template: Arrays,
-    *,
-    noise_std: float,
-    denominator: int,
-    rng: np.random.Generator,
-) -> dict[str, np.ndarray]:
-    """``(sum of clipped + N(0, noise_std^2 I)) / denominator``, one array per ``template`` key.
-
-    Args:
-        clipped: the clipped updates (each with the template's keys and shapes).
-        template: names and shapes of the result (e.g. the global weights).
-        noise_std: std of the Gaussian noise added to the SUM (z C).
-        denominator: fixed divisor (the number of clients sampled), not the number that replied.
-        rng: noise source.
-    """
-    out: dict[str, np.ndarray] = {}
-    for key, like in template.items():
-        total = np.zeros(like.shape, dtype=np.float64)
-        for update in clipped:
-            total += update[key]
-        total += rng.normal(0.0, noise_std, size=like.shape)  # one draw per coordinate
-        out[key] = total / denominator
-    return out
 
 
 def count_noise_stddev(cfg: PrivacyConfig, sampled: int) -> float:
@@ -126,18 +98,22 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float | None)
 
 
 def noisy_unclipped_share(
-    norms: Sequence[float],
-    clip_norm: float,
+    unclipped: float,
+    contributors: int,
     sampled: int,
     count_stddev: float,
     rng: np.random.Generator,
 ) -> float:
-    """Noisy share of the ``sampled`` clients whose update norm was at most ``clip_norm``.
+    """Noisy share of the ``sampled`` clients whose update norm was at most the clipping norm.
 
-    The indicators are centred (each contributes +-1/2: sensitivity 1/2); clients without an
-    update contribute 0, i.e. count as half clipped.
+    ``unclipped`` of the ``contributors`` were not clipped. The indicators are centred (each
+    contributes +-1/2: sensitivity 1/2); clients without an update contribute 0, i.e. count as
+    half clipped.
+
+    >>> round(noisy_unclipped_share(3, 4, 4, 1e-12, np.random.default_rng(0)), 6)
+    0.75
     """
-    centred = sum(0.5 if norm <= clip_norm else -0.5 for norm in norms)
+    centred = unclipped - contributors / 2
     return float((centred + rng.normal(0.0, count_stddev)) / sampled + 0.5)
 
 
@@ -148,6 +124,15 @@ def next_clip_norm(clip_norm: float, unclipped_share: float, quantile: float, lr
     1.0
     """
     return float(clip_norm * math.exp(-lr * (unclipped_share - quantile)))
+
+
+def _float_arrays(arrays: Arrays) -> dict[str, np.ndarray]:
+    """The floating-point arrays of ``arrays`` in float64 (the ones DP clips and noises)."""
+    return {
+        k: np.asarray(v, dtype=np.float64)
+        for k, v in arrays.items()
+        if np.asarray(v).dtype.kind == "f"
+    }
 
 
 @dataclass(frozen=True)
@@ -224,28 +209,72 @@ class UserLevelDP:
                 f"need 1 <= updates ({len(updates)}) <= sampled ({sampled}) <= population "
                 f"({population})"
             )
-        cfg, clip_norm = self.cfg, self.clip_norm
-        floats = {k: v for k, v in global_arrays.items() if np.asarray(v).dtype.kind == "f"}
-        base = {k: np.asarray(v, dtype=np.float64) for k, v in floats.items()}
-        clipped, norms = [], []
+        clip_norm = self.clip_norm
+        base = _float_arrays(global_arrays)
+        total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in base.items()}
+        unclipped = 0
         for update in updates:
             delta = {k: np.asarray(update[k], dtype=np.float64) - base[k] for k in base}
             update_clipped, norm = clip_update(delta, clip_norm)
-            clipped.append(update_clipped)
-            norms.append(norm)
+            for key, value in update_clipped.items():
+                total[key] += value
+            unclipped += norm <= clip_norm
+        return self.release_sum(
+            global_arrays,
+            total,
+            contributors=len(updates),
+            unclipped=unclipped,
+            sampled=sampled,
+            population=population,
+        )
+
+    def release_sum(
+        self,
+        global_arrays: Arrays,
+        clipped_sum: Arrays,
+        *,
+        contributors: int,
+        unclipped: float,
+        sampled: int,
+        population: int,
+    ) -> tuple[dict[str, np.ndarray], UserDPRelease]:
+        """The private aggregate from the SUM of clipped updates (e.g. a secure aggregate).
+
+        With secure aggregation the clients clip their own updates to ``self.clip_norm``
+        (``client.secagg``) and the server only learns the sum; the noise, the fixed
+        denominator and the accounting are the same as in ``release``.
+
+        Args:
+            global_arrays: the weights the clients were sent.
+            clipped_sum: sum of the contributors' clipped updates, per float array of the global
+                weights.
+            contributors: clients whose clipped update is in the sum (at least 1).
+            unclipped: how many of them were not clipped (adaptive clipping; else unused).
+            sampled: clients sampled this round (at least ``contributors``).
+            population: nodes connected when sampling (at least ``sampled``).
+        """
+        if not 1 <= contributors <= sampled <= population:
+            raise ValueError(
+                f"need 1 <= contributors ({contributors}) <= sampled ({sampled}) <= population "
+                f"({population})"
+            )
+        cfg, clip_norm = self.cfg, self.clip_norm
+        base = _float_arrays(global_arrays)
         z = cfg.user_noise_multiplier
         count_stddev = count_noise_stddev(cfg, sampled) if cfg.adaptive_clipping else None
         z_update = update_noise_multiplier(z, count_stddev)
-        mean = noised_mean(
-            clipped, base, noise_std=z_update * clip_norm, denominator=sampled, rng=self.rng
-        )
+        noise_std = z_update * clip_norm
+        mean = {}
+        for key, like in base.items():  # one draw per coordinate, in the global weights' order
+            total = np.asarray(clipped_sum[key], dtype=np.float64).reshape(like.shape)
+            mean[key] = (total + self.rng.normal(0.0, noise_std, size=like.shape)) / sampled
         new = {
             k: (base[k] + mean[k]).astype(np.asarray(v).dtype) if k in mean else np.array(v)
             for k, v in global_arrays.items()
         }
         share, following = None, clip_norm
         if count_stddev is not None:
-            share = noisy_unclipped_share(norms, clip_norm, sampled, count_stddev, self.rng)
+            share = noisy_unclipped_share(unclipped, contributors, sampled, count_stddev, self.rng)
             following = next_clip_norm(clip_norm, share, cfg.user_clip_quantile, cfg.user_clip_lr)
             self.clip_norm = following
         release = UserDPRelease(
@@ -262,7 +291,7 @@ class UserLevelDP:
         log.info(
             "user-level DP: %d update(s) clipped to %.4g, mean noised with std %.3g "
             "(z %.3g, q %d/%d)",
-            len(updates),
+            contributors,
             clip_norm,
             release.noise_std,
             z_update,

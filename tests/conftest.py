@@ -22,3 +22,12 @@ def shared_data() -> Path:
             "../shared/data not found: real-speech tests need the shared data sets beside the repo"
         )
     return root
+
+
+@pytest.fixture()
+def flower_server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower sets in a ServerApp process: messages built outside one need it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)

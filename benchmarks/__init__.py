@@ -1,0 +1,1 @@
+"""Performance benchmarks (not tests): each prints what it measured in one run."""
