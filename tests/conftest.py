@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,14 @@ def flower_server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Tiny models train faster on one thread, and 2 threads on a shared 2-core box can stall."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +17,7 @@ from fedspeech.config import ConfigError, RunConfig
 from fedspeech.fed_data import client_manifest, hold_out_speakers
 from fedspeech.model import BiGRUCTC, plain_state_dict
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Optimal order is the"),
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {
     **{"n-mfcc": 6, "n-mels": 8, "stack": 1, "subsample": 1},
@@ -38,14 +34,6 @@ class _Utt:
 def _examples(n: int) -> list[_Utt]:
     g = torch.Generator().manual_seed(0)
     return [_Utt(torch.randn(10, 6, generator=g), torch.tensor([3, 4])) for _ in range(n)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _global(cfg: RunConfig) -> dict[str, torch.Tensor]:

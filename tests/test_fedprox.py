@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
@@ -14,10 +13,7 @@ from client.train import TrainConfig, train_local
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Optimal order is the"),
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)
@@ -30,14 +26,6 @@ def _examples(n: int) -> list[_Utt]:
     g = torch.Generator().manual_seed(0)
     return [_Utt(torch.randn(12, 6, generator=g), torch.randint(1, 29, (3,), generator=g))
             for _ in range(n)]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model() -> BiGRUCTC:

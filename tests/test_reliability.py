@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app import Error as FlowerError
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.faults import InjectedFault, apply_faults, parse_faults
 from client.node_state import load_ledger, resolve_node_data
@@ -54,32 +53,13 @@ from server.rounds import clients_tsv, update_clients
 from server.strategy import ScreenedFedAvg, array_spec, client_report, make_strategy
 from server.tracking import read_rounds, read_tracking_info
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Optimal order is the"),
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread", "flower_server_identity")
 
 TINY: dict[str, Any] = {
     **{"n-mfcc": 6, "n-mels": 8, "stack": 1, "subsample": 1},
     **{"hidden-size": 4, "num-layers": 1, "dropout": 0.0, "batch-size": 4, "dp-seed": 0},
     **{"noise-multiplier": 1.0, "delta": 1e-5, "client-threads": 1, "server-threads": 1},
 }
-
-
-@pytest.fixture(autouse=True)
-def _flower_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are built outside a Flower process here: give them a run and node identity."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------- server: screening

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,10 +21,7 @@ from fedspeech.model import BiGRUCTC, ModelConfig, load_plain_state_dict, plain_
 
 DELTA = 1e-5
 # Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Optimal order is the"),
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)
@@ -41,15 +37,6 @@ def _examples(n: int, *, seed: int = 0) -> list[_Utt]:
              torch.randint(1, 29, (2,), generator=g))
         for _ in range(n)
     ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train faster on one thread, and 2 threads on a shared 2-core box can stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _greedy(log_probs: torch.Tensor, tokenizer: CharTokenizer) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from client.local_round import run_round
@@ -38,10 +36,7 @@ from server.user_dp import (
     update_noise_multiplier,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Optimal order is the"),
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread", "flower_server_identity")
 
 USER_DELTA = 1e-5
 
@@ -191,22 +186,6 @@ def test_ledger_charges_a_round_once_and_round_trips() -> None:
 
 
 # ---------------------------------------------------------------- (c) accounting in the server
-
-
-@pytest.fixture(autouse=True)
-def _flower_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are built outside a Flower process here: give them a run and node identity."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _FakeGrid:
