@@ -189,8 +189,6 @@ def recipe_config(task: str, mode: str, epsilon: float | None, extra: str = "") 
         recipe = tomllib.load(fh)
     flat: dict[str, Any] = dict(recipe.get("recipe", {}))
     flat.update(recipe.get(mode, {}))
-    if flat.get("init-model") == PRETRAINED:
-        flat["init-model"] = str(pretrained_model(task))
     if mode == "fed-dp":
         if epsilon is None:
             raise SystemExit("fed-dp needs --epsilon")
@@ -200,6 +198,8 @@ def recipe_config(task: str, mode: str, epsilon: float | None, extra: str = "") 
     else:
         flat["dp"] = False
     flat.update(parse_overrides(extra))
+    if flat.get("init-model") == PRETRAINED:
+        flat["init-model"] = str(pretrained_model(task))
     return flat
 
 
