@@ -385,4 +385,10 @@ def _read_preset(preset: str) -> dict[str, Any]:
         names = sorted(p.stem for p in presets_dir().glob("*.toml"))
         raise ConfigError(f"preset {preset!r} not found (a TOML file or one of {names})")
     with open(path, "rb") as fh:
-        return tomllib.load(fh)
+        table = tomllib.load(fh)
+    if isinstance(table.get("recipe"), dict):
+        raise ConfigError(
+            f"{path} is a recipe (run it with `python experiments/recipes.py {path.stem} MODE`), "
+            "not a preset"
+        )
+    return table

@@ -79,3 +79,8 @@ def test_a_later_target_epsilon_replaces_an_earlier_noise_multiplier() -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="smoke"):
         resolve_run_config("no-such-preset")
+
+
+def test_a_recipe_file_is_not_taken_for_a_preset() -> None:
+    with pytest.raises(ConfigError, match="is a recipe"):
+        resolve_run_config("digits")
