@@ -77,7 +77,9 @@ def plot(tasks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drawn = False
     for task, rows in tasks.items():
-        private = sorted((r["epsilon"], r) for r in rows if r["epsilon"] is not None)
+        # the table's DP rows (not tuning rows on dev speakers), by epsilon
+        dp_rows = [r for r in rows if r["row"].startswith("fed-dp-eps") and r["epsilon"]]
+        private = [(r["epsilon"], r) for r in sorted(dp_rows, key=lambda r: r["epsilon"])]
         # the no-DP point: federated from the same start as the DP rows where that row exists
         by_name = {r["row"]: r for r in rows}
         fed = by_name.get("fed-pretrained", by_name.get("fed"))
