@@ -401,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--row", help="name of the row (default: the mode, e.g. fed-dp-eps8)")
     args = parser.parse_args(argv)
     setup_logging(0)
+    from fedspeech.cli_fed import stop_on_sigterm
+
+    stop_on_sigterm()  # a killed row stops its simulation's processes too
     if args.task == "report":
         from experiments.report import write_report
 

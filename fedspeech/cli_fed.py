@@ -155,6 +155,16 @@ def simulate(
     return _outcome(run_dir, rc, time.perf_counter() - start)
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, through the launcher's cleanup of Flower and Ray."""
+    import signal
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def absolute_sqlite_uri(uri: str) -> str:
     """``sqlite:///mlflow.db`` relative to the current folder -> an absolute sqlite URI.
 
@@ -168,12 +178,7 @@ def absolute_sqlite_uri(uri: str) -> str:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    import signal
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds through the launcher's cleanup, like Ctrl-C
-
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     outcome = simulate(
         preset=args.preset,
         overrides=args.run_config,
