@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
 from client.privacy import PrivacyState, calibrate_noise_multiplier
 from client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
-from fedspeech.model import convert_model, plain_state_dict
+from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def train_private(
         log.warning("delta %.2g >= 1/N for N=%d examples: weak guarantee", cfg.delta, len(dataset))
 
     net = convert_model(model, dp=True).to(device).train()
+    trainable = freeze_lower_layers(net, cfg.freeze_layers)  # fixed weights get no grad, no noise
     with warnings.catch_warnings():
         # torchcsprng is not installable here; noise comes from torch's PRNG (see dp_seed).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -75,7 +76,7 @@ def train_private(
     gsm, optimizer, dp_loader = engine.make_private(
         module=net,
         # FedProx's pull is hooked on this inner optimizer: after the private step, no privacy cost
-        optimizer=make_optimizer(net.parameters(), cfg, proximal_mu=proximal_mu),
+        optimizer=make_optimizer(trainable, cfg, proximal_mu=proximal_mu),
         data_loader=loader,
         noise_multiplier=noise,
         max_grad_norm=cfg.max_grad_norm,

@@ -28,7 +28,7 @@ from client.batching import (
 from client.dp_sgd import train_private
 from client.privacy import PrivacyState
 from client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
-from fedspeech.model import convert_model, plain_state_dict, unwrap
+from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict, unwrap
 
 __all__ = ["TrainConfig", "TrainResult", "ctc_loss", "train_local"]
 
@@ -108,6 +108,7 @@ def _train_plain(
     # other cells keep the fused nn.LSTM / nn.RNN. The weights come back under nn.GRU's names.
     fast = unwrap(model).cfg.cell == "gru"
     net = convert_model(model, dp=fast).to(device).train()
+    trainable = freeze_lower_layers(net, cfg.freeze_layers)
     sampler = LengthBucketSampler(
         dataset.lengths(),
         cfg.batch_size,
@@ -115,7 +116,7 @@ def _train_plain(
         max_frames=cfg.max_frames_per_batch,
     )
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_ctc)
-    optimizer = make_optimizer(net.parameters(), cfg, proximal_mu=proximal_mu)
+    optimizer = make_optimizer(trainable, cfg, proximal_mu=proximal_mu)
     loss, steps, skipped = math.nan, 0, 0
     for epoch in range(cfg.epochs):
         total, count = 0.0, 0
@@ -130,7 +131,7 @@ def _train_plain(
                 continue
             batch_loss.backward()
             if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             optimizer.step()
             steps += 1
             total += batch_loss.item() * batch.size

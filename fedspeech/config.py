@@ -178,6 +178,11 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
+        if self.train.freeze_layers > self.model.num_layers:
+            raise ConfigError(
+                f"freeze-layers {self.train.freeze_layers} > num-layers {self.model.num_layers}"
+                " (freeze-layers = num-layers already leaves only the output head to train)"
+            )
         unit = self.privacy.privacy_unit
         if unit != "sample" and not self.train.dp:
             raise ConfigError(

@@ -20,6 +20,7 @@ torch.Size([2, 50, 29])
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -30,6 +31,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 CellType = Literal["gru", "lstm", "rnn"]
 DPRNNImpl = Literal["fast", "opacus"]
+
+# A recurrent weight's plain name, e.g. rnn.weight_ih_l1_reverse -> layer 1.
+_RNN_LAYER = re.compile(r"rnn\.(?:weight|bias)_[ih]h_l(\d+)(?:_reverse)?")
 
 _PLAIN_CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
@@ -191,6 +195,27 @@ def _dp_cell(cell: str, *, fast: bool) -> type[nn.Module]:
 def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters; shared/aliased parameters counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def freeze_lower_layers(model: nn.Module, num_frozen: int) -> list[nn.Parameter]:
+    """Fix the front-end and the ``num_frozen`` lowest recurrent layers; return what still trains.
+
+    Works on either flavour (also inside Opacus's ``GradSampleModule``): the recurrent weights are
+    found by their plain names (``weight_ih_l{k}``, ``..._reverse``), which ``FastGRU`` and Opacus's
+    layers alias to their internal projections, so those are fixed too. ``num_frozen`` equal to
+    ``num_layers`` leaves only the output LayerNorm and head trainable.
+
+    Raises:
+        ValueError: ``num_frozen`` outside ``0..num_layers``.
+    """
+    inner = unwrap(model)
+    if not 0 <= num_frozen <= inner.cfg.num_layers:
+        raise ValueError(f"num_frozen must be in [0, {inner.cfg.num_layers}], got {num_frozen}")
+    for name, param in inner.named_parameters():
+        layer = _RNN_LAYER.fullmatch(name)
+        if (name.startswith("frontend.") and num_frozen) or (layer and int(layer[1]) < num_frozen):
+            param.requires_grad_(False)
+    return [p for p in inner.parameters() if p.requires_grad]
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -33,6 +33,10 @@ class TrainConfig:
         max_physical_batch_size: with DP, split large Poisson batches into chunks of at most this
             many utterances (Opacus ``BatchMemoryManager``); the privacy accounting is unchanged.
         max_frames_per_batch: without DP, cap utterances x longest-utterance frames per batch.
+        freeze_layers: keep the front-end and this many of the lowest recurrent layers fixed
+            (0: train everything; the model's ``num_layers``: only the output LayerNorm and head
+            train). Under DP-SGD fewer trainable weights means less noise in total for the
+            same clipping norm: the lever for fine-tuning a public model on little private data.
     """
 
     epochs: int = 1
@@ -52,6 +56,7 @@ class TrainConfig:
     grad_clip: float | None = 5.0
     max_physical_batch_size: int | None = None
     max_frames_per_batch: int | None = None
+    freeze_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -71,6 +76,8 @@ class TrainConfig:
                 raise ValueError("target_epsilon must be > 0")
             if self.max_grad_norm <= 0 or not 0 < self.delta < 1:
                 raise ValueError("max_grad_norm must be > 0 and delta in (0, 1)")
+        if self.freeze_layers < 0:
+            raise ValueError(f"freeze_layers must be >= 0, got {self.freeze_layers}")
         for name in ("max_physical_batch_size", "max_frames_per_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -17,7 +17,14 @@ from features.dataset import Example, extract_manifest
 from features.manifest import read_manifest
 from features.mfcc import FeatureConfig, FeatureExtractor
 from features.text import CharTokenizer
-from fedspeech.model import BiGRUCTC, ModelConfig, load_plain_state_dict, plain_state_dict
+from fedspeech.config import ConfigError, RunConfig
+from fedspeech.model import (
+    BiGRUCTC,
+    ModelConfig,
+    freeze_lower_layers,
+    load_plain_state_dict,
+    plain_state_dict,
+)
 
 DELTA = 1e-5
 # Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.
@@ -206,3 +213,33 @@ def test_spec_augment_switch_masks_training_features() -> None:
     masked = train_local(model, examples, replace(plain, spec_augment=True))
     unmasked = train_local(model, examples, plain)
     assert any(not torch.equal(masked.state_dict[k], v) for k, v in unmasked.state_dict.items())
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp-sgd", "plain"])
+def test_frozen_layers_stay_fixed_and_the_rest_trains(dp: bool) -> None:
+    # Prepare: a 2-layer bidirectional model with a front-end; freeze the front-end and layer 0.
+    cfg = ModelConfig(input_dim=6, hidden_size=8, num_layers=2, frontend_dim=5, dropout=0.0)
+    model = BiGRUCTC(cfg)
+    before = plain_state_dict(model)
+    train = TrainConfig(batch_size=4, lr=0.05, freeze_layers=1, dp=dp, dp_seed=0 if dp else None)
+    # Execute
+    result = train_local(model, _examples(16), train, planned_steps=4 if dp else None)
+    # Assert: every frozen tensor is bit-identical; every other one moved.
+    frozen = {k for k in before if k.startswith("frontend.") or "_l0" in k}
+    assert len(frozen) == 2 + 8  # front-end weight + bias; 4 tensors x 2 directions of layer 0
+    for name, value in result.state_dict.items():
+        assert torch.equal(value, before[name]) == (name in frozen), name
+    if dp:  # the accounting does not depend on how many weights train
+        assert result.epsilon is not None and result.epsilon > 0
+
+
+def test_freezing_every_layer_leaves_only_the_head_and_bad_counts_are_refused() -> None:
+    model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=2))
+    trainable = freeze_lower_layers(model, 2)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
+    assert sum(p.numel() for p in trainable) == 2 * 16 + 16 * 29 + 29
+    with pytest.raises(ValueError, match="num_frozen must be in"):
+        freeze_lower_layers(model, 3)
+    with pytest.raises(ConfigError, match="freeze-layers 4 > num-layers 3"):
+        RunConfig.from_flat({"freeze-layers": 4, "num-layers": 3})
