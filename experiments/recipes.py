@@ -4,7 +4,7 @@
     python experiments/recipes.py digits central            # centralized, non-private
     python experiments/recipes.py digits fed                # federated, non-private
     python experiments/recipes.py digits fed-dp --epsilon 8 # federated, DP-SGD on every client
-    python experiments/recipes.py report                    # tables + WER-vs-epsilon plot
+    python experiments/recipes.py report                    # tables + WER/CER-vs-epsilon plot
 
 A recipe is ``experiments/<task>.toml``: a ``[recipe]`` table shared by every row, then one table
 per mode (``[central]``, ``[fed]``, ``[fed-dp]``) layered on top; all keys are the run config's
@@ -205,9 +205,10 @@ def recipe_config(task: str, mode: str, epsilon: float | None, extra: str = "") 
 
 def pretrained_model(task: str) -> Path:
     """Where ``recipes.py TASK pretrain`` leaves the task's public model (it must exist)."""
-    model = WORK / PUBLIC_MODEL_OF.get(task, task) / "pretrain" / "model"
+    owner = PUBLIC_MODEL_OF.get(task, task)
+    model = WORK / owner / "pretrain" / "model"
     if not (model / "config.json").is_file():
-        raise SystemExit(f"{model}: missing; run `python experiments/recipes.py {task} pretrain`")
+        raise SystemExit(f"{model}: missing; run `python experiments/recipes.py {owner} pretrain`")
     return model
 
 
@@ -258,7 +259,10 @@ def run_fold(fold: Fold, flat: dict[str, Any], mode: str, out: Path, run_name: s
         if not outcome.finished or outcome.model_dir is None:
             raise RuntimeError(f"fold {fold.name}: the simulation did not finish; see {out}")
         model_dir, rounds = outcome.model_dir, outcome.rounds
-        epsilon = outcome.history[-1].get("epsilon_max") if outcome.history else None
+        last = outcome.history[-1] if outcome.history else {}
+        # the server's user-level ledger where the row protects whole clients, else DP-SGD's
+        user_level = _unit(mode, flat) in ("user", "both")
+        epsilon = last.get("user_epsilon" if user_level else "epsilon_max")
     seconds = time.perf_counter() - start
     greedy, beam = score(model_dir, fold)
     return FoldResult(
@@ -356,12 +360,27 @@ def summarize(
         "beam_wer": statistics.fmean(r.beam_wer for r in results),
         "beam_cer": statistics.fmean(r.beam_cer for r in results),
         "epsilon": max(epsilons) if epsilons else None,
-        "delta": flat.get("delta", 1e-5) if mode == "fed-dp" else None,
+        "delta": _delta(mode, flat),
+        "privacy_unit": _unit(mode, flat),
         "rounds": max(r.rounds for r in results),
         "seconds": sum(r.seconds for r in results),
         "measured": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores",
     }
+
+
+def _unit(mode: str, flat: dict[str, Any]) -> str | None:
+    """What a row's epsilon protects: a client's sample (DP-SGD), a whole client, or nothing."""
+    if flat.get("privacy-unit") in ("user", "both"):
+        return str(flat["privacy-unit"])
+    return "sample" if mode == "fed-dp" else None
+
+
+def _delta(mode: str, flat: dict[str, Any]) -> float | None:
+    unit = _unit(mode, flat)
+    if unit in ("user", "both"):
+        return float(flat.get("user-delta", 1e-5))
+    return float(flat.get("delta", 1e-5)) if unit == "sample" else None
 
 
 def track(cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:

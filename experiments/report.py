@@ -1,4 +1,4 @@
-"""Results page from the recipe rows: tables and a WER-vs-epsilon plot in docs/.
+"""Results page from the recipe rows: tables and a WER/CER-vs-epsilon plot in docs/.
 
 ``write_report(results, docs)`` reads ``results/<task>/<row>.json`` (written by
 ``experiments/recipes.py``), replaces the generated block of ``docs/results.md`` (between the
@@ -47,6 +47,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.2f} ({r['delta']:g})"
+        if r["epsilon"] is not None and r.get("privacy_unit") in ("user", "both"):
+            eps += " per user"  # the server's user-level epsilon, not DP-SGD's
         lines.append(
             f"| {r['row']} | {_pct(r['wer'])} | {_pct(r['cer'])} | {_pct(r['beam_wer'])} | "
             f"{_pct(r['beam_cer'])} | {eps} | {r['rounds'] or '-'} | {r['seconds'] / 60:.1f} min | "
@@ -68,14 +70,15 @@ def fold_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(tasks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
-    """WER (greedy and beam+LM) against epsilon, one line per task; non-private at the right."""
+    """WER (left) and CER (right), greedy and beam+LM, against epsilon, one line per task and
+    decoder; the non-private federated point at the right, the public start as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    drawn = False
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    drawn_tasks: list[str] = []
     for task, rows in tasks.items():
         # the table's DP rows (not tuning rows on dev speakers), by epsilon
         dp_rows = [r for r in rows if r["row"].startswith("fed-dp-eps") and r["epsilon"]]
@@ -85,22 +88,28 @@ def plot(tasks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
         fed = by_name.get("fed-pretrained", by_name.get("fed"))
         if not private:
             continue
-        xs = [e for e, _ in private] + ([math.inf] if fed else [])
-        for key, style in (("wer", "--"), ("beam_wer", "-")):
-            ys = [r[key] * 100 for _, r in private] + ([fed[key] * 100] if fed else [])
-            label = f"{task} ({'greedy' if key == 'wer' else 'beam+LM'})"
-            ax.plot([min(x, 16.0) for x in xs], ys, style, marker="o", label=label)
-            drawn = True
-    if not drawn:
+        xs = [min(e, 16.0) for e, _ in private] + ([16.0] if fed else [])
+        color = f"C{len(drawn_tasks)}"
+        for ax, metric in zip(axes, ("wer", "cer"), strict=True):
+            for key, style in ((metric, "--"), (f"beam_{metric}", "-")):
+                ys = [r[key] * 100 for _, r in private] + ([fed[key] * 100] if fed else [])
+                label = f"{task} ({'greedy' if key == metric else 'beam+LM'})"
+                ax.plot(xs, ys, style, color=color, marker="o", label=label)
+            if "pretrain" in by_name:  # the public model the DP rows start from: no private data
+                level = by_name["pretrain"][metric] * 100
+                ax.axhline(level, color=color, linestyle=":", label=f"{task} public model (greedy)")
+        drawn_tasks.append(task)
+    if not drawn_tasks:
         plt.close(fig)
         return False
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([1, 3, 8, 16], ["1", "3", "8", "no DP"])
-    ax.set_xlabel("epsilon per client (delta 1e-5)")
-    ax.set_ylabel("WER on held-out speakers (%)")
-    ax.set_ylim(0, max(105.0, ax.get_ylim()[1]))  # WER can pass 100% (insertions)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, metric in zip(axes, ("WER", "CER"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 3, 8, 16], ["1", "3", "8", "no DP"])
+        ax.set_xlabel("epsilon per client (delta 1e-5)")
+        ax.set_ylabel(f"{metric} on held-out speakers (%)")
+        ax.set_ylim(0, max(105.0, ax.get_ylim()[1]))  # WER can pass 100% (insertions)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -116,7 +125,7 @@ def write_report(results: Path, docs: Path) -> Path:
         if len(rows[0]["folds"]) > 1:
             parts.append(f"WER (beam+LM) per held-out speaker:\n\n{fold_table(rows)}")
     if plot(tasks, docs / PLOT):
-        parts.append(f"![WER against epsilon]({PLOT})\n")
+        parts.append(f"![WER and CER against epsilon]({PLOT})\n")
     block = f"{BEGIN}\n\n" + "\n".join(parts) + f"\n{END}"
     page = docs / "results.md"
     text = page.read_text(encoding="utf-8") if page.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
