@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +102,12 @@ def write_manifest(path: str | Path, utterances: Iterable[Utterance]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = Path(os.path.abspath(path.parent))
-    tmp = path.with_name(path.name + ".tmp")
+    # a temp name of its own: two processes writing the same manifest must not share one
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
     n = 0
     try:
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write("\t".join(MANIFEST_COLUMNS) + "\n")
             for utt in utterances:
                 audio = _relative(utt.path, root)
@@ -116,6 +119,7 @@ def write_manifest(path: str | Path, utterances: Iterable[Utterance]) -> int:
     except BaseException:
         tmp.unlink(missing_ok=True)  # no half-written manifest left beside the real one
         raise
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the manifest from other users
     os.replace(tmp, path)
     return n
 

@@ -117,7 +117,26 @@ class _ScreenReplies:
         aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
             server_round, to_average
         )
-        return aggregated
+        return self._in_sent_dtypes(aggregated)
+
+    def _in_sent_dtypes(
+        self, aggregated: tuple[ArrayRecord | None, MetricRecord | None]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global weights in the dtypes that were sent: Flower's FedAdam computes in
+        float64, and a float64 global model would make every float32 reply of the next round
+        a dtype mismatch (rejected)."""
+        arrays, metrics = aggregated
+        if arrays is None or self._sent is None:
+            return aggregated
+        cast = ArrayRecord(
+            {
+                k: Array(np.ascontiguousarray(v.numpy().astype(self._sent[k][1], copy=False)))
+                if k in self._sent
+                else v
+                for k, v in arrays.items()
+            }
+        )
+        return cast, metrics
 
     def aggregate_secure(
         self, server_round: int, secure: SecureRound
@@ -172,7 +191,7 @@ class _ScreenReplies:
         aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
             server_round, [_aggregate_reply(new, server_round)]
         )
-        return aggregated
+        return self._in_sent_dtypes(aggregated)
 
     def _private_aggregate(self, ok: list[Message]) -> Message:
         """One reply carrying the user-level DP aggregate of the accepted updates (weight 1)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,25 @@ def test_manifest_round_trip_relative_and_absolute_paths(tmp_path: Path) -> None
     assert lines[2].startswith(str(outside) + "\t")
     assert read_manifest(manifest) == utts
     assert not list(manifest.parent.glob("*.tmp"))
+
+
+def test_two_writers_of_one_manifest_do_not_clash(tmp_path: Path) -> None:
+    # Prepare: a second write of the same manifest starts while the first is still writing
+    # (what two recipe processes preparing the same folds do)
+    manifest = tmp_path / "manifest.tsv"
+    first = [Utterance(tmp_path / "a.wav", "first", "s1", 1.0)]
+    second = [Utterance(tmp_path / "b.wav", "second", "s2", 2.0)]
+
+    def slow_rows() -> Iterator[Utterance]:
+        write_manifest(manifest, second)  # the other writer, done in the middle of this one
+        yield from first
+
+    # Execute: both finish (with a shared temp name the first one's rename would fail)
+    assert write_manifest(manifest, slow_rows()) == 1
+    # Assert: the last one to finish wins whole; no temp file is left; others can read it
+    assert read_manifest(manifest) == first
+    assert not list(tmp_path.glob("*.tmp"))
+    assert manifest.stat().st_mode & 0o777 == 0o644
 
 
 def test_manifest_keeps_symlinked_audio_relative(fsdd_wav: Path, tmp_path: Path) -> None:

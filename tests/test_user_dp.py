@@ -296,6 +296,42 @@ def test_every_allowed_strategy_steps_on_the_private_aggregate(
         assert row["update_norm"] == pytest.approx(0.01 * math.sqrt(n), rel=1e-3)
 
 
+class _Float32Grid(_FakeGrid):
+    """Like ``_FakeGrid``, but the replies are float32 whatever was sent (a real client trains
+    a float32 torch model and sends its weights)."""
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            arrays = reply.content.array_records["arrays"]
+            for k in list(arrays.keys()):
+                arrays[k] = Array(arrays[k].numpy().astype(np.float32))
+        return replies
+
+
+@pytest.mark.parametrize(
+    ("strategy", "unit"),
+    [*((s, "sample") for s in ("fedavg", "fedadam", "fedprox", "fedmedian")), ("fedadam", "user")],
+)
+def test_every_strategy_keeps_training_after_round_one(
+    tmp_path: Path, strategy: str, unit: str
+) -> None:
+    # Prepare: 3 rounds of 2 clients that answer with float32 weights
+    overrides = {"strategy": strategy, "privacy-unit": unit, "num-server-rounds": 3}
+    overrides.update({"min-clients": 2, "user-noise-multiplier": 1e-6, "user-clip-norm": 4.0})
+    flat = _server_config(tmp_path, **overrides)
+    # Execute
+    server_main(_Float32Grid(2), _context(flat))  # type: ignore[arg-type]
+    # Assert: every round aggregated both replies; none was rejected because the global model's
+    # dtype drifted (Flower's FedAdam steps in float64)
+    rows = read_rounds(tmp_path / "run")
+    assert [(r["round"], r["clients_ok"], r["clients_rejected"]) for r in rows] == [
+        (1, 2, 0),
+        (2, 2, 0),
+        (3, 2, 0),
+    ]
+
+
 def _initial(flat: dict[str, Any]) -> dict[str, torch.Tensor]:
     cfg = RunConfig.from_flat(flat)
     model_config = cfg.model.model_config(cfg.features.frame_dim, CharTokenizer().vocab_size)
