@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from features.manifest import Utterance, read_manifest, write_manifest  # noqa: E402
 from fedspeech.config import RunConfig, parse_overrides, resolve_run_config  # noqa: E402
 from fedspeech.logs import setup_logging  # noqa: E402
+from fedspeech.privacy_config import PrivacyConfig  # noqa: E402
 
 log = logging.getLogger("fedspeech.recipes")
 
@@ -261,7 +262,7 @@ def run_fold(fold: Fold, flat: dict[str, Any], mode: str, out: Path, run_name: s
         model_dir, rounds = outcome.model_dir, outcome.rounds
         last = outcome.history[-1] if outcome.history else {}
         # the server's user-level ledger where the row protects whole clients, else DP-SGD's
-        user_level = _unit(mode, flat) in ("user", "both")
+        user_level = _privacy(flat).user_level
         epsilon = last.get("user_epsilon" if user_level else "epsilon_max")
     seconds = time.perf_counter() - start
     greedy, beam = score(model_dir, fold)
@@ -369,18 +370,25 @@ def summarize(
     }
 
 
+def _privacy(flat: dict[str, Any]) -> PrivacyConfig:
+    """The row's privacy unit and user-level delta (the rest of ``flat`` is not needed)."""
+    keys = {"privacy-unit": "privacy_unit", "user-delta": "user_delta"}
+    return PrivacyConfig(**{field: flat[key] for key, field in keys.items() if key in flat})
+
+
 def _unit(mode: str, flat: dict[str, Any]) -> str | None:
     """What a row's epsilon protects: a client's sample (DP-SGD), a whole client, or nothing."""
-    if flat.get("privacy-unit") in ("user", "both"):
-        return str(flat["privacy-unit"])
+    privacy = _privacy(flat)
+    if privacy.user_level:
+        return privacy.privacy_unit
     return "sample" if mode == "fed-dp" else None
 
 
 def _delta(mode: str, flat: dict[str, Any]) -> float | None:
-    unit = _unit(mode, flat)
-    if unit in ("user", "both"):
-        return float(flat.get("user-delta", 1e-5))
-    return float(flat.get("delta", 1e-5)) if unit == "sample" else None
+    privacy = _privacy(flat)
+    if privacy.user_level:
+        return float(privacy.user_delta)
+    return float(flat.get("delta", 1e-5)) if mode == "fed-dp" else None
 
 
 def track(cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:
