@@ -10,8 +10,11 @@ environment injects faults for reliability tests (``client.faults``; off when un
 With ``secure-aggregation`` the weights leave the node only masked: ``client.secagg`` wraps this
 handler in Flower's SecAgg+ client mod (the reply's weights become a masked update).
 
-The privacy ledger is kept in ``context.state`` (across rounds of a run) and in a JSON file (see
-``client.node_state``: across runs and restarts); the longer history of the two wins.
+The node config is checked on the first message (``client.node_state.NodeConfig``: an unknown
+key or a wrong type fails the message with an error naming the key, which the server reports).
+The privacy ledger is kept in ``context.state`` (across rounds of a run) and in one JSON file per
+node (see ``client.node_state``: across runs and restarts, whatever the accountant); the longer
+history of the two wins.
 
 Importing this module is cheap on purpose (torch, Opacus and the pipeline load on the first
 message): Flower's simulation imports the ClientApp in its driver before it starts Ray, while the
@@ -38,7 +41,7 @@ from flwr.clientapp import ClientApp
 from client.secagg import secure_aggregation_mod
 
 if TYPE_CHECKING:
-    from client.privacy import PrivacyState
+    from fedspeech.privacy_ledger import PrivacyLedger
 
 log = logging.getLogger("fedspeech.client")
 
@@ -66,8 +69,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(str(config.get("server-round", 0)))
     proximal_mu = float(str(config.get("proximal-mu", 0.0)))  # only FedProx sends it
-    ledger_in_state = _state_ledger(context)
-    prior = newest_ledger(ledger_in_state, load_ledger(node.ledger_file))
+    ledger_in_state = _state_ledger(context, cfg.train.delta)
+    prior = newest_ledger(ledger_in_state, load_ledger(node.ledger_file, cfg.train.delta))
 
     examples, data_metrics = load_node_examples(node, cfg)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
@@ -108,13 +111,13 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _state_ledger(context: Context) -> PrivacyState | None:
-    from client.privacy import PrivacyState
+def _state_ledger(context: Context, delta: float) -> PrivacyLedger | None:
+    from fedspeech.privacy_ledger import PrivacyLedger
 
     record = context.state.get(_LEDGER_KEY)
     if not isinstance(record, ConfigRecord) or "ledger" not in record:
         return None
-    return PrivacyState.from_json(str(record["ledger"]))
+    return PrivacyLedger.from_json(str(record["ledger"]), delta=delta)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
-from client.privacy import PrivacyState, calibrate_noise_multiplier
 from client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
 from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict
+from fedspeech.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def train_private(
     dataset: FeatureDataset,
     cfg: TrainConfig,
     *,
-    prior_state: PrivacyState | None,
+    prior_state: PrivacyLedger | None,
     planned_steps: int | None,
     device: torch.device,
     proximal_mu: float = 0.0,
@@ -40,12 +40,12 @@ def train_private(
     """DP-SGD on the Opacus twin of ``model``; see ``client.train.train_local`` for the contract.
 
     The Poisson sampling rate is Opacus's ``1 / ceil(N / batch_size)``, one epoch is
-    ``ceil(N / batch_size)`` steps, and the accountant starts from ``prior_state``'s history.
+    ``ceil(N / batch_size)`` steps, and the accountant starts from ``prior_state``'s history
+    (whichever accountant recorded it: a ledger is accountant-agnostic), at the smaller of its
+    delta and ``cfg.delta``.
     """
     start = time.perf_counter()
-    prior = prior_state or PrivacyState(mechanism=cfg.accountant)
-    if prior.mechanism != cfg.accountant:
-        raise ValueError(f"privacy state uses {prior.mechanism!r}, config {cfg.accountant!r}")
+    prior = (prior_state or PrivacyLedger(cfg.delta)).at_delta(cfg.delta)
     sampling = torch.Generator()
     noise_gen = torch.Generator(device=device)
     if cfg.dp_seed is None:
@@ -72,7 +72,7 @@ def train_private(
         # torchcsprng is not installable here; noise comes from torch's PRNG (see dp_seed).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=cfg.accountant)
-    prior.restore_into(engine.accountant)
+    engine.accountant.history = list(prior.history)  # Opacus appends this call's steps
     gsm, optimizer, dp_loader = engine.make_private(
         module=net,
         # FedProx's pull is hooked on this inner optimizer: after the private step, no privacy cost
@@ -88,14 +88,15 @@ def train_private(
     with warnings.catch_warnings():
         # Opacus's hooks on the first layer fire although the features need no gradient: harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        loss, skipped = _private_epochs(gsm, optimizer, dp_loader, engine, cfg, device)
+        loss, skipped = _private_epochs(gsm, optimizer, dp_loader, engine, cfg, device, prior.delta)
 
-    state = PrivacyState.from_accountant(engine.accountant)
+    history = tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
+    state = PrivacyLedger(prior.delta, history)
     steps = state.num_steps - prior.num_steps
     return TrainResult(
         state_dict=plain_state_dict(gsm),
         metrics=make_metrics(loss, len(dataset), steps, skipped, start),
-        epsilon=state.epsilon(cfg.delta),
+        epsilon=state.epsilon(cfg.accountant),
         noise_multiplier=noise,
         sample_rate=sample_rate,
         privacy_state=state,
@@ -109,6 +110,7 @@ def _private_epochs(
     engine: PrivacyEngine,
     cfg: TrainConfig,
     device: torch.device,
+    delta: float,
 ) -> tuple[float, int]:
     """Run the DP-SGD epochs; returns (last epoch's mean loss, number of empty batches)."""
     loss, skipped = math.nan, 0
@@ -129,7 +131,7 @@ def _private_epochs(
                 count += batch.size
             optimizer.step()
         loss = total / count if count else math.nan
-        eps = engine.accountant.get_epsilon(delta=cfg.delta)
+        eps = epsilon_of(engine.accountant.history, delta, cfg.accountant)
         log.info("epoch %d/%d: loss %.4f, epsilon %.3f", epoch + 1, cfg.epochs, loss, eps)
 
     return loss, skipped
@@ -137,7 +139,7 @@ def _private_epochs(
 
 def _calibrate(
     cfg: TrainConfig,
-    prior: PrivacyState,
+    prior: PrivacyLedger,
     planned_steps: int | None,
     sample_rate: float,
     steps_per_epoch: int,
@@ -151,10 +153,10 @@ def _calibrate(
         )
     noise = calibrate_noise_multiplier(
         target_epsilon=cfg.target_epsilon,
-        delta=cfg.delta,
         sample_rate=sample_rate,
         steps=planned - prior.num_steps,
         prior=prior,
+        accountant=cfg.accountant,
     )
     log.info(
         "noise multiplier %.4f for epsilon %.3g over %d steps", noise, cfg.target_epsilon, planned

@@ -24,7 +24,6 @@ from torch import Tensor
 
 from client.batching import LabelledFeatures
 from client.node_state import NodeData
-from client.privacy import PrivacyBudgetError, PrivacyState, calibrate_noise_multiplier
 from client.train import train_local
 from features.dataset import SKIP_KINDS, Example
 from features.errors import FedspeechDataError, SkipReport
@@ -32,6 +31,7 @@ from features.text import CharTokenizer
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, load_plain_state_dict
 from fedspeech.pipeline import load_examples
+from fedspeech.privacy_ledger import PrivacyBudgetError, PrivacyLedger, calibrate_noise_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RoundOutcome:
 
     state_dict: dict[str, Tensor] | None
     metrics: dict[str, float]
-    privacy_state: PrivacyState | None
+    privacy_state: PrivacyLedger | None
     declined_reason: str | None = None
 
 
@@ -100,7 +100,7 @@ def run_round(
     cfg: RunConfig,
     *,
     server_round: int,
-    prior: PrivacyState | None,
+    prior: PrivacyLedger | None,
     budget: float | None,
     seed_offset: int = 0,
     proximal_mu: float = 0.0,
@@ -116,8 +116,9 @@ def run_round(
         examples: this client's utterances.
         cfg: the run config (model shape, training and privacy settings, planned rounds).
         server_round: the round number (seeds).
-        prior: this client's ledger so far (None: fresh).
-        budget: lifetime epsilon budget at ``cfg.train.delta`` (None: no limit).
+        prior: this client's ledger so far, whichever accountant recorded it (None: fresh).
+        budget: lifetime epsilon budget, under the run's accountant at the smaller of the
+            ledger's delta and ``cfg.train.delta`` (None: no limit).
         seed_offset: distinguishes clients' seeds (e.g. the partition id).
         proximal_mu: FedProx's proximal weight, as the server sent it (0: plain local training).
     """
@@ -127,12 +128,12 @@ def run_round(
     dp_seed = None if train.dp_seed is None else train.dp_seed + 2 * (seed - train.seed)
     train = dataclasses.replace(train, seed=seed, dp_seed=dp_seed, dp=cfg.sample_level_dp)
     if train.dp:
-        prior = prior or PrivacyState(mechanism=train.accountant)
+        prior = (prior or PrivacyLedger(train.delta)).at_delta(train.delta)
         noise, reason = _plan_noise(cfg, len(examples), prior, budget)
         if reason is not None:
             log.warning("declining round %d: %s", server_round, reason)
             metrics = {"declined": 1.0, "num-examples": float(len(examples))}
-            metrics["epsilon"] = prior.epsilon(train.delta)
+            metrics["epsilon"] = prior.epsilon(train.accountant)
             metrics["seconds"] = time.perf_counter() - start
             return RoundOutcome(None, metrics, prior, reason)
         train = dataclasses.replace(train, noise_multiplier=noise, target_epsilon=None)
@@ -163,7 +164,7 @@ def round_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float,
 
 
 def _plan_noise(
-    cfg: RunConfig, num_examples: int, prior: PrivacyState, budget: float | None
+    cfg: RunConfig, num_examples: int, prior: PrivacyLedger, budget: float | None
 ) -> tuple[float, str | None]:
     """This round's noise multiplier, and the reason to decline (None: go ahead)."""
     train = cfg.train
@@ -180,16 +181,18 @@ def _plan_noise(
         try:
             noise = calibrate_noise_multiplier(
                 target_epsilon=train.target_epsilon,
-                delta=train.delta,
                 sample_rate=sample_rate,
                 steps=planned - prior.num_steps,
                 prior=prior,
+                accountant=train.accountant,
             )
         except PrivacyBudgetError as exc:
             return 0.0, f"target epsilon {train.target_epsilon} cannot be met: {exc}"
     assert noise is not None
-    if budget is not None and prior.would_exceed(budget, train.delta, noise, sample_rate, steps):
-        spent = prior.epsilon(train.delta)
+    if budget is not None and prior.would_exceed(
+        budget, train.accountant, noise, sample_rate, steps
+    ):
+        spent = prior.epsilon(train.accountant)
         return noise, (
             f"{steps} more steps (noise {noise:.3g}, q {sample_rate:.3g}) would exceed the epsilon "
             f"budget {budget:g} (spent {spent:.3f})"

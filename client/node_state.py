@@ -1,4 +1,4 @@
-"""Where a client node's data, feature cache and privacy ledger live, and the ledger on disk.
+"""Where a client node's data, feature cache and privacy ledger live; its node config; the ledger on disk.
 
 A node's ``node_config`` says where its data is:
 
@@ -11,25 +11,102 @@ A node's ``node_config`` says where its data is:
   lives in the run folder (``<out-dir>/client-state/``), so ``resume`` continues it and a fresh run
   starts a fresh one.
 
-Optional per-node keys: ``epsilon-budget`` (overrides the run config) and ``threads``.
+Optional per-node keys: ``epsilon-budget`` (overrides the run config) and ``threads``. Any other
+key, or a value of the wrong type, is refused when the ClientApp first reads the node config
+(``NodeConfig.parse``): a mistyped ``epsilon-bugdet`` must not silently drop a node's budget.
+
+One ledger file per node, whatever accountant a run uses (``ledger.json``, or
+``partition-<i>.json`` for a simulated node): the accountant is the server's choice and must not
+choose which history a node's budget counts. Files of earlier versions, one per accountant
+(``ledger-rdp.json``, ``ledger-prv.json``), are merged into it on first read (``load_ledger``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from client.privacy import PrivacyState
 from fedspeech.config import ConfigError, RunConfig
+from fedspeech.privacy_ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
 LEDGER_DIR = ".fedspeech-privacy"  # inside a real node's data folder
+LEDGER_FILE = "ledger.json"
 CLIENT_STATE_DIR = "client-state"  # inside a simulation's run folder
+_LEGACY_ACCOUNTANTS = ("rdp", "prv")  # earlier versions kept one ledger file per accountant
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A node's ``node_config``, checked: every key known, every value of its type.
+
+    Attributes:
+        manifest: the node's manifest (a real node).
+        data_dir: the node's data folder (its ``manifest.tsv`` unless ``manifest`` is given).
+        partition_id: a simulated node's partition (set by Flower's simulation engine).
+        num_partitions: the number of partitions (set by Flower's simulation engine).
+        epsilon_budget: this node's lifetime epsilon budget (overrides the run config).
+        threads: torch threads for local training (None: the run config's ``client-threads``).
+    """
+
+    manifest: str | None = None
+    data_dir: str | None = None
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    epsilon_budget: float | None = None
+    threads: int | None = None
+
+    @classmethod
+    def parse(cls, node_config: Mapping[str, object]) -> NodeConfig:
+        """Check ``node_config`` (Flower's flat mapping) and build the config.
+
+        Raises:
+            ConfigError: an unknown key (named, with the known ones listed) or a wrong type.
+        """
+        known = {name.replace("_", "-"): kind for name, kind in _NODE_KEYS.items()}
+        unknown = sorted(set(node_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown node-config key(s) {', '.join(map(repr, unknown))}; known keys: "
+                f"{', '.join(sorted(known))}"
+            )
+        values: dict[str, Any] = {}
+        for key, value in node_config.items():
+            kind = known[key]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(
+                    f"node-config {key} must be {kind.__name__}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+            values[key.replace("-", "_")] = value
+        parsed = cls(**values)
+        if parsed.epsilon_budget is not None and parsed.epsilon_budget <= 0:
+            raise ConfigError(
+                f"node-config epsilon-budget must be > 0, got {parsed.epsilon_budget}"
+            )
+        if parsed.threads is not None and parsed.threads < 0:
+            raise ConfigError(f"node-config threads must be >= 0, got {parsed.threads}")
+        return parsed
+
+
+# node-config key (snake case) -> the one type its value may have
+_NODE_KEYS: dict[str, type] = {
+    "manifest": str,
+    "data_dir": str,
+    "partition_id": int,
+    "num_partitions": int,
+    "epsilon_budget": float,
+    "threads": int,
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +118,7 @@ class NodeData:
         manifest: the node's manifest (None: a simulated partition, made on demand).
         partition: ``(partition-id, num-partitions)`` of a simulated node, else None.
         cache_dir: feature cache folder.
-        ledger_file: JSON file of the node's privacy ledger.
+        ledger_file: JSON file of the node's privacy ledger (one per node, any accountant).
         epsilon_budget: the node's lifetime epsilon budget (None: no limit).
         threads: torch threads for local training (0: torch's default).
     """
@@ -59,65 +136,113 @@ def resolve_node_data(node_config: Mapping[str, object], cfg: RunConfig) -> Node
     """Read a node's data location from its ``node_config`` (see the module docstring).
 
     Raises:
-        ConfigError: neither ``manifest``/``data-dir`` nor ``partition-id``/``num-partitions``.
+        ConfigError: an unknown key or a wrong type (``NodeConfig.parse``), or neither
+            ``manifest``/``data-dir`` nor ``partition-id``/``num-partitions``.
     """
-    budget = _optional_float(node_config.get("epsilon-budget"))
-    threads = int(str(node_config.get("threads", cfg.fed.client_threads)))
-    mechanism = cfg.train.accountant
-    if "manifest" in node_config or "data-dir" in node_config:
-        data_dir = node_config.get("data-dir")
-        manifest = Path(str(node_config.get("manifest") or Path(str(data_dir)) / "manifest.tsv"))
-        folder = Path(str(data_dir)) if data_dir else manifest.parent
+    node = NodeConfig.parse(node_config)
+    threads = cfg.fed.client_threads if node.threads is None else node.threads
+    if node.manifest is not None or node.data_dir is not None:
+        manifest = Path(node.manifest or Path(str(node.data_dir)) / "manifest.tsv")
+        folder = Path(node.data_dir) if node.data_dir else manifest.parent
+        budget = node.epsilon_budget
         return NodeData(
             label=str(manifest),
             manifest=manifest,
             partition=None,
             cache_dir=folder / ".fedspeech-cache",
-            ledger_file=folder / LEDGER_DIR / f"ledger-{mechanism}.json",
+            ledger_file=folder / LEDGER_DIR / LEDGER_FILE,
             epsilon_budget=budget if budget is not None else cfg.fed.epsilon_budget,
             threads=threads,
         )
-    if "partition-id" not in node_config or "num-partitions" not in node_config:
+    if node.partition_id is None or node.num_partitions is None:
         raise ConfigError(
             "node_config needs `manifest` or `data-dir` (a real node) or "
             "`partition-id` and `num-partitions` (set by the simulation engine)"
         )
-    pid, num = int(str(node_config["partition-id"])), int(str(node_config["num-partitions"]))
+    pid, num = node.partition_id, node.num_partitions
     ledgers = Path(cfg.fed.out_dir) / CLIENT_STATE_DIR
+    budget = node.epsilon_budget
     return NodeData(
         label=f"partition {pid}/{num}",
         manifest=None,
         partition=(pid, num),
         cache_dir=Path(cfg.fed.data_dir) / "features",
-        ledger_file=ledgers / f"partition-{pid}-{mechanism}.json",
+        ledger_file=ledgers / f"partition-{pid}.json",
         epsilon_budget=budget if budget is not None else cfg.fed.budget_for_partition(pid),
         threads=threads,
     )
 
 
-def load_ledger(path: Path) -> PrivacyState | None:
-    """The ledger stored at ``path``; None if there is none.
+def load_ledger(path: Path, delta: float) -> PrivacyLedger | None:
+    """The node's ledger at ``path`` (None if it has none), with earlier per-accountant files merged.
+
+    ``delta`` is the delta to state a ledger at that was written without one (earlier
+    versions). Per-accountant files beside ``path`` (``<stem>-rdp.json``, ``<stem>-prv.json``)
+    hold disjoint runs: their histories are appended to the ledger, which is saved, and they are
+    renamed ``*.migrated``. The ledger lists what it merged, so a crash between the two steps
+    never counts a file twice.
 
     Raises:
-        ValueError: the file exists but is not a ledger (never silently reset a privacy history).
+        ValueError: a file that exists but is not a ledger, named (a privacy history is never
+            silently reset).
     """
+    ledger, merged = _read_ledger_file(path, delta)
+    legacy = [path.with_name(f"{path.stem}-{name}.json") for name in _LEGACY_ACCOUNTANTS]
+    legacy = [p for p in legacy if p.is_file()]
+    if not legacy:
+        return ledger
+    for old in legacy:
+        if old.name in merged:
+            continue
+        spent, _ = _read_ledger_file(old, delta)
+        assert spent is not None
+        ledger = spent if ledger is None else ledger.merge(spent)
+        merged = (*merged, old.name)
+        log.warning(
+            "%s: merged the per-accountant ledger %s (%d steps) into the node's one ledger",
+            path,
+            old.name,
+            spent.num_steps,
+        )
+    assert ledger is not None
+    save_ledger(path, ledger, merged=merged)
+    for old in legacy:
+        os.replace(old, old.with_name(old.name + ".migrated"))
+    return ledger
+
+
+def _read_ledger_file(path: Path, delta: float) -> tuple[PrivacyLedger | None, tuple[str, ...]]:
+    """(ledger, names of the legacy files merged into it) at ``path``; (None, ()) if absent."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None
+        return None, ()
     try:
-        return PrivacyState.from_json(text)
-    except ValueError as exc:
-        raise ValueError(f"{path}: damaged privacy ledger ({exc}); refusing to start over") from exc
+        data = json.loads(text)
+        merged = tuple(str(name) for name in data.get("migrated", ()))
+        return PrivacyLedger.from_dict(data, delta=delta), merged
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(
+            f"{path}: damaged privacy ledger ({exc}); refusing to start over (repair or restore "
+            "the file: deleting it would reset this node's privacy budget)"
+        ) from exc
 
 
-def save_ledger(path: Path, state: PrivacyState) -> None:
-    """Write the ledger atomically (temporary file, fsync, rename)."""
+def save_ledger(path: Path, ledger: PrivacyLedger, *, merged: tuple[str, ...] = ()) -> None:
+    """Write the ledger atomically (temporary file, fsync, rename).
+
+    ``merged``: names of earlier per-accountant files already folded into it (kept in the file).
+    """
+    if not merged:
+        _, merged = _read_ledger_file(path, ledger.delta)  # keep what an earlier save recorded
+    data: dict[str, Any] = ledger.to_dict()
+    if merged:
+        data["migrated"] = list(merged)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(state.to_json() + "\n")
+            fh.write(json.dumps(data) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -126,13 +251,7 @@ def save_ledger(path: Path, state: PrivacyState) -> None:
         raise
 
 
-def newest_ledger(*states: PrivacyState | None) -> PrivacyState | None:
+def newest_ledger(*ledgers: PrivacyLedger | None) -> PrivacyLedger | None:
     """The ledger with the most recorded steps (the conservative choice when copies disagree)."""
-    known = [s for s in states if s is not None]
+    known = [s for s in ledgers if s is not None]
     return max(known, key=lambda s: s.num_steps) if known else None
-
-
-def _optional_float(value: object) -> float | None:
-    if value is None or value == "":
-        return None
-    return float(str(value))

@@ -1,7 +1,7 @@
 """Local training of the acoustic model: Opacus DP-SGD (Poisson sampling, clipping, noise) or plain.
 
 ``train_local`` is the (model, examples) -> (weights, metrics, epsilon) stage every client runs; it
-imports no Flower. The privacy ledger (``PrivacyState``) goes in and comes out so that a client's
+imports no Flower. The privacy ledger (``PrivacyLedger``) goes in and comes out so that a client's
 epsilon composes across rounds.
 """
 
@@ -26,9 +26,9 @@ from client.batching import (
     ctc_loss,
 )
 from client.dp_sgd import train_private
-from client.privacy import PrivacyState
 from client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
 from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict, unwrap
+from fedspeech.privacy_ledger import PrivacyLedger
 
 __all__ = ["TrainConfig", "TrainResult", "ctc_loss", "train_local"]
 
@@ -40,7 +40,7 @@ def train_local(
     examples: Sequence[LabelledFeatures],
     cfg: TrainConfig,
     *,
-    privacy_state: PrivacyState | None = None,
+    privacy_state: PrivacyLedger | None = None,
     planned_steps: int | None = None,
     augment: Augment | None = None,
     device: torch.device | None = None,
@@ -52,7 +52,7 @@ def train_local(
         model: a ``BiGRUCTC`` of either flavour; DP training runs on its Opacus twin.
         examples: utterances (``features.dataset.Example`` or anything with feats/labels).
         cfg: training settings.
-        privacy_state: this client's accountant state from earlier calls (None: fresh).
+        privacy_state: this client's privacy ledger from earlier calls (None: fresh).
         planned_steps: DP steps this client plans in total, earlier calls included; the noise for
             ``cfg.target_epsilon`` is calibrated so that all of them spend at most the target.
             Default: the recorded steps plus this call's.

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from client.privacy import PrivacyState
 from client.proximal import add_proximal_step
+from fedspeech.privacy_ledger import PrivacyLedger
 from fedspeech.train_config import TrainConfig
 
 
@@ -28,7 +28,7 @@ class TrainResult:
             ``cfg.delta``; None without DP.
         noise_multiplier: the noise used (given or calibrated); None without DP.
         sample_rate: Poisson sampling rate used; None without DP.
-        privacy_state: accountant state to pass into the next call; None without DP.
+        privacy_state: the privacy ledger to pass into the next call; None without DP.
     """
 
     state_dict: dict[str, Tensor]
@@ -36,7 +36,7 @@ class TrainResult:
     epsilon: float | None = None
     noise_multiplier: float | None = None
     sample_rate: float | None = None
-    privacy_state: PrivacyState | None = None
+    privacy_state: PrivacyLedger | None = None
 
 
 def make_optimizer(

@@ -89,6 +89,9 @@ class FedConfig:
     num_server_rounds: int = 3
     fraction_train: float = 1.0  # share of connected nodes sampled per round
     clients_per_round: int = 0  # sample exactly this many nodes per round (0: fraction-train)
+    # Poisson sampling: each node joins a round with this probability; user-level DP always
+    # samples so (0: q derived from clients-per-round or fraction-train, server.sampling)
+    client_sample_rate: float = 0.0
     min_clients: int = 2  # wait for this many nodes; sample at least this many
     strategy: StrategyName = "fedavg"
     server_lr: float = 0.01  # FedAdam's server step size (eta)
@@ -133,6 +136,10 @@ class FedConfig:
             raise ConfigError("pretrain-utterances must be >= 0 and pretrain-epochs >= 1")
         if self.clients_per_round < 0:
             raise ConfigError("clients-per-round must be >= 0 (0: sample fraction-train)")
+        if not 0 <= self.client_sample_rate <= 1:
+            raise ConfigError(
+                f"client-sample-rate must be in [0, 1] (0: derived), got {self.client_sample_rate}"
+            )
         if self.min_successful_clients < 1 or self.round_retries < 0:
             raise ConfigError("min-successful-clients must be >= 1 and round-retries >= 0")
         _parse_budgets(self.partition_budgets)  # fail at config time, not in round 1
@@ -225,6 +232,12 @@ class RunConfig:
     def user_level_dp(self) -> bool:
         """The server clips and noises client updates (``dp`` on, unit ``user`` or ``both``)."""
         return self.train.dp and self.privacy.user_level
+
+    @property
+    def poisson_sampling(self) -> bool:
+        """Rounds draw their clients by Poisson sampling (``server.sampling``): always with
+        user-level DP (its accountant assumes it), else when ``client-sample-rate`` is set."""
+        return self.user_level_dp or self.fed.client_sample_rate > 0
 
     @property
     def secure_aggregation(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-AccountantName = Literal["rdp", "prv"]
+from fedspeech.privacy_ledger import AccountantName
 
 
 @dataclass(frozen=True)

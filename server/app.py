@@ -1,15 +1,16 @@
 """Flower ServerApp: runs the rounds of a ``server.run.FederatedRun`` over Flower's Grid.
 
-Per round: the strategy samples nodes and builds the train messages (global weights +
-``server-round``), the Grid sends them and collects replies until ``round-timeout``, the strategy
-screens the replies and aggregates the accepted ones, and ``FederatedRun.finish_round``
-evaluates, checkpoints, tracks and logs (with user-level DP the strategy clips and noises the
-accepted updates, ``server.user_dp``, and ``finish_round`` charges the round to the run's
-ledger). A round with fewer than ``min-successful-clients``
-accepted updates changes nothing: it is sent again (at most ``round-retries`` times, and only
-when some client failed or was rejected: clients out of privacy budget decline again), then the
-run stops with a ``RoundFailedError`` that names every client's reason; the checkpoint keeps the
-last complete round. Everything but the message traffic lives in plain modules (``server.run``).
+Per round: the strategy samples nodes (Poisson sampling under user-level DP, ``server.sampling``)
+and builds the train messages (global weights + ``server-round``), the Grid sends them and
+collects replies until ``round-timeout``, the strategy screens the replies and aggregates the
+accepted ones, and ``FederatedRun.finish_round`` evaluates, checkpoints, tracks and logs (with
+user-level DP the strategy clips and noises the accepted updates, ``server.user_dp``, and
+``finish_round`` charges the round to the run's ledger). A round with fewer accepted updates than
+it needs (``min-successful-clients``; with Poisson sampling at most the number drawn) changes
+nothing: it is sent again (at most ``round-retries`` times, and only when some client failed or
+was rejected: clients out of privacy budget decline again), then the run stops with a
+``RoundFailedError`` that names every client's reason; the checkpoint keeps the last complete
+round. Everything but the message traffic lives in plain modules (``server.run``).
 
 With ``secure-aggregation`` the same train messages go through Flower's SecAgg+ workflow
 (``server.secagg``: four exchanges with the sampled nodes instead of one) and the strategy
@@ -31,6 +32,7 @@ from fedspeech.config import RunConfig
 from fedspeech.logs import show_progress
 from server.rounds import ClientReport, retry_may_help, shortfall
 from server.run import FederatedRun
+from server.sampling import PoissonSampler
 from server.secagg import run_secure_round
 from server.strategy import export_state, import_state, make_strategy, missing_reports
 from server.user_dp import UserDPRelease, UserLevelDP
@@ -74,8 +76,11 @@ def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
     user_dp = None
     if cfg.user_level_dp:
         # A resumed run continues with the clipping norm its checkpoint holds (adaptive clipping).
-        user_dp = UserLevelDP(cfg.privacy, clip_norm=run.user_ledger.clip_norm)
-    strategy = make_strategy(cfg.fed, user_dp=user_dp, secure=cfg.secure_aggregation)
+        user_dp = UserLevelDP(cfg.privacy, clip_norm=run.user_state.clip_norm)
+    sampler = PoissonSampler(cfg.fed, seed=cfg.train.dp_seed) if cfg.poisson_sampling else None
+    strategy = make_strategy(
+        cfg.fed, user_dp=user_dp, secure=cfg.secure_aggregation, sampler=sampler
+    )
     import_state(strategy, run.strategy_arrays)
     arrays = ArrayRecord(run.global_state)
     for server_round in run.pending_rounds:
@@ -83,7 +88,7 @@ def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
         log.info("round %d/%d", server_round, cfg.fed.num_server_rounds)
         for attempt in range(cfg.fed.round_retries + 1):
             new_arrays, reports, release = _train_once(strategy, server_round, arrays, grid, cfg)
-            problem = shortfall(reports, cfg.fed.min_successful_clients)
+            problem = shortfall(reports, strategy.successes_needed())  # type: ignore[attr-defined]
             if problem is None:
                 break
             if attempt == cfg.fed.round_retries or not retry_may_help(reports):
@@ -107,6 +112,7 @@ def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
             strategy_arrays=export_state(strategy),
             retries=attempt,
             user_dp=release,
+            clients_sampled=strategy.last_sampled,  # type: ignore[attr-defined]
         )
 
 
@@ -116,13 +122,17 @@ def _train_once(
     """Send one round's train messages.
 
     Returns:
-        The aggregate (None: too few accepted), the reports, and the user-level DP record of the
-        aggregate (None without user-level DP or without an aggregate).
+        The aggregate (None: too few accepted), one report per sampled client, and the
+        user-level DP record of the aggregate (None without user-level DP or without an
+        aggregate).
     """
     messages: list[Message] = list(
         strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
     )
-    if cfg.secure_aggregation:
+    if not messages:  # an empty Poisson draw (or one left out): noise only with user-level DP
+        new_arrays, _ = strategy.aggregate_train(server_round, [])
+        reports = list(strategy.last_reports)  # type: ignore[attr-defined]
+    elif cfg.secure_aggregation:
         floats = [k for k, v in arrays.items() if v.numpy().dtype.kind == "f"]
         secure = run_secure_round(
             grid, messages, cfg, server_round=server_round, float_names=floats

@@ -52,7 +52,7 @@ from server.rounds import (
     with_evaluation,
 )
 from server.tracking import Tracker, open_tracker, read_rounds
-from server.user_dp import UserDPRelease, UserPrivacyLedger
+from server.user_dp import UserDPRelease, UserDPState
 
 log = logging.getLogger("fedspeech.server")
 
@@ -138,9 +138,9 @@ class FederatedRun:
         )
 
     @property
-    def user_ledger(self) -> UserPrivacyLedger:
-        """The user-level privacy spent so far (empty without user-level DP)."""
-        return UserPrivacyLedger.from_dict(self.state.user_privacy)
+    def user_state(self) -> UserDPState:
+        """The user-level privacy spent so far (an empty ledger without user-level DP)."""
+        return UserDPState.from_dict(self.state.user_privacy, delta=self.cfg.privacy.user_delta)
 
     @property
     def pending_rounds(self) -> range:
@@ -158,19 +158,25 @@ class FederatedRun:
         strategy_arrays: Mapping[str, np.ndarray] | None = None,
         retries: int = 0,
         user_dp: UserDPRelease | None = None,
+        clients_sampled: int | None = None,
     ) -> RoundSummary:
         """Evaluate, checkpoint, track and log a finished round; ``started``: its perf_counter.
 
         ``retries``: how often the round was re-sent before enough clients trained.
+        ``clients_sampled``: clients the (last) attempt sampled (default: one per report).
         ``user_dp``: the round's user-level DP release, charged to the ledger that is saved in
         the same checkpoint as the round (so a round is charged exactly once, also across
         ``--resume``).
         """
         new_state = {k: v.detach().to("cpu", torch.float32) for k, v in new_state.items()}
-        summary = replace(summarize_round(server_round, reports, train_seconds), retries=retries)
-        ledger = self.user_ledger
+        summary = replace(
+            summarize_round(server_round, reports, train_seconds),
+            retries=retries,
+            clients_sampled=len(reports) if clients_sampled is None else clients_sampled,
+        )
+        user_state = self.user_state
         if user_dp is not None:
-            ledger = ledger.record(server_round, user_dp)
+            user_state = user_state.record(server_round, user_dp)
             summary = replace(
                 summary,
                 user_clip_norm=user_dp.clip_norm,
@@ -179,7 +185,7 @@ class FederatedRun:
                 user_unclipped_share=user_dp.unclipped_share,
             )
         if self.cfg.user_level_dp:
-            summary = replace(summary, user_epsilon=ledger.epsilon(self.cfg.privacy.user_delta))
+            summary = replace(summary, user_epsilon=user_state.epsilon())
         eval_start = time.perf_counter()
         wer, cer = self.evaluator(new_state)
         eval_seconds = time.perf_counter() - eval_start
@@ -196,7 +202,9 @@ class FederatedRun:
             history=[*self.state.history, summary.to_json()],
             clients=clients,
             finished=server_round >= self.cfg.fed.num_server_rounds,
-            user_privacy=ledger.to_dict() if ledger.history else self.state.user_privacy,
+            user_privacy=user_state.to_dict()
+            if user_state.ledger.history
+            else self.state.user_privacy,
         )
         self.global_state = new_state
         self.strategy_arrays = dict(strategy_arrays or {})
@@ -255,22 +263,26 @@ class FederatedRun:
         train, privacy = self.cfg.train, self.cfg.privacy
         sample, user = self.cfg.sample_level_dp, self.cfg.user_level_dp
         epsilons = [c["epsilon"] for c in self.state.clients.values() if c.get("epsilon")]
+        # Under user-level DP nothing computed from single clients' replies is published with
+        # the model (docs/privacy.md, "What is released"): no client count, no client epsilon.
+        per_client = not user
         return {
             "mode": "federated",
             "data": self.cfg.data.corpus,
             "rounds": self.state.round,
             "strategy": self.cfg.fed.strategy,
-            "clients": len(self.state.clients),
+            "clients": len(self.state.clients) if per_client else None,
             "dp": train.dp,
             "privacy_unit": privacy.privacy_unit if train.dp else None,
             # sample level: the worst client's total
-            "epsilon": max(epsilons) if epsilons else None,
+            "epsilon": max(epsilons) if epsilons and per_client else None,
             "delta": train.delta if sample else None,
             "noise_multiplier": train.noise_multiplier if sample else None,
             "target_epsilon": train.target_epsilon if sample else None,
             "max_grad_norm": train.max_grad_norm if sample else None,
             "accountant": train.accountant if sample else None,
-            "user_epsilon": self.user_ledger.epsilon(privacy.user_delta) if user else None,
+            "user_epsilon": self.user_state.epsilon() if user else None,
+            "client_sample_rate": self.cfg.fed.client_sample_rate if user else None,
             "user_delta": privacy.user_delta if user else None,
             "user_noise_multiplier": privacy.user_noise_multiplier if user else None,
             "user_clip_norm": privacy.user_clip_norm if user else None,

@@ -11,9 +11,14 @@ round aggregates nothing and the server retries or stops: ``server.app``). The r
 round are kept for the server's bookkeeping (``server.rounds``). Weighted averages use
 ``num-examples`` (Flower's default key), which every training reply carries.
 
-With user-level DP (``server.user_dp``) the accepted updates are clipped, averaged with uniform
-weights and noised there; that private aggregate then enters Flower's strategy as the one reply
-it averages, so FedAdam's server step and FedProx work on it unchanged (post-processing).
+With Poisson sampling (``server.sampling``; always under user-level DP) the strategy draws the
+round's cohort itself (every connected node independently with probability q) and lets Flower's
+strategy build the messages for exactly that cohort; a round may then draw fewer clients than
+``min-successful-clients``, or none, and needs only as many accepted updates as it drew.
+With user-level DP (``server.user_dp``) the accepted updates are clipped, summed, noised and
+divided by the expected cohort q N; that private aggregate then enters Flower's strategy as the
+one reply it averages, so FedAdam's server step and FedProx work on it unchanged
+(post-processing). A round that drew nobody releases noise only, and is charged like any other.
 Flower's own ``DifferentialPrivacyServerSide*Clipping`` wrappers do not fit this loop: they clip
 before the screening (NaN updates included), average with the ``num-examples`` weights, skip a
 round in which any client failed, and keep their accountant in memory only (docs/privacy.md).
@@ -42,10 +47,12 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedspeech.config import FedConfig
 from server.rounds import ClientReport
-from server.secagg import SecureRound
+from server.sampling import Cohort, PoissonSampler
+from server.secagg import MIN_CLIENTS, SecureRound
 from server.user_dp import UserDPRelease, UserLevelDP
 
 log = logging.getLogger("fedspeech.server")
@@ -68,31 +75,61 @@ class _ScreenReplies:
     min_successful_clients: int = 1
     user_dp: UserLevelDP | None = None
     secure: bool = False
+    sampler: PoissonSampler | None = None
+    min_connected: int = 1  # Poisson sampling: wait for this many connected nodes
     last_user_dp: UserDPRelease | None = None
+    last_cohort: Cohort | None = None
+    last_sampled: int = 0  # clients the round sampled (the cohort, with Poisson sampling)
+    _contacted: int = 0
+    _left_out: list[ClientReport] | None = None
     _sent: ArraySpec | None = None
     _sent_arrays: dict[str, np.ndarray] | None = None
-    _sampled: int = 0
-    _population: int = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's sampling and messages; the sent weights' layout is kept for screening.
+        """Sample the round's clients and build their messages; keep what screening needs.
 
-        With user-level DP or secure aggregation the sent weights, the number sampled and the
-        number of connected nodes are kept too (the updates' reference, the mean's denominator,
-        the sampling rate); with user-level DP the messages carry the round's clipping norm
-        (``user-clip-norm``: clients clip their own updates under secure aggregation).
+        With Poisson sampling the cohort is this strategy's own draw (``last_cohort``) and
+        Flower's strategy builds one message per drawn node; otherwise Flower samples. The sent
+        weights' layout is kept for screening, and the weights themselves (the updates'
+        reference) with user-level DP or secure aggregation; with user-level DP the messages
+        carry the round's clipping norm (``user-clip-norm``: clients clip their own updates
+        under secure aggregation).
         """
         self._sent = array_spec(arrays)
         if self.user_dp is not None:
             config = ConfigRecord({**config, "user-clip-norm": float(self.user_dp.clip_norm)})
+        self.last_cohort, self._left_out = None, []
+        if self.sampler is not None:
+            _, connected = sample_nodes(grid, self.min_connected, 0)  # waits for min-clients
+            self.last_cohort = self.sampler.draw(connected, server_round)
+            grid = _CohortGrid(self.last_cohort.nodes)  # type: ignore[assignment]
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.last_sampled = len(messages)
+        if self.secure and self.sampler is not None and 0 < len(messages) < MIN_CLIENTS:
+            # SecAgg+ cannot hide an update in a sum of fewer than 3. The draw stands (the
+            # accountant assumes it): its clients are left out, as if they had dropped.
+            reason = (
+                f"left out: secure aggregation needs {MIN_CLIENTS} a round, {len(messages)} drawn"
+            )
+            log.warning("round %d: %s; the round releases noise only", server_round, reason)
+            self._left_out = [
+                ClientReport(f"node-{m.metadata.dst_node_id}", "failed", {}, reason)
+                for m in messages
+            ]
+            messages = []
+        self._contacted = len(messages)
         if self.user_dp is not None or self.secure:
             self._sent_arrays = {k: v.numpy() for k, v in arrays.items()}
-            self._sampled = len(messages)
-            self._population = max(len(list(grid.get_node_ids())), len(messages))
         return messages
+
+    def successes_needed(self) -> int:
+        """Accepted updates this round needs: ``min-successful-clients``; with Poisson sampling
+        at most the number of clients contacted (a small draw is a legitimate outcome of the
+        mechanism, and an empty one releases noise only)."""
+        needed = max(1, self.min_successful_clients)
+        return min(needed, self._contacted) if self.sampler is not None else needed
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -100,20 +137,24 @@ class _ScreenReplies:
         """Sort the replies, keep their reports, aggregate the accepted ones (if enough)."""
         replies = list(replies)
         self.last_user_dp = None
-        self.last_reports = [client_report(m, self._sent) for m in replies]
-        ok = [m for m, r in zip(replies, self.last_reports, strict=True) if r.status == "ok"]
-        if len(ok) < max(1, self.min_successful_clients):
+        reports = [client_report(m, self._sent) for m in replies]
+        ok = [m for m, r in zip(replies, reports, strict=True) if r.status == "ok"]
+        self.last_reports = [*reports, *(self._left_out or [])]
+        needed = self.successes_needed()
+        if len(ok) < needed:
             log.warning(
                 "round %d: %d client update(s) accepted, %d needed; nothing aggregated",
                 server_round,
                 len(ok),
-                max(1, self.min_successful_clients),
+                needed,
             )
             return None, None
         if self.user_dp is not None:
-            to_average = [self._private_aggregate(ok)]
-        else:
+            to_average = [self._private_aggregate(ok, server_round)]
+        elif ok:
             to_average = [_weights_only(m) for m in ok]
+        else:
+            return None, None  # nobody drawn, no user-level noise: nothing to aggregate
         aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
             server_round, to_average
         )
@@ -149,7 +190,7 @@ class _ScreenReplies:
         self.last_user_dp = None
         self.last_reports = list(secure.reports)
         ok = sum(r.status == "ok" for r in self.last_reports)
-        needed = max(1, self.min_successful_clients)
+        needed = self.successes_needed()
         if ok < needed or secure.mean is None:
             log.warning(
                 "round %d: %d secure contribution(s), %d needed; nothing aggregated",
@@ -173,6 +214,7 @@ class _ScreenReplies:
             ]
             return None, None
         if self.user_dp is not None:
+            assert self.last_cohort is not None  # user-level DP always samples by Poisson
             contributors = round(secure.total_weight)  # every contributor weighs 1
             share = secure.unclipped_share
             new, self.last_user_dp = self.user_dp.release_sum(
@@ -180,8 +222,7 @@ class _ScreenReplies:
                 {k: v * contributors for k, v in secure.mean.items()},
                 contributors=contributors,
                 unclipped=(share or 0.0) * contributors,
-                sampled=self._sampled,
-                population=self._population,
+                cohort=self.last_cohort,
             )
         else:
             new = {
@@ -193,20 +234,15 @@ class _ScreenReplies:
         )
         return self._in_sent_dtypes(aggregated)
 
-    def _private_aggregate(self, ok: list[Message]) -> Message:
+    def _private_aggregate(self, ok: list[Message], server_round: int) -> Message:
         """One reply carrying the user-level DP aggregate of the accepted updates (weight 1)."""
         assert self.user_dp is not None and self._sent_arrays is not None
+        assert self.last_cohort is not None  # user-level DP always samples by Poisson
         updates = [{k: v.numpy() for k, v in m.content.array_records["arrays"].items()} for m in ok]
         new, self.last_user_dp = self.user_dp.release(
-            self._sent_arrays, updates, sampled=self._sampled, population=self._population
+            self._sent_arrays, updates, cohort=self.last_cohort
         )
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}),
-                "metrics": MetricRecord({WEIGHT_KEY: 1.0}),
-            }
-        )
-        return Message(content=content, metadata=ok[0].metadata)  # type: ignore[call-overload]
+        return _aggregate_reply(new, server_round)
 
 
 class ScreenedFedAvg(_ScreenReplies, FedAvg):
@@ -226,19 +262,34 @@ class ScreenedFedMedian(_ScreenReplies, FedMedian):
 
 
 def make_strategy(
-    cfg: FedConfig, *, user_dp: UserLevelDP | None = None, secure: bool = False
+    cfg: FedConfig,
+    *,
+    user_dp: UserLevelDP | None = None,
+    secure: bool = False,
+    sampler: PoissonSampler | None = None,
 ) -> Strategy:
     """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` (at least ``min-clients``)
-    of the connected nodes, or exactly ``clients-per-round`` of them.
+    of the connected nodes, or exactly ``clients-per-round`` of them, or (``sampler``) each node
+    independently with the sampler's probability once ``min-clients`` are connected.
 
-    It aggregates a round only when ``min-successful-clients`` updates were accepted; with
-    ``user_dp`` it aggregates them with that mechanism (clipping, uniform weights, noise);
-    ``secure``: the rounds run through SecAgg+ (``aggregate_secure``).
+    It aggregates a round only when ``successes_needed`` updates were accepted; with ``user_dp``
+    it aggregates them with that mechanism (clipping, uniform weights, noise, the expected
+    cohort as denominator: ``user_dp`` needs ``sampler``); ``secure``: the rounds run through
+    SecAgg+ (``aggregate_secure``).
     """
+    if user_dp is not None and sampler is None:
+        raise ValueError("user-level DP needs Poisson sampling (its accountant assumes it)")
     strategy = _make_strategy(cfg)
     strategy.min_successful_clients = cfg.min_successful_clients  # type: ignore[attr-defined]
     strategy.user_dp = user_dp  # type: ignore[attr-defined]
     strategy.secure = secure  # type: ignore[attr-defined]
+    if sampler is not None:
+        # Flower's sampler then takes every node of the drawn cohort (_CohortGrid), in any order.
+        strategy.sampler = sampler  # type: ignore[attr-defined]
+        strategy.min_connected = cfg.min_clients  # type: ignore[attr-defined]
+        strategy.fraction_train = 1.0  # type: ignore[attr-defined]
+        strategy.min_train_nodes = 0  # type: ignore[attr-defined]
+        strategy.min_available_nodes = 0  # type: ignore[attr-defined]
     return strategy
 
 
@@ -374,6 +425,18 @@ def _aggregate_reply(arrays: Mapping[str, np.ndarray], server_round: int) -> Mes
         message_type="train",
     )
     return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
+
+
+class _CohortGrid:
+    """What Flower's ``configure_train`` asks of a Grid (the connected nodes), answered with a
+    drawn cohort: Flower's sampler with fraction 1 and no minimum then takes exactly them."""
+
+    def __init__(self, nodes: Iterable[int]) -> None:
+        self._nodes = list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        """The cohort's node ids."""
+        return list(self._nodes)
 
 
 def _weights_only(msg: Message) -> Message:

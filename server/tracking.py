@@ -11,6 +11,8 @@ Trackers must not raise for tracking trouble (a server that is down): warn and c
   per round, ``tracking.json`` with the run id, artifacts and final model).
 
 * ``FanOutTracker``: several at once (``open_tracker``: MLflow + local when a tracking URI is set).
+* ``UserLevelRelease``: what a run under user-level DP may send to a shared tracker (MLflow):
+  only metrics that the DP mechanism covers, no per-client report (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -29,6 +31,26 @@ from fedspeech.config import RunConfig
 log = logging.getLogger(__name__)
 
 ROUNDS_FILE = "rounds.jsonl"
+# What a run under user-level DP sends to MLflow: functions of the noised global models (central
+# evaluation, update norm), the mechanism's own noisy or public values, and the size of the
+# server's Poisson draw (its coins and the population: no client's data). Everything else a
+# round summary holds comes from single clients' replies (loss, examples, epsilons, statuses,
+# their timings) and stays in the run folder (LocalTracker).
+USER_LEVEL_RELEASED = frozenset(
+    {
+        "wer",
+        "cer",
+        "update_norm",
+        "eval_seconds",
+        "clients_sampled",
+        "user_epsilon",
+        "user_clip_norm",
+        "user_noise_std",
+        "user_sample_rate",
+        "user_unclipped_share",
+    }
+)
+RELEASE_NOTE_PARAM = "released-metrics"
 PARAMS_FILE = "params.json"
 TRACKING_FILE = "tracking.json"
 
@@ -155,7 +177,52 @@ def open_tracker(cfg: RunConfig, run_dir: Path, run_id: str | None) -> Tracker:
     from server.mlflow_tracking import open_mlflow_tracker  # lazy: importing mlflow takes ~1 s
 
     remote = open_mlflow_tracker(cfg, run_dir, run_id)
-    return FanOutTracker(remote, LocalTracker(run_dir, remote.run_id))
+    shared: Tracker = UserLevelRelease(remote) if cfg.user_level_dp else remote
+    return FanOutTracker(shared, LocalTracker(run_dir, remote.run_id))
+
+
+class UserLevelRelease:
+    """Passes to ``inner`` only what the user-level guarantee covers (``USER_LEVEL_RELEASED``).
+
+    Round metrics are filtered, artifacts (the per-client report) are withheld, and the params
+    get one more entry, ``released-metrics``, saying what the run's metrics are.
+    """
+
+    def __init__(self, inner: Tracker) -> None:
+        self.inner = inner
+
+    @property
+    def run_id(self) -> str:
+        """The inner tracker's run id."""
+        return self.inner.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Forward, with the ``released-metrics`` note."""
+        note = (
+            "user-level DP: " + ", ".join(sorted(USER_LEVEL_RELEASED)) + " only; wer, cer and "
+            "update_norm are computed from the noised global models, user_* are the mechanism's "
+            "noisy or public values, clients_sampled is the server's Poisson draw; per-client "
+            "values stay in the server's run folder"
+        )
+        self.inner.log_params({**params, RELEASE_NOTE_PARAM: note})
+
+    def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """Forward the covered metrics only."""
+        released = {k: v for k, v in metrics.items() if k in USER_LEVEL_RELEASED}
+        self.inner.log_round(server_round, released)
+
+    def log_artifacts(self, directory: Path) -> None:
+        """Withhold: the reports hold per-client rows (they stay in the run folder)."""
+        log.info("user-level DP: %s stays in the run folder, not sent to the tracker", directory)
+
+    def finish(self, model_dir: Path | None) -> None:
+        """Forward (the model is what the guarantee covers)."""
+        self.inner.finish(model_dir)
+
+    def fail(self, reason: str) -> None:
+        """Forward that the run failed; the reason (it names clients) stays in the run folder."""
+        del reason
+        self.inner.fail("the run stopped; the reason is in the server's run folder (tracking.json)")
 
 
 class FanOutTracker:

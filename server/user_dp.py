@@ -2,20 +2,22 @@
 
 DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models") with
 optional quantile-based adaptive clipping (Andrew et al. 2021, "Differentially Private Learning
-with Adaptive Clipping"). One round, for the m clients sampled out of the N connected::
+with Adaptive Clipping"). One round, for the cohort that Poisson sampling drew (``server.sampling``:
+each of the N connected nodes joins with probability q)::
 
     delta_i = w_i - w                                 client i's update (its weights - the global)
     c_i     = delta_i * min(1, C / ||delta_i||)        ||c_i|| <= C (one L2 norm over all tensors)
-    mean    = (sum_i c_i + N(0, (z_u C)^2 I)) / m      noise on the SUM: std z_u C; on the mean z_u C / m
+    mean    = (sum_i c_i + N(0, (z_u C)^2 I)) / (q N)  noise on the SUM: std z_u C; fixed denominator
     w'      = w + mean
 
-Every client weighs the same (not its number of examples) and the denominator is m, the number
-sampled, fixed before any client trains: a client that failed, declined or was rejected adds a
-zero update. Adding or removing one client changes the sum by at most C, so the mean's
-sensitivity is C / m and its noise std z_u C / m: a Gaussian mechanism with multiplier z_u.
+Every client weighs the same (not its number of examples) and the denominator is q N, the
+*expected* cohort, fixed before any client is drawn: neither the number drawn nor the number that
+replied enters the release, and a client that failed, declined or was rejected adds a zero update.
+Adding or removing one client changes the sum by at most C, so each round is the sampled Gaussian
+mechanism with multiplier z_u and rate q (noise std on the mean z_u C / (q N)).
 
 Adaptive clipping also releases the noisy share of unclipped updates
-``b = (sum_i (1[||delta_i|| <= C] - 1/2) + N(0, sigma_b^2)) / m + 1/2`` and moves
+``b = (sum_i (1[||delta_i|| <= C] - 1/2) + N(0, sigma_b^2)) / (q N) + 1/2`` and moves
 ``C <- C exp(-eta (b - gamma))``, so C drifts to the gamma-quantile of the update norms. Centred
 indicators give the count sensitivity 1/2, and the pair (update sum with noise z_u C, count with
 noise sigma_b) is a Gaussian mechanism with multiplier z, ``z^-2 = z_u^-2 + (2 sigma_b)^-2``
@@ -23,10 +25,10 @@ noise sigma_b) is a Gaussian mechanism with multiplier z, ``z^-2 = z_u^-2 + (2 s
 ``z_u = (z^-2 - (2 sigma_b)^-2)^-1/2`` and the accountant charges z. The clipping norm is then a
 function of earlier noisy releases only.
 
-Accounting (``UserPrivacyLedger``): one step per aggregated round of the subsampled Gaussian
-mechanism with multiplier z and rate q = m / N in Opacus's RDP accountant. Flower samples exactly m
-nodes rather than each with probability q; charging that as Poisson sampling at q = m / N is the
-usual approximation (exact when every node is sampled, q = 1). Nothing here imports Flower.
+Accounting: one step per released round of the sampled Gaussian mechanism with multiplier z and
+rate q, recorded in the run's ``fedspeech.privacy_ledger.PrivacyLedger`` (``UserDPState``) and
+evaluated by Opacus's RDP accountant, which is exact for Poisson sampling. Nothing here imports
+Flower.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ from typing import Any
 import numpy as np
 
 from fedspeech.privacy_config import PrivacyConfig
+from fedspeech.privacy_ledger import PrivacyLedger
+from server.sampling import Cohort
 
 __all__ = [
     "UserDPRelease",
+    "UserDPState",
     "UserLevelDP",
-    "UserPrivacyLedger",
     "clip_update",
     "count_noise_stddev",
     "flat_norm",
@@ -56,8 +60,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
-# (noise multiplier, sample rate, steps): Opacus's accountant history entry.
-HistoryEntry = tuple[float, float, int]
 
 
 def flat_norm(arrays: Arrays) -> float:
@@ -72,11 +74,15 @@ def clip_update(delta: Arrays, clip_norm: float) -> tuple[dict[str, np.ndarray],
     return {k: np.asarray(v, dtype=np.float64) * scale for k, v in delta.items()}, norm
 
 
-def count_noise_stddev(cfg: PrivacyConfig, sampled: int) -> float:
-    """sigma_b: the configured one, else ``max(sampled / 20, z)`` (Andrew et al.'s m/20, >= z)."""
+def count_noise_stddev(cfg: PrivacyConfig, expected: float) -> float:
+    """sigma_b: the configured one, else ``max(q N / 20, z)`` (Andrew et al.'s m/20, >= z).
+
+    ``expected`` is the expected cohort q N, not the number drawn: the noise must not depend on
+    who was sampled.
+    """
     if cfg.user_clip_count_stddev is not None:
         return cfg.user_clip_count_stddev
-    return max(sampled / 20, cfg.user_noise_multiplier)
+    return max(expected / 20, cfg.user_noise_multiplier)
 
 
 def update_noise_multiplier(noise_multiplier: float, count_stddev: float | None) -> float:
@@ -100,21 +106,21 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float | None)
 def noisy_unclipped_share(
     unclipped: float,
     contributors: int,
-    sampled: int,
+    expected: float,
     count_stddev: float,
     rng: np.random.Generator,
 ) -> float:
-    """Noisy share of the ``sampled`` clients whose update norm was at most the clipping norm.
+    """Noisy share of an expected cohort of ``expected`` clients whose update was not clipped.
 
     ``unclipped`` of the ``contributors`` were not clipped. The indicators are centred (each
     contributes +-1/2: sensitivity 1/2); clients without an update contribute 0, i.e. count as
     half clipped.
 
-    >>> round(noisy_unclipped_share(3, 4, 4, 1e-12, np.random.default_rng(0)), 6)
+    >>> round(noisy_unclipped_share(3, 4, 4.0, 1e-12, np.random.default_rng(0)), 6)
     0.75
     """
     centred = unclipped - contributors / 2
-    return float((centred + rng.normal(0.0, count_stddev)) / sampled + 0.5)
+    return float((centred + rng.normal(0.0, count_stddev)) / expected + 0.5)
 
 
 def next_clip_norm(clip_norm: float, unclipped_share: float, quantile: float, lr: float) -> float:
@@ -143,12 +149,13 @@ class UserDPRelease:
         noise_multiplier: z, what the accountant charges for the round.
         update_noise_multiplier: z_u, the multiplier of the noise on the update sum (= z with
             fixed clipping, larger with adaptive clipping).
-        sample_rate: q = sampled / population.
+        sample_rate: q, each node's probability of joining the round.
         clip_norm: C used this round.
         next_clip_norm: C for the next round (= C with fixed clipping).
-        sampled: m, clients sampled (the mean's denominator).
-        population: N, nodes connected when the round was sampled.
-        noise_std: std of the noise on the mean, z_u C / m.
+        sampled: clients the Poisson draw picked (recorded, never used by the release).
+        population: N, nodes connected when the round was drawn.
+        expected: q N, the mean's fixed denominator.
+        noise_std: std of the noise on the mean, z_u C / (q N).
         unclipped_share: the noisy share of unclipped updates (adaptive clipping only).
     """
 
@@ -159,6 +166,7 @@ class UserDPRelease:
     next_clip_norm: float
     sampled: int
     population: int
+    expected: float
     noise_std: float
     unclipped_share: float | None = None
 
@@ -185,30 +193,20 @@ class UserLevelDP:
         self.rng = rng if rng is not None else np.random.default_rng()
 
     def release(
-        self,
-        global_arrays: Arrays,
-        updates: Sequence[Arrays],
-        *,
-        sampled: int,
-        population: int,
+        self, global_arrays: Arrays, updates: Sequence[Arrays], *, cohort: Cohort
     ) -> tuple[dict[str, np.ndarray], UserDPRelease]:
         """The private aggregate: global weights + the noisy mean of clipped updates.
 
         Args:
             global_arrays: the weights the clients were sent (name -> array).
-            updates: the accepted clients' returned weights (same names, shapes, dtypes).
-            sampled: clients sampled this round (at least ``len(updates)``).
-            population: nodes connected when sampling (at least ``sampled``).
+            updates: the accepted clients' returned weights (same names, shapes, dtypes); may be
+                empty (nobody drawn, or nobody replied): the round then releases noise only.
+            cohort: the round's Poisson draw (its expected size q N is the denominator).
 
         Returns:
             The new global weights (the template's dtypes; non-float arrays kept as they were)
             and the round's record. With adaptive clipping ``self.clip_norm`` moves on.
         """
-        if not 1 <= len(updates) <= sampled <= population:
-            raise ValueError(
-                f"need 1 <= updates ({len(updates)}) <= sampled ({sampled}) <= population "
-                f"({population})"
-            )
         clip_norm = self.clip_norm
         base = _float_arrays(global_arrays)
         total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in base.items()}
@@ -220,12 +218,7 @@ class UserLevelDP:
                 total[key] += value
             unclipped += norm <= clip_norm
         return self.release_sum(
-            global_arrays,
-            total,
-            contributors=len(updates),
-            unclipped=unclipped,
-            sampled=sampled,
-            population=population,
+            global_arrays, total, contributors=len(updates), unclipped=unclipped, cohort=cohort
         )
 
     def release_sum(
@@ -235,8 +228,7 @@ class UserLevelDP:
         *,
         contributors: int,
         unclipped: float,
-        sampled: int,
-        population: int,
+        cohort: Cohort,
     ) -> tuple[dict[str, np.ndarray], UserDPRelease]:
         """The private aggregate from the SUM of clipped updates (e.g. a secure aggregate).
 
@@ -248,81 +240,75 @@ class UserLevelDP:
             global_arrays: the weights the clients were sent.
             clipped_sum: sum of the contributors' clipped updates, per float array of the global
                 weights.
-            contributors: clients whose clipped update is in the sum (at least 1).
+            contributors: clients whose clipped update is in the sum (0: noise only).
             unclipped: how many of them were not clipped (adaptive clipping; else unused).
-            sampled: clients sampled this round (at least ``contributors``).
-            population: nodes connected when sampling (at least ``sampled``).
+            cohort: the round's Poisson draw (at least ``contributors`` nodes).
         """
-        if not 1 <= contributors <= sampled <= population:
+        if not 0 <= contributors <= len(cohort.nodes) or cohort.expected <= 0:
             raise ValueError(
-                f"need 1 <= contributors ({contributors}) <= sampled ({sampled}) <= population "
-                f"({population})"
+                f"need 0 <= contributors ({contributors}) <= drawn ({len(cohort.nodes)}) and an "
+                f"expected cohort > 0 (q {cohort.sample_rate}, N {cohort.population})"
             )
-        cfg, clip_norm = self.cfg, self.clip_norm
+        cfg, clip_norm, expected = self.cfg, self.clip_norm, cohort.expected
         base = _float_arrays(global_arrays)
         z = cfg.user_noise_multiplier
-        count_stddev = count_noise_stddev(cfg, sampled) if cfg.adaptive_clipping else None
+        count_stddev = count_noise_stddev(cfg, expected) if cfg.adaptive_clipping else None
         z_update = update_noise_multiplier(z, count_stddev)
         noise_std = z_update * clip_norm
         mean = {}
         for key, like in base.items():  # one draw per coordinate, in the global weights' order
             total = np.asarray(clipped_sum[key], dtype=np.float64).reshape(like.shape)
-            mean[key] = (total + self.rng.normal(0.0, noise_std, size=like.shape)) / sampled
+            mean[key] = (total + self.rng.normal(0.0, noise_std, size=like.shape)) / expected
         new = {
             k: (base[k] + mean[k]).astype(np.asarray(v).dtype) if k in mean else np.array(v)
             for k, v in global_arrays.items()
         }
         share, following = None, clip_norm
         if count_stddev is not None:
-            share = noisy_unclipped_share(unclipped, contributors, sampled, count_stddev, self.rng)
+            share = noisy_unclipped_share(unclipped, contributors, expected, count_stddev, self.rng)
             following = next_clip_norm(clip_norm, share, cfg.user_clip_quantile, cfg.user_clip_lr)
             self.clip_norm = following
         release = UserDPRelease(
             noise_multiplier=z,
             update_noise_multiplier=z_update,
-            sample_rate=sampled / population,
+            sample_rate=cohort.sample_rate,
             clip_norm=clip_norm,
             next_clip_norm=following,
-            sampled=sampled,
-            population=population,
-            noise_std=z_update * clip_norm / sampled,
+            sampled=len(cohort.nodes),
+            population=cohort.population,
+            expected=expected,
+            noise_std=z_update * clip_norm / expected,
             unclipped_share=share,
         )
         log.info(
-            "user-level DP: %d update(s) clipped to %.4g, mean noised with std %.3g "
-            "(z %.3g, q %d/%d)",
+            "user-level DP: %d update(s) clipped to %.4g, mean over the expected cohort %.3g "
+            "noised with std %.3g (z %.3g, q %.4g)",
             contributors,
             clip_norm,
+            expected,
             release.noise_std,
             z_update,
-            sampled,
-            population,
+            cohort.sample_rate,
         )
         return new, release
 
 
 @dataclass(frozen=True)
-class UserPrivacyLedger:
-    """User-level privacy spent by a run, kept in the checkpoint so that it survives a restart.
+class UserDPState:
+    """The user-level privacy a run has spent, kept in the checkpoint so that it survives restarts.
 
     Attributes:
-        history: (z, q, rounds) entries in Opacus's accountant format; consecutive rounds with the
-            same (z, q) share one entry, as Opacus's own accountant keeps them.
+        ledger: one entry per released round: (z, q, rounds) at ``user-delta``.
         last_round: the last round charged (a round is charged once, when it is checkpointed).
         clip_norm: the clipping norm for the next round (None: ``user-clip-norm``).
     """
 
-    history: tuple[HistoryEntry, ...] = ()
+    ledger: PrivacyLedger
     last_round: int = 0
     clip_norm: float | None = None
 
-    @property
-    def rounds(self) -> int:
-        """Rounds charged so far."""
-        return sum(steps for _, _, steps in self.history)
-
-    def record(self, server_round: int, release: UserDPRelease) -> UserPrivacyLedger:
-        """The ledger with ``server_round`` charged.
+    def record(self, server_round: int, release: UserDPRelease) -> UserDPState:
+        """The state with ``server_round`` charged.
 
         Raises:
             ValueError: the round is not after the last one charged (it would count twice).
@@ -331,48 +317,40 @@ class UserPrivacyLedger:
             raise ValueError(
                 f"round {server_round} is already accounted (ledger at round {self.last_round})"
             )
-        z, q = release.noise_multiplier, release.sample_rate
-        history = list(self.history)
-        if history and history[-1][:2] == (z, q):
-            history[-1] = (z, q, history[-1][2] + 1)
-        else:
-            history.append((z, q, 1))
-        return UserPrivacyLedger(tuple(history), server_round, release.next_clip_norm)
+        ledger = self.ledger.record(release.noise_multiplier, release.sample_rate)
+        return UserDPState(ledger, server_round, release.next_clip_norm)
 
-    def epsilon(self, delta: float) -> float:
-        """Epsilon spent at ``delta`` (Opacus RDP accountant; 0.0 before any round)."""
-        if not self.history:
-            return 0.0
-        # Lazy: importing opacus takes ~1.2 s here, which runs without user-level DP need not pay.
-        from opacus.accountants import RDPAccountant
-
-        accountant = RDPAccountant()
-        accountant.history = list(self.history)
-        return float(accountant.get_epsilon(delta=delta))
+    def epsilon(self) -> float:
+        """User-level epsilon spent at the ledger's delta (Opacus RDP; 0.0 before any round)."""
+        return self.ledger.epsilon("rdp")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (``RunState.user_privacy``)."""
         return {
-            "accountant": "rdp",
-            "history": [list(entry) for entry in self.history],
+            "ledger": self.ledger.to_dict(),
             "last_round": self.last_round,
             "clip_norm": self.clip_norm,
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> UserPrivacyLedger:
-        """Inverse of ``to_dict``; an empty mapping (a run without user-level DP) is empty.
+    def from_dict(cls, data: Mapping[str, Any], *, delta: float) -> UserDPState:
+        """Inverse of ``to_dict``; empty data (a run without user-level DP so far) is empty.
+
+        Also reads checkpoints of earlier versions (history, accountant and last round at the
+        top level, no delta: ``delta`` is then the run's ``user-delta``).
 
         Raises:
-            ValueError: a malformed ledger.
+            ValueError: a malformed state.
         """
         if not data:
-            return cls()
+            return cls(PrivacyLedger(delta))
         try:
-            if data.get("accountant", "rdp") != "rdp":
-                raise ValueError(f"unknown accountant {data.get('accountant')!r}")
-            history = tuple((float(z), float(q), int(n)) for z, q, n in data["history"])
+            ledger = PrivacyLedger.from_dict(data.get("ledger", data), delta=delta)
             clip = data.get("clip_norm")
-            return cls(history, int(data["last_round"]), None if clip is None else float(clip))
+            return cls(
+                ledger.at_delta(delta),
+                int(data["last_round"]),
+                None if clip is None else float(clip),
+            )
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"not a user privacy ledger: {exc}") from exc
+            raise ValueError(f"not a user-level privacy state: {exc!r}") from exc

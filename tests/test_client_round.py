@@ -10,12 +10,12 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from client.local_round import round_steps, run_round
-from client.node_state import load_ledger, newest_ledger, resolve_node_data, save_ledger
-from client.privacy import PrivacyState
+from client.node_state import NodeConfig, load_ledger, newest_ledger, resolve_node_data, save_ledger
 from features.manifest import Utterance, read_manifest, write_manifest
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.fed_data import client_manifest, hold_out_speakers
 from fedspeech.model import BiGRUCTC, plain_state_dict
+from fedspeech.privacy_ledger import PrivacyLedger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,7 +90,7 @@ def test_target_epsilon_is_spread_over_the_planned_rounds() -> None:
         state = outcome.privacy_state
     third = run_round(_global(cfg), examples, cfg, server_round=3, prior=state, budget=None)
     # Assert: both planned rounds together stay within the target; a third is declined
-    assert state is not None and 3.9 < state.epsilon(1e-5) <= 4.0
+    assert state is not None and 3.9 < state.epsilon() <= 4.0
     assert third.state_dict is None and "planned rounds" in (third.declined_reason or "")
 
 
@@ -98,16 +98,86 @@ def test_real_node_keeps_its_ledger_beside_its_data(tmp_path: Path) -> None:
     # Prepare
     cfg = RunConfig()
     node = resolve_node_data({"manifest": str(tmp_path / "site" / "manifest.tsv")}, cfg)
-    state = PrivacyState(history=((1.0, 0.1, 5),))
+    state = PrivacyLedger(1e-5, ((1.0, 0.1, 5),))
     # Execute
     save_ledger(node.ledger_file, state)
-    # Assert
+    # Assert: one file per node, whatever the accountant
     assert node.ledger_file.parent.parent == tmp_path / "site"
-    assert load_ledger(node.ledger_file) == state
-    assert newest_ledger(None, PrivacyState(), state) == state
+    assert node.ledger_file.name == "ledger.json"
+    prv = resolve_node_data({"manifest": str(tmp_path / "site" / "manifest.tsv")},
+                            RunConfig.from_flat({"accountant": "prv"}))  # fmt: skip
+    assert prv.ledger_file == node.ledger_file
+    assert load_ledger(node.ledger_file, 1e-5) == state
+    assert newest_ledger(None, PrivacyLedger(1e-5), state) == state
     node.ledger_file.write_text("{broken")
     with pytest.raises(ValueError, match="damaged privacy ledger"):
-        load_ledger(node.ledger_file)
+        load_ledger(node.ledger_file, 1e-5)
+
+
+def test_per_accountant_ledgers_are_merged_once_and_never_lose_spend(tmp_path: Path) -> None:
+    # Prepare: a node folder as earlier versions left it, one ledger file per accountant
+    folder = tmp_path / ".fedspeech-privacy"
+    folder.mkdir()
+    (folder / "ledger-rdp.json").write_text('{"mechanism": "rdp", "history": [[1.0, 0.1, 5]]}')
+    (folder / "ledger-prv.json").write_text('{"mechanism": "prv", "history": [[2.0, 0.2, 3]]}')
+    path = folder / "ledger.json"
+    # Execute: read twice (the second read must not merge again)
+    first = load_ledger(path, 1e-5)
+    second = load_ledger(path, 1e-5)
+    # Assert: both histories, once; the old files kept aside
+    assert first == second
+    assert first is not None and sorted(first.history) == [(1.0, 0.1, 5), (2.0, 0.2, 3)]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ledger-prv.json.migrated", "ledger-rdp.json.migrated", "ledger.json",
+    ]  # fmt: skip
+
+
+def test_a_migration_interrupted_before_the_renames_counts_each_file_once(tmp_path: Path) -> None:
+    # Prepare: the merged ledger was saved, but the old file was not yet renamed (a crash)
+    old = tmp_path / "ledger-rdp.json"
+    old.write_text('{"mechanism": "rdp", "history": [[1.0, 0.1, 5]]}')
+    merged = PrivacyLedger(1e-5, ((1.0, 0.1, 5),))
+    save_ledger(tmp_path / "ledger.json", merged, merged=("ledger-rdp.json",))
+    # Execute
+    ledger = load_ledger(tmp_path / "ledger.json", 1e-5)
+    # Assert
+    assert ledger == merged and not old.exists()
+
+
+def test_an_unreadable_old_ledger_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "ledger-prv.json").write_text("not json")
+    with pytest.raises(ValueError, match=r"ledger-prv\.json: damaged privacy ledger"):
+        load_ledger(tmp_path / "ledger.json", 1e-5)
+    assert (tmp_path / "ledger-prv.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        (
+            {"manifest": "/d/m.tsv", "epsilon-bugdet": 3},
+            "unknown node-config key\\(s\\) 'epsilon-bugdet'",
+        ),
+        ({"manifest": 5}, "node-config manifest must be str, got 5"),
+        ({"data-dir": "/d", "threads": "two"}, "node-config threads must be int"),
+        ({"data-dir": "/d", "epsilon-budget": True}, "epsilon-budget must be float"),
+        ({"data-dir": "/d", "epsilon-budget": -1.0}, "epsilon-budget must be > 0"),
+    ],
+)
+def test_node_config_refuses_unknown_keys_and_wrong_types(
+    node_config: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        resolve_node_data(node_config, RunConfig())
+    if "unknown" in message:  # the known keys are listed
+        assert "epsilon-budget" in str(caught.value) and "manifest" in str(caught.value)
+
+
+def test_node_config_accepts_what_flower_and_users_pass() -> None:
+    parsed = NodeConfig.parse({"data-dir": "/d", "epsilon-budget": 3, "threads": 2})
+    assert parsed == NodeConfig(data_dir="/d", epsilon_budget=3.0, threads=2)
+    node = resolve_node_data({"partition-id": 1, "num-partitions": 4}, RunConfig())
+    assert node.partition == (1, 4) and node.threads == 1
 
 
 def test_simulated_node_ledger_lives_in_the_run_folder() -> None:

@@ -115,11 +115,11 @@ def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
     assert second["num_examples"] == sum(sizes[1:])  # the decliner's examples weigh nothing
     # Assert: every client's epsilon is the accountant's composition of its rounds
     for i, (q, steps) in enumerate(rounds):
-        ledger = load_ledger(run_dir / "client-state" / f"partition-{i}-rdp.json")
+        ledger = load_ledger(run_dir / "client-state" / f"partition-{i}.json", 1e-5)
         trained = 1 if i == 0 else 2
         assert ledger is not None and ledger.num_steps == trained * steps
         composed = _rdp_epsilon([(NOISE, q, steps)] * trained)
-        assert ledger.epsilon(DELTA) == pytest.approx(composed, rel=1e-9)
+        assert ledger.epsilon() == pytest.approx(composed, rel=1e-9)
     eps_after = [_rdp_epsilon([(NOISE, q, s)] * 2) for q, s in rounds[1:]]
     assert second["epsilon_max"] == pytest.approx(max(eps_after), rel=1e-9)
     assert second["epsilon_max"] > first["epsilon_max"]
@@ -168,7 +168,7 @@ def test_resume_continues_the_run_and_the_privacy_ledgers(
     # Assert: the restarted clients continued their ledgers (context.state was new)
     steps = {i: round_steps(n, 8, 1)[1] for i, n in enumerate(_partition_sizes(run_dir, 3))}
     for i in range(3):
-        ledger = load_ledger(run_dir / "client-state" / f"partition-{i}-rdp.json")
+        ledger = load_ledger(run_dir / "client-state" / f"partition-{i}.json", 1e-5)
         assert ledger is not None and ledger.num_steps == 2 * steps[i]
     # Assert: the MLflow run (the same one) holds both rounds once each
     (wer,) = _mlflow_history(uri, run_dir, ("wer",))

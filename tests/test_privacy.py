@@ -1,4 +1,5 @@
-"""Privacy: accountant state, noise calibration, per-sample gradients, composition across calls."""
+"""Privacy: the ledger and its accountants, noise calibration, per-sample gradients, composition
+across calls."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
 from client.batching import CTCBatch, as_ctc_batch, collate_ctc, ctc_loss
-from client.privacy import PrivacyBudgetError, PrivacyState, calibrate_noise_multiplier
 from client.train import TrainConfig, train_local
 from fedspeech.model import BiGRUCTC, ModelConfig, convert_model, load_plain_state_dict
+from fedspeech.privacy_ledger import (
+    PrivacyBudgetError,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    epsilon_of,
+)
 
 DELTA = 1e-5
 # Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.
@@ -45,55 +51,91 @@ def _tiny_model(seed: int = 0) -> BiGRUCTC:
     return BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0))
 
 
-# ---------------------------------------------------------------- PrivacyState
+# ---------------------------------------------------------------- PrivacyLedger
 
 
-def test_state_json_round_trip_and_epsilon_from_opacus() -> None:
+def test_ledger_json_round_trip_and_epsilon_from_opacus() -> None:
     history = ((1.1, 0.25, 12), (0.9, 1 / 3, 7))
-    state = PrivacyState(mechanism="rdp", history=history)
-    restored = PrivacyState.from_json(state.to_json())
-    assert restored == state
+    ledger = PrivacyLedger(DELTA, history)
+    restored = PrivacyLedger.from_json(ledger.to_json())
+    assert restored == ledger
     reference = RDPAccountant()
     reference.history = list(history)
-    assert restored.epsilon(DELTA) == reference.get_epsilon(delta=DELTA)
-    assert restored.epsilon(DELTA) == restored.to_accountant().get_epsilon(delta=DELTA)
-    assert PrivacyState().epsilon(DELTA) == 0.0
-    with pytest.raises(ValueError):
-        PrivacyState.from_json('{"history": []}')
+    assert restored.epsilon("rdp") == reference.get_epsilon(delta=DELTA)
+    assert PrivacyLedger(DELTA).epsilon("rdp") == PrivacyLedger(DELTA).epsilon("prv") == 0.0
+    with pytest.raises(ValueError, match="no delta"):
+        PrivacyLedger.from_json('{"history": []}')
+    with pytest.raises(ValueError, match="not a privacy ledger"):
+        PrivacyLedger.from_json("[1, 2]")
 
 
-def test_prv_state_uses_prv_accountant() -> None:
-    state = PrivacyState(mechanism="prv", history=((1.0, 0.1, 50),))
-    reference = PRVAccountant()
-    reference.history = [(1.0, 0.1, 50)]
-    assert state.epsilon(DELTA) == pytest.approx(reference.get_epsilon(delta=DELTA), rel=1e-9)
+def test_a_file_of_the_per_accountant_format_reads_with_the_delta_given() -> None:
+    legacy = '{"mechanism": "prv", "history": [[1.0, 0.1, 50]]}'
+    assert PrivacyLedger.from_json(legacy, delta=DELTA) == PrivacyLedger(DELTA, ((1.0, 0.1, 50),))
+
+
+def test_the_same_history_is_evaluated_by_either_accountant() -> None:
+    ledger = PrivacyLedger(DELTA, ((1.0, 0.1, 50),))
+    for name, accountant in (("prv", PRVAccountant()), ("rdp", RDPAccountant())):
+        accountant.history = [(1.0, 0.1, 50)]
+        assert ledger.epsilon(name) == pytest.approx(accountant.get_epsilon(delta=DELTA), rel=1e-9)
+
+
+def test_record_merges_consecutive_entries_and_delta_only_goes_down() -> None:
+    ledger = PrivacyLedger(DELTA).record(1.0, 0.5).record(1.0, 0.5).record(1.0, 0.25, 3)
+    assert ledger.history == ((1.0, 0.5, 2), (1.0, 0.25, 3)) and ledger.num_steps == 5
+    assert ledger.at_delta(1e-3) is ledger  # a larger delta would shrink epsilon: refused
+    smaller = ledger.at_delta(1e-7)
+    assert smaller.delta == 1e-7 and smaller.epsilon() > ledger.epsilon()
+    merged = ledger.merge(PrivacyLedger(1e-6, ((2.0, 0.1, 4),)))
+    assert merged.delta == 1e-6 and merged.num_steps == 9
+
+
+def test_prv_failure_falls_back_to_the_rdp_bound_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: Opacus's PRV composition failing as it does upstream (opacus#601)
+    def broken(self: PRVAccountant, delta: float, **kwargs: object) -> float:
+        raise RuntimeError("Discrete mean differs significantly from continuous mean.")
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", broken)
+    ledger = PrivacyLedger(DELTA, ((0.8, 0.2, 30),))
+    # Execute
+    with caplog.at_level("WARNING"):
+        eps = ledger.epsilon("prv")
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=eps + 5, sample_rate=0.2, steps=10, prior=ledger, accountant="prv"
+        )
+    # Assert: the RDP epsilon of the same history, and a warning naming the history and delta
+    assert eps == epsilon_of(ledger.history, DELTA, "rdp")
+    assert sigma > 0
+    assert "PRV accountant failed on history [(0.8, 0.2, 30)] at delta 1e-05" in caplog.text
+    assert "RuntimeError" in caplog.text
 
 
 def test_would_exceed_composes_with_history() -> None:
-    state = PrivacyState(history=((1.0, 0.1, 100),))
-    spent = state.epsilon(DELTA)
-    both = PrivacyState(history=((1.0, 0.1, 100), (1.0, 0.1, 100))).epsilon(DELTA)
-    assert not state.would_exceed(both + 1e-9, DELTA, 1.0, 0.1, 100)
-    assert state.would_exceed(both - 1e-3, DELTA, 1.0, 0.1, 100)
-    assert not state.would_exceed(spent, DELTA, 1.0, 0.1, 0)
+    ledger = PrivacyLedger(DELTA, ((1.0, 0.1, 100),))
+    spent = ledger.epsilon()
+    both = PrivacyLedger(DELTA, ((1.0, 0.1, 200),)).epsilon()
+    assert not ledger.would_exceed(both + 1e-9, "rdp", 1.0, 0.1, 100)
+    assert ledger.would_exceed(both - 1e-3, "rdp", 1.0, 0.1, 100)
+    assert not ledger.would_exceed(spent, "rdp", 1.0, 0.1, 0)
 
 
 def test_calibration_matches_opacus_and_respects_prior_history() -> None:
     fresh = calibrate_noise_multiplier(
-        target_epsilon=4.0, delta=DELTA, sample_rate=0.1, steps=200, prior=PrivacyState()
+        target_epsilon=4.0, sample_rate=0.1, steps=200, prior=PrivacyLedger(DELTA)
     )
     assert fresh == get_noise_multiplier(
         target_epsilon=4.0, target_delta=DELTA, sample_rate=0.1, steps=200
     )
-    prior = PrivacyState(history=((2.0, 0.1, 100),))
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=4.0, delta=DELTA, sample_rate=0.1, steps=100, prior=prior
-    )
-    total = PrivacyState(history=(*prior.history, (sigma, 0.1, 100))).epsilon(DELTA)
+    prior = PrivacyLedger(DELTA, ((2.0, 0.1, 100),))
+    sigma = calibrate_noise_multiplier(target_epsilon=4.0, sample_rate=0.1, steps=100, prior=prior)
+    total = prior.record(sigma, 0.1, 100).epsilon()
     assert 4.0 - 0.01 <= total <= 4.0
     with pytest.raises(PrivacyBudgetError):
         calibrate_noise_multiplier(
-            target_epsilon=prior.epsilon(DELTA), delta=DELTA, sample_rate=0.1, steps=1, prior=prior
+            target_epsilon=prior.epsilon(), sample_rate=0.1, steps=1, prior=prior
         )
 
 
@@ -170,7 +212,7 @@ def test_two_one_epoch_calls_spend_as_much_as_one_two_epoch_call() -> None:
     # Execute: epoch 1, serialise the ledger, epoch 2 from the restored ledger; vs. 2 epochs at once
     first = train_local(_tiny_model(), examples, one)
     assert first.privacy_state is not None
-    restored = PrivacyState.from_json(first.privacy_state.to_json())
+    restored = PrivacyLedger.from_json(first.privacy_state.to_json())
     model = _tiny_model()
     load_plain_state_dict(model, first.state_dict)
     second = train_local(model, examples, one, privacy_state=restored)
@@ -179,7 +221,7 @@ def test_two_one_epoch_calls_spend_as_much_as_one_two_epoch_call() -> None:
     assert first.epsilon is not None and second.epsilon is not None
     assert 0 < first.epsilon < second.epsilon
     assert second.epsilon == pytest.approx(both.epsilon, rel=1e-12)
-    assert second.privacy_state == both.privacy_state == PrivacyState(history=((1.3, 1 / 3, 6),))
+    assert second.privacy_state == both.privacy_state == PrivacyLedger(DELTA, ((1.3, 1 / 3, 6),))
 
 
 def test_target_epsilon_is_met_over_planned_steps() -> None:

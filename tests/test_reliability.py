@@ -33,6 +33,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app import Error as FlowerError
+from opacus.accountants import PRVAccountant
 
 from client.faults import InjectedFault, apply_faults, parse_faults
 from client.node_state import load_ledger, resolve_node_data
@@ -659,8 +660,8 @@ def test_a_restarted_node_never_trains_past_its_budget(tmp_path: Path) -> None:
     first = _client_reply({"manifest": str(site / "manifest.tsv")}, run_config)
     spent = float(first.content.metric_records["metrics"]["epsilon"])
     node = resolve_node_data({"manifest": str(site / "manifest.tsv")}, RunConfig())
-    ledger = load_ledger(node.ledger_file)
-    assert ledger is not None and ledger.epsilon(1e-5) == pytest.approx(spent)
+    ledger = load_ledger(node.ledger_file, 1e-5)
+    assert ledger is not None and ledger.epsilon() == pytest.approx(spent)
     # Execute: the node restarts (empty context.state) with a budget one more round would pass
     budget = {"manifest": str(site / "manifest.tsv"), "epsilon-budget": spent * 1.01}
     second = _client_reply(budget, run_config, server_round=2)
@@ -670,4 +671,42 @@ def test_a_restarted_node_never_trains_past_its_budget(tmp_path: Path) -> None:
         assert "arrays" not in reply.content
         assert reply.content.metric_records["metrics"]["declined"] == 1
         assert "budget" in str(reply.content.config_records["decline"]["reason"])
-    assert load_ledger(node.ledger_file) == ledger
+    assert load_ledger(node.ledger_file, 1e-5) == ledger
+
+
+def test_a_node_ledger_spans_accountants_and_its_budget_holds_under_both(tmp_path: Path) -> None:
+    # Prepare: a real node's folder; one run config per accountant (the server's choice)
+    site = tmp_path / "site"
+    site.mkdir()
+    rows = [
+        Utterance(_noise_wav(site / f"{i}.wav", 0.5, seed=i), "yes no", "s", 0.5) for i in range(8)
+    ]
+    write_manifest(site / "manifest.tsv", rows)
+    node_config: dict[str, Any] = {"manifest": str(site / "manifest.tsv")}
+    configs = {
+        name: RunConfig.from_flat({**TINY, "accountant": name}).to_flat() for name in ("rdp", "prv")
+    }
+    # Execute: round 1 under RDP, round 2 under PRV (each a freshly started node)
+    first = _client_reply(node_config, configs["rdp"], server_round=1)
+    second = _client_reply(node_config, configs["prv"], server_round=2)
+    node = resolve_node_data(node_config, RunConfig())
+    ledger = load_ledger(node.ledger_file, 1e-5)
+    # Assert: one ledger holds both rounds; the PRV run reported PRV over both rounds' history
+    metrics = [reply.content.metric_records["metrics"] for reply in (first, second)]
+    steps = int(metrics[0]["num-steps"])
+    assert ledger is not None and ledger.num_steps == 2 * steps
+    assert [p.name for p in node.ledger_file.parent.iterdir()] == ["ledger.json"]
+    reference = PRVAccountant()
+    reference.history = list(ledger.history)
+    assert float(metrics[1]["epsilon"]) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    # Assert: a budget that a third round would pass under either accountant refuses it under both
+    noise, q = float(metrics[0]["noise-multiplier"]), float(metrics[0]["sample-rate"])
+    now = max(ledger.epsilon("rdp"), ledger.epsilon("prv"))
+    then = min(ledger.record(noise, q, steps).epsilon(a) for a in ("rdp", "prv"))
+    assert now < then
+    budget = {**node_config, "epsilon-budget": (now + then) / 2}
+    for name, run_config in configs.items():
+        third = _client_reply(budget, run_config, server_round=3)
+        assert third.content.metric_records["metrics"]["declined"] == 1, name
+        assert "budget" in str(third.content.config_records["decline"]["reason"]), name
+    assert load_ledger(node.ledger_file, 1e-5) == ledger

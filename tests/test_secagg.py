@@ -39,6 +39,7 @@ from client.secagg import (
     secure_aggregation_mod,
 )
 from fedspeech.config import ConfigError, RunConfig
+from server.sampling import Cohort, PoissonSampler
 from server.secagg import run_secure_round
 from server.strategy import make_strategy
 from server.user_dp import UserLevelDP
@@ -112,7 +113,10 @@ def _round(
 ) -> tuple[dict[str, np.ndarray] | None, Any]:
     """One training round as server.app runs it (secure or plain, as ``flat`` says)."""
     cfg = RunConfig.from_flat(flat)
-    strategy: Any = make_strategy(cfg.fed, user_dp=user_dp, secure=cfg.secure_aggregation)
+    sampler = PoissonSampler(cfg.fed, seed=0) if cfg.poisson_sampling else None  # q = 1 here
+    strategy: Any = make_strategy(
+        cfg.fed, user_dp=user_dp, secure=cfg.secure_aggregation, sampler=sampler
+    )
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     if cfg.secure_aggregation:
@@ -271,6 +275,36 @@ def test_fewer_than_three_clients_are_refused(quiet_flower: None) -> None:
     assert secure is None and grid.deliveries == []
     assert [r.status for r in strategy.last_reports] == ["failed"] * 2
     assert "at least 3 sampled clients" in strategy.last_reports[0].reason
+
+
+class _TwoDrawn(PoissonSampler):
+    """A Poisson draw that happened to pick 2 of the 4 nodes (q = 0.5)."""
+
+    def draw(self, node_ids: Any, server_round: int) -> Cohort:
+        return Cohort((100, 101), population=len(node_ids), sample_rate=0.5)
+
+
+def test_a_poisson_draw_below_three_is_left_out_and_releases_noise_only(
+    quiet_flower: None,
+) -> None:
+    # Prepare: user-level DP over SecAgg+, a draw of 2 (too few to hide an update in a sum)
+    flat = _run_config(**{"secure-aggregation": True, "privacy-unit": "user"})
+    cfg = RunConfig.from_flat(flat)
+    grid = _grid(flat)
+    user_dp = UserLevelDP(cfg.privacy, rng=np.random.default_rng(0))
+    strategy: Any = make_strategy(cfg.fed, user_dp=user_dp, secure=True, sampler=_TwoDrawn(cfg.fed))
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    # Execute
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    new, _ = strategy.aggregate_train(1, [])
+    # Assert: nobody was contacted; both drawn are reported left out; the round released noise
+    # over the expected cohort q N = 2 and needs no successes
+    assert messages == [] and grid.deliveries == [] and strategy.successes_needed() == 0
+    assert [r.status for r in strategy.last_reports] == ["failed", "failed"]
+    assert "left out: secure aggregation needs 3" in strategy.last_reports[0].reason
+    release = strategy.last_user_dp
+    assert new is not None and release.sampled == 2 and release.expected == 2.0
+    assert any(not np.array_equal(new[k].numpy(), GLOBAL[k]) for k in SHAPES)
 
 
 def test_a_declining_client_adds_nothing_and_is_reported_declined(quiet_flower: None) -> None:

@@ -25,12 +25,14 @@ from features.text import CharTokenizer
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.model import BiGRUCTC, plain_state_dict
 from fedspeech.privacy_config import PrivacyConfig
+from fedspeech.privacy_ledger import PrivacyLedger
 from server.app import main as server_main
+from server.sampling import Cohort
 from server.tracking import read_rounds
 from server.user_dp import (
     UserDPRelease,
+    UserDPState,
     UserLevelDP,
-    UserPrivacyLedger,
     clip_update,
     flat_norm,
     update_noise_multiplier,
@@ -67,6 +69,7 @@ def test_every_clipped_update_is_within_the_bound_and_one_client_moves_the_mean_
     # Prepare: 12 updates with norms from 0.01 to 100, clipping norm 0.5, 16 clients sampled
     rng = np.random.default_rng(0)
     clip, sampled = 0.5, 16
+    cohort = Cohort(tuple(range(12)), population=20, sample_rate=0.8)  # expected q N = 16
     updates = _random_updates(rng, 12)
     cfg = PrivacyConfig(privacy_unit="user", user_noise_multiplier=1.1, user_clip_norm=clip)
     # Assert: every clipped delta has norm <= C; small ones are untouched
@@ -77,12 +80,12 @@ def test_every_clipped_update_is_within_the_bound_and_one_client_moves_the_mean_
             assert all(np.array_equal(clipped[k], update[k]) for k in update)
     # Execute: the aggregate with every client, and with each one left out (same noise draw)
     everyone, _ = UserLevelDP(cfg, rng=np.random.default_rng(7)).release(
-        _zeros(), updates, sampled=sampled, population=20
+        _zeros(), updates, cohort=cohort
     )
     changes = []
     for i in range(len(updates)):
         without, _ = UserLevelDP(cfg, rng=np.random.default_rng(7)).release(
-            _zeros(), updates[:i] + updates[i + 1 :], sampled=sampled, population=20
+            _zeros(), updates[:i] + updates[i + 1 :], cohort=cohort
         )
         diff = {k: everyone[k].astype(np.float64) - without[k] for k in everyone}
         changes.append(flat_norm(diff))
@@ -96,7 +99,7 @@ def test_non_float_arrays_are_kept_and_dtypes_preserved() -> None:
     update = {"w": np.ones((2, 3), np.float32), "steps": np.array([9], np.int64)}
     cfg = PrivacyConfig(privacy_unit="user")
     new, _ = UserLevelDP(cfg, rng=np.random.default_rng(0)).release(
-        base, [update], sampled=1, population=1
+        base, [update], cohort=Cohort((1,), 1, 1.0)
     )
     assert new["w"].dtype == np.float32 and new["steps"].tolist() == [3]
 
@@ -122,7 +125,7 @@ def test_noise_std_on_the_mean_is_z_c_over_m(adaptive: bool) -> None:
     for _ in range(20):
         mechanism.clip_norm = clip  # adaptive clipping would move it
         new, release = mechanism.release(
-            template, [template, template, template], sampled=sampled, population=sampled
+            template, [template, template, template], cohort=Cohort((1, 2, 3), sampled, 1.0)
         )
         draws.append(new["w"].astype(np.float64).ravel())
         releases.append(release)
@@ -157,7 +160,9 @@ def test_adaptive_clipping_moves_the_norm_to_the_target_quantile(quantile: float
     trace = []
     for _ in range(300):
         updates = _random_updates(rng, 100, np.exp(0.5 * rng.standard_normal(100)))
-        _, release = mechanism.release(_zeros(), updates, sampled=100, population=100)
+        _, release = mechanism.release(
+            _zeros(), updates, cohort=Cohort(tuple(range(100)), 100, 1.0)
+        )
         trace.append(release.clip_norm)
         assert release.unclipped_share is not None
     # Assert: it climbed from 0.05 and settled within 15% of the norms' target quantile
@@ -170,19 +175,28 @@ def test_adaptive_clipping_moves_the_norm_to_the_target_quantile(quantile: float
 
 
 def _release(z: float = 1.0, q: float = 0.5, clip: float = 1.0) -> UserDPRelease:
-    return UserDPRelease(z, z, q, clip, clip, 2, 4, z * clip / 2)
+    return UserDPRelease(z, z, q, clip, clip, 2, 4, 2.0, z * clip / 2)
 
 
-def test_ledger_charges_a_round_once_and_round_trips() -> None:
-    ledger = UserPrivacyLedger().record(1, _release()).record(2, _release())
-    assert ledger.history == ((1.0, 0.5, 2),) and ledger.rounds == 2
+def test_state_charges_a_round_once_and_round_trips() -> None:
+    empty = UserDPState(PrivacyLedger(USER_DELTA))
+    state = empty.record(1, _release()).record(2, _release())
+    assert state.ledger.history == ((1.0, 0.5, 2),) and state.ledger.num_steps == 2
     with pytest.raises(ValueError, match="already accounted"):
-        ledger.record(2, _release())
-    ledger = ledger.record(3, _release(q=0.25))
-    assert ledger.history == ((1.0, 0.5, 2), (1.0, 0.25, 1))
-    assert UserPrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict()))) == ledger
-    assert UserPrivacyLedger.from_dict({}) == UserPrivacyLedger()
-    assert UserPrivacyLedger().epsilon(USER_DELTA) == 0.0
+        state.record(2, _release())
+    state = state.record(3, _release(q=0.25))
+    assert state.ledger.history == ((1.0, 0.5, 2), (1.0, 0.25, 1))
+    restored = json.loads(json.dumps(state.to_dict()))
+    assert UserDPState.from_dict(restored, delta=USER_DELTA) == state
+    assert UserDPState.from_dict({}, delta=USER_DELTA) == empty
+    assert empty.epsilon() == 0.0
+
+
+def test_a_checkpoint_of_the_earlier_format_keeps_its_spend() -> None:
+    legacy = {"accountant": "rdp", "history": [[1.2, 0.5, 4]], "last_round": 4, "clip_norm": 0.3}
+    state = UserDPState.from_dict(legacy, delta=USER_DELTA)
+    assert state.ledger == PrivacyLedger(USER_DELTA, ((1.2, 0.5, 4),))
+    assert (state.last_round, state.clip_norm) == (4, 0.3)
 
 
 # ---------------------------------------------------------------- (c) accounting in the server
@@ -238,12 +252,12 @@ def _rdp(z: float, q: float, rounds: int) -> float:
 def test_user_epsilon_is_the_rdp_accountant_over_rounds_and_keeps_growing_across_a_resume(
     tmp_path: Path,
 ) -> None:
-    # Prepare: 4 nodes, half sampled per round (q = 0.5), z = 1.2, adaptive clipping
+    # Prepare: 4 nodes, each joins a round with q = 0.5 (from fraction-train), z = 1.2, adaptive
     z = 1.2
     settings = {
         **{"privacy-unit": "user", "user-noise-multiplier": z, "user-delta": USER_DELTA},
         **{"adaptive-clipping": True, "user-clip-norm": 0.01, "fraction-train": 0.5},
-        **{"min-clients": 2},
+        **{"min-clients": 2, "dp-seed": 3},
     }
     flat = _server_config(tmp_path, **settings, **{"num-server-rounds": 2})
     run_dir = tmp_path / "run"
@@ -263,8 +277,9 @@ def test_user_epsilon_is_the_rdp_accountant_over_rounds_and_keeps_growing_across
     assert all(row["user_sample_rate"] == 0.5 for row in rows)
     # Assert: the ledger in the checkpoint charged each round once; C carried across the resume
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
-    assert after_two["history"] == [[z, 0.5, 2]] and after_two["last_round"] == 2
-    assert state["user_privacy"]["history"] == [[z, 0.5, 4]]
+    assert after_two["ledger"] == {"delta": USER_DELTA, "history": [[z, 0.5, 2]]}
+    assert after_two["last_round"] == 2
+    assert state["user_privacy"]["ledger"]["history"] == [[z, 0.5, 4]]
     assert state["user_privacy"]["last_round"] == 4
     assert rows[2]["user_clip_norm"] == pytest.approx(after_two["clip_norm"])
     assert rows[1]["user_clip_norm"] != rows[0]["user_clip_norm"]  # adaptive: it moved
@@ -272,14 +287,95 @@ def test_user_epsilon_is_the_rdp_accountant_over_rounds_and_keeps_growing_across
     provenance = json.loads((run_dir / "model" / "config.json").read_text())["provenance"]
     assert provenance["privacy_unit"] == "user" and provenance["noise_multiplier"] is None
     assert provenance["user_epsilon"] == pytest.approx(epsilons[-1])
+    assert provenance["clients"] is None and provenance["epsilon"] is None  # per-client values
+
+
+class _DroppingGrid(_FakeGrid):
+    """Like ``_FakeGrid``, but nodes whose id is a multiple of 7 never reply (dropouts)."""
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        kept = [m for m in messages if m.metadata.dst_node_id % 7]
+        return super().send_and_receive(kept, timeout=timeout)
+
+
+@pytest.mark.slow  # about 2.5 min: 2000 rounds through the ServerApp, checkpoints included
+def test_poisson_cohorts_are_binomial_and_user_epsilon_is_exact_over_2000_rounds(
+    tmp_path: Path,
+) -> None:
+    # Prepare: N = 100 nodes, q = 0.1, z = 1.1, fixed clipping; 14 nodes never reply
+    n, q, z, clip = 100, 0.1, 1.1, 0.5
+    settings = {
+        **{"privacy-unit": "user", "user-noise-multiplier": z, "user-delta": USER_DELTA},
+        **{"user-clip-norm": clip, "client-sample-rate": q, "min-clients": n, "dp-seed": 0},
+    }
+    flat = _server_config(tmp_path, **settings, **{"num-server-rounds": 1000})
+    run_dir = tmp_path / "run"
+    # Execute: 1000 rounds, then a resume to 2000
+    server_main(_DroppingGrid(n), _context(flat))  # type: ignore[arg-type]
+    resumed = {**flat, "num-server-rounds": 2000, "resume": True}
+    server_main(_DroppingGrid(n), _context(resumed))  # type: ignore[arg-type]
+    # Assert: cohort sizes are Binomial(100, 0.1): mean 10, variance 9, within 5%
+    rows = read_rounds(run_dir)
+    assert [row["round"] for row in rows] == list(range(1, 2001))
+    sizes = np.array([row["clients_sampled"] for row in rows], dtype=np.float64)
+    assert sizes.mean() == pytest.approx(n * q, rel=0.05)
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.05)
+    assert sum(row["clients_failed"] for row in rows) > 0  # dropouts happened
+    # Assert: dropouts change neither the denominator (q N) nor the noise std (z C / (q N))
+    assert {row["user_noise_std"] for row in rows} == {z * clip / (q * n)}
+    assert {row["user_sample_rate"] for row in rows} == {q}
+    # Assert: user epsilon after r rounds is Opacus's RDPAccountant(z, q, r), across the resume
+    for r in (1, 2, 999, 1000, 1001, 1002, *range(100, 2001, 100)):
+        assert rows[r - 1]["user_epsilon"] == pytest.approx(_rdp(z, q, r), rel=0, abs=1e-9)
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["user_privacy"]["ledger"]["history"] == [[z, q, 2000]]
+    print(
+        f"\n2000 rounds, N {n}, q {q}: cohort mean {sizes.mean():.4f} (10), variance "
+        f"{sizes.var():.4f} (9); user epsilon after 2000 rounds {rows[-1]['user_epsilon']:.6f}"
+    )
+
+
+def test_a_dropped_client_changes_neither_the_denominator_nor_the_noise() -> None:
+    # Prepare: a cohort of 3 drawn out of 10 at q = 0.3 (expected 3), one client drops out
+    cfg = PrivacyConfig(privacy_unit="user", user_noise_multiplier=1.5, user_clip_norm=0.2)
+    cohort = Cohort((1, 2, 3), population=10, sample_rate=0.3)
+    updates = _random_updates(np.random.default_rng(4), 3)
+    # Execute: the same noise draw with all three and with the third missing
+    full, full_release = UserLevelDP(cfg, rng=np.random.default_rng(9)).release(
+        _zeros(), updates, cohort=cohort
+    )
+    dropped, dropped_release = UserLevelDP(cfg, rng=np.random.default_rng(9)).release(
+        _zeros(), updates[:2], cohort=cohort
+    )
+    # Assert: same noise std and denominator; the aggregates differ by the clipped update / qN
+    assert full_release.noise_std == dropped_release.noise_std == 1.5 * 0.2 / 3.0
+    assert full_release.expected == dropped_release.expected == pytest.approx(3.0)
+    clipped, _ = clip_update(updates[2], 0.2)
+    for key in full:
+        diff = full[key].astype(np.float64) - dropped[key].astype(np.float64)
+        np.testing.assert_allclose(diff, clipped[key] / 3.0, atol=1e-6)
+
+
+def test_an_empty_draw_releases_noise_only_and_is_charged(tmp_path: Path) -> None:
+    # Prepare: q so small that no node of 3 is ever drawn
+    overrides = {"privacy-unit": "user", "client-sample-rate": 1e-9, "num-server-rounds": 2}
+    overrides.update({"min-clients": 3, "user-noise-multiplier": 2.0, "user-clip-norm": 1.0})
+    flat = _server_config(tmp_path, **overrides)
+    # Execute
+    server_main(_FakeGrid(3), _context(flat))  # type: ignore[arg-type]
+    # Assert: both rounds drew nobody, moved the model by noise, and were charged
+    rows = read_rounds(tmp_path / "run")
+    assert [(r["clients_sampled"], r["clients_ok"]) for r in rows] == [(0, 0), (0, 0)]
+    assert all(r["update_norm"] > 0 for r in rows)
+    assert rows[1]["user_epsilon"] == pytest.approx(_rdp(2.0, 1e-9, 2), rel=1e-12)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_every_allowed_strategy_steps_on_the_private_aggregate(
     tmp_path: Path, strategy: str
 ) -> None:
-    # Prepare: 2 clients, both sampled; negligible noise (z 1e-6) and C above the updates' norm,
-    # so the private mean is the plain mean update (+0.01 on every weight)
+    # Prepare: 2 clients, both sampled (q = 1); negligible noise (z 1e-6) and C above the
+    # updates' norm, so the private mean is the plain mean update (+0.01 on every weight)
     overrides = {"privacy-unit": "user", "strategy": strategy, "num-server-rounds": 1}
     overrides.update({"user-noise-multiplier": 1e-6, "user-clip-norm": 4.0, "min-clients": 2})
     flat = _server_config(tmp_path, **overrides)
