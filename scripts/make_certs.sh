@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# TLS certificates for a Flower SuperLink and authentication keys for its SuperNodes.
+# TLS certificates for a Flower SuperLink, authentication keys for its SuperNodes and the
+# SuperExec shared secret.
 #
 # Usage: scripts/make_certs.sh [--nodes N] [--san NAME]... [--days D] [--force] [OUT_DIR]
 #
@@ -19,9 +20,14 @@
 #                             flwr 1.42 expects: the SuperNode gets the private key
 #                             (--auth-supernode-private-key), the SuperLink operator registers
 #                             the .pub with `flwr supernode register supernode-K.pub <connection>`.
+#   superexec.secret          32 random bytes as 64 hex digits and a newline (`openssl rand -hex
+#                             32`), shared by the SuperLink and its ServerApp executors
+#                             (--superexec-auth-secret-file: flwr reads the file as exact raw bytes)
 #
 # SuperLink:  flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.crt \
-#                 --ssl-keyfile server.key --enable-supernode-auth ...
+#                 --ssl-keyfile server.key --enable-supernode-auth \
+#                 --isolation process --superexec-auth-secret-file superexec.secret ...
+# Executor:   flower-superexec --root-certificates ca.crt --superexec-auth-secret-file superexec.secret ...
 # SuperNode:  flower-supernode --root-certificates ca.crt --auth-supernode-private-key supernode-1 ...
 # See docs/deployment.md.
 set -euo pipefail
@@ -51,7 +57,7 @@ mkdir -p "$out"
 cd "$out"
 umask 077  # private keys readable by their owner only
 if [ "$force" = 1 ]; then
-  rm -f ca.key ca.crt ca.srl server.key server.csr server.crt supernode-[0-9]* ./*.cnf
+  rm -f ca.key ca.crt ca.srl server.key server.csr server.crt supernode-[0-9]* ./*.cnf superexec.secret
 fi
 
 # Subject alternative names: always localhost + 127.0.0.1, plus --san entries.
@@ -123,4 +129,10 @@ for k in $(seq 1 "$nodes"); do
   fi
 done
 chmod 644 ./*.pub 2>/dev/null || true
+
+# 4. SuperExec shared secret (mode 600 like the keys; kept once it exists).
+if [ ! -s superexec.secret ]; then
+  openssl rand -hex 32 > superexec.secret
+  echo "make_certs: created SuperExec secret $out/superexec.secret"
+fi
 echo "make_certs: ok ($(pwd))"
