@@ -1,6 +1,7 @@
 """Deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication, two authenticated
-SuperNodes with their own data folders, an unregistered intruder, and `flwr run` (~70 s here;
-in the default suite because it is the product's deployment path).
+SuperNodes with their own data folders, a third whose node config has a mistyped key, an
+unregistered intruder, and `flwr run` (~80 s here; in the default suite because it is the
+product's deployment path).
 
 The same commands as docs/deployment.md, with certificates from scripts/make_certs.sh.
 """
@@ -141,7 +142,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     certs = tmp_path / "certs"
     script = ROOT / "scripts" / "make_certs.sh"
     subprocess.run(
-        ["bash", str(script), "--nodes", "3", str(certs)], check=True, capture_output=True
+        ["bash", str(script), "--nodes", "4", str(certs)], check=True, capture_output=True
     )
     dep = Deployment(tmp_path, certs)
     try:
@@ -160,14 +161,17 @@ def test_tls_superlink_admits_registered_nodes_only_and_trains(
     corpus_manifest(cfg, data)
     manifests = [client_manifest(cfg, data, i, 2) for i in range(2)]
     deployment.start_superlink()
-    for k in (1, 2):  # the operator registers the two nodes' public keys
+    for k in (1, 2, 4):  # the operator registers three nodes' public keys
         public_key = str(deployment.certs / f"supernode-{k}.pub")
         reply = deployment.flwr("supernode", "register", public_key, timeout=60)
         assert reply.returncode == 0, reply.stdout + reply.stderr
 
-    # Execute: two registered nodes, one node with an unregistered key, one with no key at all
+    # Execute: two registered nodes, a registered one whose node config misspells
+    # epsilon-budget, one node with an unregistered key, one with no key at all
     for k in (1, 2):
         deployment.start_supernode(f"node{k}", f"supernode-{k}", f'manifest="{manifests[k - 1]}"')
+    typo = f'manifest="{manifests[0]}" epsilon-bugdet=3'
+    deployment.start_supernode("typo", "supernode-4", typo)
     intruder = deployment.start_supernode("intruder", "supernode-3")
     anonymous = deployment.start(
         "anonymous",
@@ -182,7 +186,7 @@ def test_tls_superlink_admits_registered_nodes_only_and_trains(
         {
             **TINY,
             **{"data-dir": str(data), "num-partitions": 2, "out-dir": str(tmp_path / "run")},
-            **{"num-server-rounds": 2, "min-clients": 2, "round-timeout": 300.0},
+            **{"num-server-rounds": 2, "min-clients": 3, "round-timeout": 300.0},
             "tracking-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         },
     )
@@ -203,6 +207,15 @@ def test_tls_superlink_admits_registered_nodes_only_and_trains(
     assert [h["round"] for h in history] == [1, 2], history
     assert all(h["clients_ok"] == 2 and h["update_norm"] > 0 for h in history)
     assert history[1]["epsilon_max"] > history[0]["epsilon_max"] > 0
+    # Assert: the mistyped node failed its first message with an error naming the key, and the
+    # run reported it (every round, in the per-client report and the ServerApp's log)
+    assert all(h["clients_failed"] == 1 for h in history)
+    lines = (tmp_path / "run" / "report" / "clients.tsv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split("\t"), line.split("\t"), strict=True)) for line in lines[1:]]
+    (failed,) = [row for row in rows if "epsilon-bugdet" in row["last_reason"]]
+    assert "unknown node-config key(s) 'epsilon-bugdet'; known keys:" in failed["last_reason"]
+    assert failed["rounds_failed"] == "2" and failed["rounds_ok"] == "0"
+    assert "epsilon-bugdet" in run.stdout + run.stderr
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     _assert_mlflow_rounds(f"sqlite:///{tmp_path / 'mlflow.db'}")
     print(f"\ndeployment TLS + node auth, 2 nodes x 2 rounds: flwr run {wall:.1f} s")

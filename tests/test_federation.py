@@ -176,12 +176,54 @@ def test_resume_continues_the_run_and_the_privacy_ledgers(
     print(f"\nrun of 1 round + resume to 2 rounds (3 clients): {wall:.1f} s wall")
 
 
+@pytest.mark.slow  # about 60 s of simulation here
+def test_user_level_simulation_samples_poisson_cohorts_and_reports_the_exact_epsilon(
+    data_dir: Path, no_leftovers: Path
+) -> None:
+    # Prepare: 12 clients, privacy-unit "user": each client joins a round with q = 0.5
+    run_dir, z, q = no_leftovers, 1.3, 0.5
+    overrides = {**TINY, "data-dir": str(data_dir), "num-server-rounds": 6}
+    overrides.update({"privacy-unit": "user", "user-noise-multiplier": z, "user-clip-norm": 0.5})
+    overrides.update({"user-delta": DELTA, "client-sample-rate": q, "min-clients": 12})
+    overrides["tracking-uri"] = _sqlite_uri(run_dir)
+    # Execute
+    start = time.perf_counter()
+    outcome = simulate(
+        overrides=overrides, num_supernodes=12, out=run_dir, output=run_dir.with_suffix(".log")
+    )
+    wall = time.perf_counter() - start
+    # Assert: six rounds whose cohorts were drawn, not fixed
+    assert outcome.finished and outcome.rounds == 6, _log_tail(run_dir)
+    rows = read_rounds(run_dir)
+    sampled = [row["clients_sampled"] for row in rows]
+    assert len(set(sampled)) > 1, sampled
+    assert all(row["clients_ok"] == row["clients_sampled"] for row in rows)
+    assert all(row["user_sample_rate"] == q for row in rows)
+    assert all(row["user_noise_std"] == pytest.approx(z * 0.5 / (q * 12)) for row in rows)
+    # Assert: user epsilon = an independent Opacus RDP accountant (Poisson q, z, r rounds)
+    for r, row in enumerate(rows, start=1):
+        assert row["user_epsilon"] == pytest.approx(_rdp_epsilon([(z, q, r)]), rel=0, abs=1e-6)
+    # Assert: MLflow got the covered metrics only (clients_sampled among them), no report
+    covered, per_client = _mlflow_history(
+        overrides["tracking-uri"], run_dir, ("clients_sampled", "train_loss")
+    )
+    assert [m.value for m in covered] == sampled and per_client == []
+    assert outcome.model_dir is not None
+    provenance = load_model_dir(outcome.model_dir).provenance
+    assert provenance["user_epsilon"] == pytest.approx(rows[-1]["user_epsilon"])
+    print(
+        f"\nprivacy-unit user, 12 clients (q 0.5) x 6 rounds: {wall:.1f} s wall; cohorts "
+        f"{sampled}; user eps {rows[-1]['user_epsilon']:.6f} vs Opacus "
+        f"{_rdp_epsilon([(z, q, 6)]):.6f}"
+    )
+
+
 @pytest.mark.slow  # 25-27 s of simulation here, ~33 s when it builds the module's corpus
 def test_both_privacy_units_report_user_and_sample_epsilon_per_round(
     data_dir: Path, no_leftovers: Path
 ) -> None:
-    # Prepare: 4 clients with DP-SGD, half of them sampled per round (q = 0.5), server-side
-    # clipping and noise on top (privacy-unit "both")
+    # Prepare: 4 clients with DP-SGD, each joining a round with q = 0.5 (fraction-train),
+    # server-side clipping and noise on top (privacy-unit "both")
     run_dir, user_noise = no_leftovers, 1.5
     overrides = {**TINY, "data-dir": str(data_dir), "num-server-rounds": 2}
     overrides.update({"privacy-unit": "both", "user-noise-multiplier": user_noise})
@@ -198,24 +240,25 @@ def test_both_privacy_units_report_user_and_sample_epsilon_per_round(
     rows = read_rounds(run_dir)
     assert [row["round"] for row in rows] == [1, 2]
     for r, row in enumerate(rows, start=1):
-        assert row["clients_ok"] == 2 and row["user_sample_rate"] == 0.5
-        assert row["epsilon_max"] > 0
+        assert row["clients_ok"] == row["clients_sampled"] and row["user_sample_rate"] == 0.5
+        assert row["clients_ok"] == 0 or row["epsilon_max"] > 0
         assert row["user_epsilon"] == pytest.approx(_rdp_epsilon([(user_noise, 0.5, r)]), rel=1e-12)
         assert row["user_noise_std"] == pytest.approx(user_noise * 0.5 / 2)
     assert rows[1]["user_epsilon"] > rows[0]["user_epsilon"]
-    # Assert: MLflow holds both per round, and the model records both units
+    # Assert: MLflow holds the user-level epsilon per round but no client's epsilon; the model
+    # records the configured sample-level guarantee and the user-level epsilon
     user, sample = _mlflow_history(
         overrides["tracking-uri"], run_dir, ("user_epsilon", "epsilon_max")
     )
-    assert [m.step for m in user] == [1, 2] and [m.step for m in sample] == [1, 2]
+    assert [m.step for m in user] == [1, 2] and sample == []
     assert [m.value for m in user] == pytest.approx([row["user_epsilon"] for row in rows])
     assert outcome.model_dir is not None
     provenance = load_model_dir(outcome.model_dir).provenance
-    assert provenance["privacy_unit"] == "both" and provenance["epsilon"] > 0
+    assert provenance["privacy_unit"] == "both" and provenance["noise_multiplier"] == NOISE
     assert provenance["user_epsilon"] == pytest.approx(rows[1]["user_epsilon"])
     print(
-        f"\nprivacy-unit both, 4 clients (2 a round) x 2 rounds: {wall:.1f} s wall; "
-        f"user eps {rows[1]['user_epsilon']:.2f}, sample eps max {rows[1]['epsilon_max']:.2f}"
+        f"\nprivacy-unit both, 4 clients (q 0.5) x 2 rounds: {wall:.1f} s wall; "
+        f"user eps {rows[1]['user_epsilon']:.2f}"
     )
 
 

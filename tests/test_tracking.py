@@ -113,6 +113,35 @@ def test_run_records_params_metrics_artifacts_and_registered_model(tmp_path: Pat
     assert not (tmp_path / "cwd" / "mlruns").exists()
 
 
+def test_user_level_dp_runs_send_mlflow_only_what_the_mechanism_covers(tmp_path: Path) -> None:
+    # Prepare: the trackers a user-level DP run opens (MLflow behind the release filter + local)
+    from fedspeech.config import RunConfig
+    from server.tracking import USER_LEVEL_RELEASED, open_tracker, read_rounds
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    flat = {"privacy-unit": "user", "tracking-uri": uri, "experiment-name": "fed"}
+    cfg = RunConfig.from_flat(flat)
+    tracker = open_tracker(cfg, tmp_path / "run", None)
+    per_client = {"train_loss": 2.0, "num_examples": 40.0, "clients_ok": 3.0, "retries": 0.0}
+    covered = {"wer": 0.8, "user_epsilon": 1.5, "user_noise_std": 0.01, "clients_sampled": 3.0}
+    # Execute
+    tracker.log_params(cfg.to_flat())
+    tracker.log_round(1, {**per_client, **covered})
+    tracker.log_artifacts(_report_dir(tmp_path))
+    tracker.fail("round 2: partition-3 failed: its own secret reason")
+    # Assert: MLflow holds the covered metrics only, no report, no client's reason
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    assert set(run.data.metrics) == set(covered) and set(covered) <= USER_LEVEL_RELEASED
+    assert _artifacts(client, tracker.run_id, "report") == set()
+    assert "user-level DP" in run.data.params["released-metrics"]
+    assert run.info.status == "FAILED"
+    assert "partition-3" not in json.dumps(run.data.tags)
+    # Assert: the server's own run folder keeps everything
+    (row,) = read_rounds(tmp_path / "run")
+    assert row["train_loss"] == 2.0 and row["wer"] == 0.8
+
+
 def test_resume_continues_the_same_run(tmp_path: Path) -> None:
     # Prepare: phase 1 logs round 1 and stops without finishing (a crash or --stop-after)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
