@@ -57,7 +57,13 @@ def train(msg: Message, context: Context) -> Message:
 
     from client.faults import active_faults, apply_faults
     from client.local_round import load_node_examples, run_round
-    from client.node_state import load_ledger, newest_ledger, resolve_node_data, save_ledger
+    from client.node_state import (
+        last_charged,
+        load_ledger,
+        newest_ledger,
+        resolve_node_data,
+        save_ledger,
+    )
     from fedspeech.config import RunConfig
     from fedspeech.logs import show_progress
 
@@ -69,6 +75,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(str(config.get("server-round", 0)))
     proximal_mu = float(str(config.get("proximal-mu", 0.0)))  # only FedProx sends it
+    run_key = str(config.get("run-key", ""))  # the same across a run's resumes
+    charged_before = last_charged(node.ledger_file)
     ledger_in_state = _state_ledger(context, cfg.train.delta)
     prior = newest_ledger(ledger_in_state, load_ledger(node.ledger_file, cfg.train.delta))
 
@@ -84,9 +92,23 @@ def train(msg: Message, context: Context) -> Message:
         seed_offset=node.partition[0] if node.partition else context.node_id % 1_000_003,
         proximal_mu=proximal_mu,
     )
+    spent = outcome.privacy_state is not None and outcome.privacy_state.num_steps > (
+        prior.num_steps if prior is not None else 0
+    )
+    # A round of this run charged before: its first attempt was cut off (an interruption) and
+    # the server sends it again. The new attempt spends again; say so.
+    recharged = bool(spent and run_key and charged_before == (run_key, server_round))
+    if recharged:
+        log.warning(
+            "%s: round %d of this run was already charged once (an attempt cut off by an "
+            "interruption); training it again charges it a second time",
+            node.label,
+            server_round,
+        )
     if outcome.privacy_state is not None and outcome.privacy_state != ledger_in_state:
         # Ledger first, reply second: a reply lost after this still counts as spent.
-        save_ledger(node.ledger_file, outcome.privacy_state)
+        charge = (run_key, server_round) if spent and run_key else None
+        save_ledger(node.ledger_file, outcome.privacy_state, charged=charge)
         context.state[_LEDGER_KEY] = ConfigRecord({"ledger": outcome.privacy_state.to_json()})
 
     update = outcome.state_dict
@@ -95,6 +117,9 @@ def train(msg: Message, context: Context) -> Message:
         update = apply_faults(faults, update)
 
     metrics: dict[str, MetricRecordValues] = {**outcome.metrics, **data_metrics}
+    metrics["recharged"] = float(recharged)
+    if node.epsilon_budget is not None:  # for the server's privacy summary
+        metrics["epsilon-budget"] = node.epsilon_budget
     if node.partition is not None:  # lets the server's report name simulated clients stably
         metrics["partition-id"] = float(node.partition[0])
     content = RecordDict({"metrics": MetricRecord(metrics)})

@@ -8,7 +8,8 @@ Reply metric keys (stable; Flower's strategies weight by ``num-examples``): ``tr
 ``num-examples``, ``num-steps``, ``skipped-batches``, ``seconds``, ``declined`` (0/1) and, with
 DP, ``epsilon`` (the client's total so far), ``noise-multiplier``, ``sample-rate``. The data
 pass adds ``skipped-utterances`` and its split by reason (``data_metrics``): counts only, never
-which utterance.
+which utterance. The ClientApp adds ``recharged`` (1: this round of this run had been charged
+before, by an attempt that was cut off) and, when the node has one, ``epsilon-budget``.
 """
 
 from __future__ import annotations

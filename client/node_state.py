@@ -211,33 +211,75 @@ def load_ledger(path: Path, delta: float) -> PrivacyLedger | None:
     return ledger
 
 
+def last_charged(path: Path) -> tuple[str, int] | None:
+    """``(run key, server round)`` of the last round charged to the ledger at ``path``, if known.
+
+    Raises:
+        ValueError: a damaged ledger file (named).
+    """
+    return _read_file(path).get("last_charged")
+
+
 def _read_ledger_file(path: Path, delta: float) -> tuple[PrivacyLedger | None, tuple[str, ...]]:
     """(ledger, names of the legacy files merged into it) at ``path``; (None, ()) if absent."""
+    data = _read_file(path)
+    if not data:
+        return None, ()
+    try:
+        return PrivacyLedger.from_dict(data["raw"], delta=delta), data["migrated"]
+    except ValueError as exc:
+        raise ValueError(_damaged(path, exc)) from exc
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The raw ledger object, what it merged and its last charge ({} if there is no file)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None, ()
+        return {}
     try:
-        data = json.loads(text)
-        merged = tuple(str(name) for name in data.get("migrated", ()))
-        return PrivacyLedger.from_dict(data, delta=delta), merged
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ValueError(
-            f"{path}: damaged privacy ledger ({exc}); refusing to start over (repair or restore "
-            "the file: deleting it would reset this node's privacy budget)"
-        ) from exc
+        raw = json.loads(text)
+        charged = raw.get("last_charged")
+        return {
+            "raw": raw,
+            "migrated": tuple(str(name) for name in raw.get("migrated", ())),
+            "last_charged": None if charged is None else (str(charged[0]), int(charged[1])),
+        }
+    except (ValueError, AttributeError, TypeError, IndexError) as exc:
+        raise ValueError(_damaged(path, exc)) from exc
 
 
-def save_ledger(path: Path, ledger: PrivacyLedger, *, merged: tuple[str, ...] = ()) -> None:
+def _damaged(path: Path, exc: Exception) -> str:
+    return (
+        f"{path}: damaged privacy ledger ({exc}); refusing to start over (repair or restore the "
+        "file: deleting it would reset this node's privacy budget)"
+    )
+
+
+def save_ledger(
+    path: Path,
+    ledger: PrivacyLedger,
+    *,
+    merged: tuple[str, ...] = (),
+    charged: tuple[str, int] | None = None,
+) -> None:
     """Write the ledger atomically (temporary file, fsync, rename).
 
-    ``merged``: names of earlier per-accountant files already folded into it (kept in the file).
+    Args:
+        path: the ledger file.
+        ledger: the history to write.
+        merged: names of earlier per-accountant files already folded into it.
+        charged: ``(run key, server round)`` of the round this save charges.
+    What the file already records of either is kept unless given anew.
     """
-    if not merged:
-        _, merged = _read_ledger_file(path, ledger.delta)  # keep what an earlier save recorded
+    before = _read_file(path)
+    merged = merged or before.get("migrated", ())
+    charged = charged or before.get("last_charged")
     data: dict[str, Any] = ledger.to_dict()
     if merged:
         data["migrated"] = list(merged)
+    if charged:
+        data["last_charged"] = list(charged)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -48,7 +48,11 @@ def register(sub: Any) -> None:
     p = dsub.add_parser("folder", help="any folder of audio files with same-name .txt transcripts")
     p.add_argument("root", type=Path)
     p.add_argument("--speaker", help="one speaker for all files (default: parent folder name)")
-    p.add_argument("--out", type=Path, required=True, help="manifest.tsv to write")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="manifest.tsv to write (default: ROOT/manifest.tsv, whose paths are then relative)",
+    )
     p.set_defaults(handler=_folder)
 
     p = dsub.add_parser("partition", help="split a manifest into N client manifests")
@@ -108,7 +112,8 @@ def _fsdd(args: argparse.Namespace) -> int:
 def _folder(args: argparse.Namespace) -> int:
     from features.corpora.folder import build_folder
 
-    return _report_exit(build_folder(args.root, args.out, speaker=args.speaker))
+    out = args.out or args.root / "manifest.tsv"
+    return _report_exit(build_folder(args.root, out, speaker=args.speaker))
 
 
 def _partition(args: argparse.Namespace) -> int:

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fedspeech.config import RESUME_CHANGEABLE_KEYS, ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from server.tracking import EndStatus
 
 log = logging.getLogger("fedspeech")
 
 # Ray CPUs per virtual client: with 1, a 2-core machine trains two clients at a time.
 DEFAULT_CLIENT_CPUS = 1
+_REASON_CHARS = 300  # of a failed run's reason on the final line
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,10 @@ class SimulationOutcome:
         finished: the run reached ``num-server-rounds``.
         model_dir: the final model directory, if written.
         history: per-round summaries (``server.rounds.RoundSummary.to_json``).
-        tracking_run_id: the tracker's run id.
+        tracking_run_id: the tracker's run id (None: the run never opened one).
         seconds: wall time of the launch (SuperLink start to cleanup).
         error: why the server stopped the run early (None: it did not, or did not say).
+        clients: the per-client table of the last checkpoint (``server.rounds.update_clients``).
     """
 
     run_dir: Path
@@ -45,11 +52,26 @@ class SimulationOutcome:
     tracking_run_id: str | None
     seconds: float
     error: str | None = None
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class SimulationInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a launch; raised after every process was stopped."""
+
+    def __init__(self, outcome: SimulationOutcome) -> None:
+        super().__init__(f"interrupted after round {outcome.rounds}")
+        self.outcome = outcome
 
 
 def register(sub: Any) -> None:
     """Add the ``simulate`` command to the top-level subparsers."""
-    p = sub.add_parser("simulate", help="federated training of virtual clients on this machine")
+    p = sub.add_parser(
+        "simulate",
+        help="federated training of virtual clients on this machine",
+        description="Federated training of virtual clients on this machine. Exit status: 0 when "
+        "the run finished all its rounds, 1 when it failed, 2 when it could not start "
+        "(configuration or pre-flight problems, named one per line), 130 when interrupted.",
+    )
     p.add_argument("--preset", help="experiments/NAME.toml or a TOML file")
     p.add_argument(
         "--run-config", default="", help='overrides, e.g. "num-server-rounds=5 dp=false"'
@@ -57,7 +79,11 @@ def register(sub: Any) -> None:
     p.add_argument("--num-supernodes", type=int, help="virtual clients (default: num-partitions)")
     p.add_argument("--out", type=Path, help="run folder (default: the run config's out-dir)")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the run folder's checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with the configuration it was "
+        "started with (run_config.toml there); --run-config may then change only "
+        + ", ".join(sorted(RESUME_CHANGEABLE_KEYS)),
     )
     p.add_argument(
         "--client-cpus", type=float, default=DEFAULT_CLIENT_CPUS, help="Ray CPUs per client"
@@ -77,62 +103,42 @@ def simulate(
 ) -> SimulationOutcome:
     """Run a local simulation; see ``fedspeech simulate --help``.
 
+    A fresh run layers its config (pyproject <- preset <- overrides); ``resume`` continues the
+    run in ``out`` from its saved ``run_config.toml``, where the overrides may change only
+    ``RESUME_CHANGEABLE_KEYS``. Either way every check that needs no Flower process runs first
+    (``fedspeech.preflight``). When the launch is interrupted (Ctrl-C, SIGTERM) or the server
+    never closed its tracking run, the run is closed as KILLED or FAILED before returning.
+
     Args:
-        preset: preset name or TOML file.
+        preset: preset name or TOML file (a fresh run only).
         overrides: run-config overrides (``"k=v ..."`` or a mapping).
         num_supernodes: virtual clients; default the run config's ``num-partitions``.
         out: run folder; default the run config's ``out-dir``.
-        resume: continue from the run folder's checkpoint.
+        resume: continue the run in the run folder.
         client_cpus: Ray CPUs reserved per virtual client.
         output: file for Flower's streamed logs (None: stdout).
 
     Raises:
-        ConfigError: bad run config.
-        FileNotFoundError: ``resume`` without a checkpoint in the run folder.
+        ConfigError: bad run config, a resume that changes what defines the run, or problems
+            found before launch (``PreflightError``, one line each).
+        FileNotFoundError: ``resume`` without a run (or a checkpoint) in the run folder.
         server.checkpoint.CheckpointError: ``resume`` and no checkpoint is intact.
         RuntimeError: the SuperLink does not start.
+        SimulationInterrupted: interrupted (a ``KeyboardInterrupt``, raised after the cleanup;
+            the run is closed as KILLED; ``.outcome`` says where it stood).
     """
     import time
 
-    from fedspeech.config import ConfigError, resolve_run_config
-    from fedspeech.fed_data import corpus_manifest
     from fedspeech.flower_launch import flwr_run, local_superlink, stage_app, write_run_config
+    from fedspeech.preflight import check_run
 
     app_dir = _app_dir()
-    cfg = resolve_run_config(preset, overrides, cwd=app_dir)
-    n = num_supernodes or cfg.data.num_partitions
-    if cfg.fed.clients_per_round > n:
-        raise ConfigError(
-            f"clients-per-round {cfg.fed.clients_per_round} exceeds the {n} simulated clients"
-        )
+    if resume:
+        cfg, n, run_dir = _resumed_config(app_dir, preset, overrides, out, num_supernodes)
+    else:
+        cfg, n, run_dir = _fresh_config(app_dir, preset, overrides, out, num_supernodes)
+    check_run(cfg, n).raise_for_problems()
     flat = cfg.to_flat()
-    run_dir = (out or Path(cfg.fed.out_dir)).resolve()
-    flat.update(
-        {
-            "num-partitions": n,
-            "min-clients": min(cfg.fed.min_clients, n),
-            "out-dir": str(run_dir),
-            "data-dir": str(Path(cfg.fed.data_dir).resolve()),
-            "resume": resume or cfg.fed.resume,
-        }
-    )
-    for key in ("eval-manifest", "init-model"):
-        if flat[key]:
-            flat[key] = str(Path(flat[key]).resolve())
-    if cfg.data.corpus != "synthetic":
-        flat["corpus"] = str(Path(cfg.data.corpus).resolve())
-    flat["tracking-uri"] = absolute_sqlite_uri(cfg.fed.tracking_uri)
-    cfg = type(cfg).from_flat(flat)  # validates the adjusted config
-    if cfg.fed.resume:
-        from server.checkpoint import load_checkpoint
-
-        # Verified here (sizes and hashes against its manifest) so that a damaged checkpoint is
-        # refused with its reason before any Flower process starts.
-        if load_checkpoint(run_dir) is None:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
-    # Build the corpus here, once, with progress on the console; the Flower processes then
-    # find it finished (the builder's no-op path) instead of queueing on its lock.
-    corpus_manifest(cfg, cfg.fed.data_dir)
     if cfg.fed.pretrain_utterances and not cfg.fed.resume:
         if cfg.fed.init_model:
             log.warning("init-model is set: skipping the public pre-training")
@@ -144,15 +150,117 @@ def simulate(
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = write_run_config(run_dir / "run_config.toml", flat)
     start = time.perf_counter()
-    with local_superlink(run_dir / ".flwr") as link:
-        rc = flwr_run(
-            link,
-            stage_app(app_dir, run_dir / ".flwr" / "app"),  # packs in ms, not seconds
-            run_config=config_file,
-            federation_config={"num-supernodes": n, "client-resources-num-cpus": client_cpus},
-            output=output,
+    try:
+        with local_superlink(run_dir / ".flwr") as link:
+            rc = flwr_run(
+                link,
+                stage_app(app_dir, run_dir / ".flwr" / "app"),  # packs in ms, not seconds
+                run_config=config_file,
+                federation_config={"num-supernodes": n, "client-resources-num-cpus": client_cpus},
+                output=output,
+            )
+    except KeyboardInterrupt as exc:
+        _close_tracking(cfg, run_dir, "KILLED", "interrupted (SIGINT or SIGTERM)")
+        raise SimulationInterrupted(_outcome(run_dir, 130, time.perf_counter() - start)) from exc
+    outcome = _outcome(run_dir, rc, time.perf_counter() - start)
+    if not outcome.finished:
+        reason = outcome.error or f"flwr run exited with status {rc} before the last round"
+        _close_tracking(cfg, run_dir, "FAILED", reason)
+    return outcome
+
+
+def _fresh_config(
+    app_dir: Path,
+    preset: str | None,
+    overrides: str | dict[str, Any],
+    out: Path | None,
+    num_supernodes: int | None,
+) -> tuple[RunConfig, int, Path]:
+    """A new run's config: layered, with absolute paths and the simulation's sizes."""
+    from fedspeech.config import resolve_run_config
+
+    cfg = resolve_run_config(preset, overrides, cwd=app_dir)
+    if cfg.fed.resume:
+        raise ConfigError("resume = true in the run config: use `fedspeech simulate --resume`")
+    n = num_supernodes or cfg.data.num_partitions
+    run_dir = (out or Path(cfg.fed.out_dir)).resolve()
+    flat = cfg.to_flat()
+    flat.update(
+        {
+            "num-partitions": n,
+            "min-clients": min(cfg.fed.min_clients, n),
+            "out-dir": str(run_dir),
+            "data-dir": str(Path(cfg.fed.data_dir).resolve()),
+        }
+    )
+    for key in ("eval-manifest", "init-model"):
+        if flat[key]:
+            flat[key] = str(Path(flat[key]).resolve())
+    if cfg.data.corpus != "synthetic":
+        flat["corpus"] = str(Path(cfg.data.corpus).resolve())
+    flat["tracking-uri"] = absolute_sqlite_uri(cfg.fed.tracking_uri)
+    return RunConfig.from_flat(flat), n, run_dir
+
+
+def _resumed_config(
+    app_dir: Path,
+    preset: str | None,
+    overrides: str | dict[str, Any],
+    out: Path | None,
+    num_supernodes: int | None,
+) -> tuple[RunConfig, int, Path]:
+    """The config of the run being resumed: its saved one, with only safe keys changed."""
+    import tomllib
+
+    from fedspeech.config import check_resume_changes, parse_overrides, resolve_run_config
+    from server.checkpoint import load_checkpoint
+
+    if preset:
+        raise ConfigError(
+            "--preset with --resume: a resumed run continues with its saved configuration "
+            "(run_config.toml in the run folder); give only --run-config changes"
         )
-    return _outcome(run_dir, rc, time.perf_counter() - start)
+    requested = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
+    if out is None:  # the run folder the overrides or the project name
+        out = Path(str(requested.get("out-dir") or resolve_run_config(cwd=app_dir).fed.out_dir))
+    run_dir = out.resolve()
+    saved_file = run_dir / "run_config.toml"
+    if not saved_file.is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: no run to resume ({saved_file.name} is missing; a run started with "
+            f"`fedspeech simulate --out {run_dir}` writes it)"
+        )
+    try:
+        saved = tomllib.loads(saved_file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{saved_file}: not valid TOML ({exc})") from exc
+    if "tracking-uri" in requested:
+        requested["tracking-uri"] = absolute_sqlite_uri(str(requested["tracking-uri"]))
+    n = int(saved["num-partitions"])
+    if num_supernodes is not None and num_supernodes != n:
+        raise ConfigError(
+            f"--num-supernodes {num_supernodes}: the run in {run_dir} has {n} clients, and a "
+            "resumed run keeps them"
+        )
+    flat = {**saved, **requested, "resume": True}
+    changed = check_resume_changes(saved, flat)
+    if changed:
+        log.info("resuming with %s", ", ".join(f"{k} = {flat[k]!r}" for k in changed))
+    # Verified here (sizes and hashes against its manifest) so that a damaged checkpoint is
+    # refused with its reason before any Flower process starts.
+    if load_checkpoint(run_dir) is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+    return RunConfig.from_flat(flat), n, run_dir
+
+
+def _close_tracking(cfg: RunConfig, run_dir: Path, status: EndStatus, reason: str) -> None:
+    """Close the run's tracking run if its server could not (see ``close_unfinished_run``)."""
+    from server.tracking import close_unfinished_run
+
+    try:
+        close_unfinished_run(cfg, run_dir, status, reason)
+    except Exception:  # never hide the run's own outcome behind a tracking problem
+        log.exception("could not close the tracking run of %s", run_dir)
 
 
 def stop_on_sigterm() -> None:
@@ -179,35 +287,62 @@ def absolute_sqlite_uri(uri: str) -> str:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     stop_on_sigterm()
-    outcome = simulate(
-        preset=args.preset,
-        overrides=args.run_config,
-        num_supernodes=args.num_supernodes,
-        out=args.out,
-        resume=args.resume,
-        client_cpus=args.client_cpus,
-    )
+    try:
+        outcome = simulate(
+            preset=args.preset,
+            overrides=args.run_config,
+            num_supernodes=args.num_supernodes,
+            out=args.out,
+            resume=args.resume,
+            client_cpus=args.client_cpus,
+        )
+    except SimulationInterrupted as stop:
+        report_outcome(stop.outcome, interrupted=True)
+        return 130
+    return report_outcome(outcome)
+
+
+def report_outcome(outcome: SimulationOutcome, *, interrupted: bool = False) -> int:
+    """Print where the run stands, its privacy per client, and one final line; the exit code.
+
+    0 only when the run finished as asked; 130 when interrupted; 1 otherwise.
+    """
+    from server.rounds import privacy_summary
+
     last = outcome.history[-1] if outcome.history else {}
-    print(
-        f"simulate: {outcome.rounds} rounds in {outcome.seconds:.0f} s; "
+    if outcome.clients and any(c.get("epsilon") is not None for c in outcome.clients.values()):
+        print("privacy per client (epsilon spent, budget, rounds declined / charged twice):")
+        print(privacy_summary(outcome.clients), end="")
+    print(f"run folder: {outcome.run_dir}")
+    print(f"tracking run id: {outcome.tracking_run_id or '- (no tracking run was opened)'}")
+    if outcome.model_dir is not None:
+        print(f"model: {outcome.model_dir}")
+    scores = (
         f"WER {_fmt(last.get('wer'))}, CER {_fmt(last.get('cer'))}, "
         f"epsilon max {_fmt(last.get('epsilon_max'))}"
         + (f", user epsilon {_fmt(last['user_epsilon'])}" if last.get("user_epsilon") else "")
     )
-    print(f"run folder: {outcome.run_dir}")
-    print(f"tracking run id: {outcome.tracking_run_id}")
-    if outcome.model_dir is not None:
-        print(f"model: {outcome.model_dir}")
-    if not outcome.finished:
-        if outcome.error:
-            log.error("%s", outcome.error)
-        log.error(
-            "the run did not finish (flwr run exit status %d); logs in %s",
-            outcome.returncode,
-            outcome.run_dir / ".flwr",
-        )
-        return 1
-    return 0
+    again = (
+        f"continue with `fedspeech simulate --out {outcome.run_dir} --resume`"
+        if outcome.rounds
+        else "no round was completed, so there is nothing to resume: start the run again"
+    )
+    if outcome.finished:
+        print(f"simulate: finished {outcome.rounds} rounds in {outcome.seconds:.0f} s; {scores}")
+        return 0
+    if interrupted:
+        print(f"simulate: interrupted after round {outcome.rounds}; {again}")
+        return 130
+    reason = " ".join(
+        (outcome.error or f"flwr run exited with status {outcome.returncode}").split()
+    )
+    if len(reason) > _REASON_CHARS:  # one line: the whole text is in tracking.json
+        reason = reason[:_REASON_CHARS] + f"... (in full: {outcome.run_dir / 'tracking.json'})"
+    print(
+        f"simulate: FAILED after round {outcome.rounds}: {reason} (logs in "
+        f"{outcome.run_dir / '.flwr'}); {again} once the cause is fixed"
+    )
+    return 1
 
 
 def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcome:
@@ -219,6 +354,7 @@ def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcom
     if path is not None:
         state = RunState.from_json((path / "state.json").read_text(encoding="utf-8"))
     model_dir = run_dir / "model"
+    tracking = read_tracking_info(run_dir)
     return SimulationOutcome(
         run_dir=run_dir,
         returncode=returncode,
@@ -226,9 +362,10 @@ def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcom
         finished=state.finished and (model_dir / "config.json").is_file(),
         model_dir=model_dir if (model_dir / "config.json").is_file() else None,
         history=state.history,
-        tracking_run_id=state.tracking_run_id,
+        tracking_run_id=state.tracking_run_id or tracking.get("run_id"),
         seconds=seconds,
-        error=read_tracking_info(run_dir).get("error"),
+        error=tracking.get("error"),
+        clients=state.clients,
     )
 
 

@@ -2,16 +2,18 @@
 
 transcribe output (stdout, or ``--out``):
 
-* ``text``: one input file gives its transcript alone; several give ``path<TAB>text`` lines.
+* ``text``: one ``path<TAB>text`` line per file, however many (scripts can rely on it).
   Files that fail are left out of stdout and named in an error on stderr.
 * ``json``: a list with ``{path, text, words: [{word, start, end, confidence}], confidence,
-  duration_s}`` per file, or ``{path, error}`` for a file that failed.
+  duration_s}`` per file (``confidence`` null when nothing was decoded: a silent file), or
+  ``{path, error}`` for a file that failed.
 * ``srt``: SubRip subtitles. One file: to stdout or ``--out FILE``; several: ``--out DIR`` gets
   one ``<name>.srt`` per audio file (``<name>`` = the audio file name without its extension, its
   folder's relative path prefixed when names would clash).
 
-Exit codes: 0 if at least one file was transcribed (failures are logged), 1 if every file failed,
-2 for a bad model directory, missing input or bad options. ``evaluate`` exits 1 if nothing could
+Exit codes: 0 if every file was transcribed; 1 if some (or all) failed (the others are still
+written, the failures named on stderr); 2 for a bad model directory, missing input or bad
+options. ``evaluate`` exits 1 if nothing could
 be scored.
 """
 
@@ -34,7 +36,12 @@ def register(sub: Any) -> None:
     p.add_argument("audio", nargs="+", type=Path, metavar="AUDIO", help="audio files or folders")
     p.add_argument("--format", choices=["text", "json", "srt"], default="text")
     p.add_argument("--out", type=Path, help="write here instead of stdout (srt, many files: DIR)")
-    p.add_argument("--max-chunk", type=float, default=20.0, help="longest chunk, seconds")
+    p.add_argument(
+        "--max-chunk",
+        type=_chunk_seconds,
+        default=20.0,
+        help="longest chunk long audio is cut into, seconds (at least 1)",
+    )
     _decoder_options(p)
     p.set_defaults(handler=_transcribe)
 
@@ -44,6 +51,17 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     _decoder_options(p)
     p.set_defaults(handler=_evaluate)
+
+
+def _chunk_seconds(text: str) -> float:
+    """``--max-chunk``: a number of seconds >= 1 (a chunk must hold at least a word)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, got {text}")
+    return value
 
 
 def _decoder_options(p: argparse.ArgumentParser) -> None:
@@ -106,10 +124,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     if args.format == "json":
         _emit(json.dumps([t.to_dict() for t in results], indent=2) + "\n", args.out)
     elif args.format == "text":
-        if several:
-            lines = [f"{t.path}\t{t.hypothesis.text}\n" for t in ok if t.hypothesis]
-        else:
-            lines = [f"{t.hypothesis.text}\n" for t in ok if t.hypothesis]
+        lines = [f"{t.path}\t{t.hypothesis.text}\n" for t in ok if t.hypothesis]
         _emit("".join(lines), args.out)
     elif not several:
         for t in ok:
@@ -122,13 +137,16 @@ def _transcribe(args: argparse.Namespace) -> int:
             if t.hypothesis:
                 (args.out / name).write_text(to_srt(t.hypothesis), encoding="utf-8")
         log.info("wrote %d subtitle files to %s", len(ok), args.out)
-    log.info(
-        "transcribed %d of %d files (%.1f s of audio)",
+    failed = len(results) - len(ok)
+    log.log(
+        logging.ERROR if failed else logging.INFO,
+        "transcribed %d of %d files (%.1f s of audio)%s",
         len(ok),
         len(results),
         sum(t.duration_s for t in ok),
+        f"; {failed} failed (named above)" if failed else "",
     )
-    return 0 if ok else 1
+    return 1 if failed else 0
 
 
 def _srt_names(paths: list[Path]) -> list[str]:

@@ -8,6 +8,7 @@ falling back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -292,6 +293,45 @@ def flat_keys() -> set[str]:
     return {f.name.replace("_", "-") for t in _section_types().values() for f in fields(t)}
 
 
+# What ``--resume`` may change in a run's saved configuration: how long it runs, where it is
+# tracked, how long it waits, how many threads it uses. Everything else (data, model, privacy,
+# sampling, partitions) defines the run: changing it mid-run would train another model or break
+# the privacy accounting, so it is refused.
+RESUME_CHANGEABLE_KEYS = frozenset(
+    {
+        "num-server-rounds",
+        "tracking-uri",
+        "experiment-name",
+        "run-name",
+        "round-timeout",
+        "round-retries",
+        "client-threads",
+        "server-threads",
+    }
+)
+# Read only when a run starts (its first model) or saying that it resumes: ignored on resume.
+_IGNORED_ON_RESUME = frozenset({"resume", "init-model", "pretrain-utterances", "pretrain-epochs"})
+
+
+def check_resume_changes(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """The keys ``requested`` changes against a run's ``saved`` config (changeable ones only).
+
+    Raises:
+        ConfigError: a key outside ``RESUME_CHANGEABLE_KEYS`` (and those a resume ignores)
+            changes; every such key is named with its old and new value.
+    """
+    changed = sorted(k for k in requested if saved.get(k) != requested[k])
+    unsafe = [k for k in changed if k not in RESUME_CHANGEABLE_KEYS | _IGNORED_ON_RESUME]
+    if unsafe:
+        details = ", ".join(f"{k} {saved.get(k)!r} -> {requested[k]!r}" for k in unsafe)
+        raise ConfigError(
+            f"--resume continues the run with its saved configuration and cannot change {details}; "
+            f"it may change only {', '.join(sorted(RESUME_CHANGEABLE_KEYS))} "
+            "(start a new run in another --out folder to change the rest)"
+        )
+    return [k for k in changed if k not in _IGNORED_ON_RESUME]
+
+
 def load_pyproject_config(pyproject: str | Path) -> dict[str, Any]:
     """The ``[tool.flwr.app.config]`` table of a pyproject.toml."""
     with open(pyproject, "rb") as fh:
@@ -303,17 +343,39 @@ def load_pyproject_config(pyproject: str | Path) -> dict[str, Any]:
     return table
 
 
+# key = value, spaces around "=" allowed; the value is a TOML string (quoted, may hold spaces)
+# or one bare word (a TOML number/boolean, else taken as a string).
+_OVERRIDE = re.compile(
+    r"""\s*(?P<key>[A-Za-z0-9_.-]+)\s*=\s*(?P<value>"(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']+)\s*"""
+)
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse ``"key=value key2=value2"`` (TOML values; bare words are strings) as Flower does."""
+    """Parse ``"key=value key2 = 'a b'"``: TOML values, bare words are strings, spaces around
+    ``=`` and quoted values with spaces allowed.
+
+    >>> parse_overrides('num-server-rounds = 5 run-name="a b" dp=false corpus=x.tsv')
+    {'num-server-rounds': 5, 'run-name': 'a b', 'dp': False, 'corpus': 'x.tsv'}
+
+    Raises:
+        ConfigError: text that is not a sequence of key=value pairs (the rest is quoted).
+    """
     out: dict[str, Any] = {}
-    for item in text.split():
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value")
+    position = 0
+    while position < len(text.rstrip()):
+        match = _OVERRIDE.match(text, position)
+        if match is None:
+            rest = text[position:].strip()
+            raise ConfigError(
+                f"override {rest.split()[0]!r} is not key=value (in {text!r}; quote values "
+                'with spaces: run-name="my run")'
+            )
+        raw = match["value"]
         try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
+            out[match["key"]] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key] = raw
+            out[match["key"]] = raw
+        position = match.end()
     return out
 
 
@@ -373,8 +435,7 @@ def resolve_run_config(
     flat: dict[str, Any] = {}
     pyproject = (cwd or Path.cwd()) / "pyproject.toml"
     if pyproject.is_file():
-        with open(pyproject, "rb") as fh:
-            project = tomllib.load(fh)
+        project = _load_toml(pyproject)
         if project.get("project", {}).get("name") == "fedspeech":
             flat.update(project["tool"]["flwr"]["app"]["config"])
     layers = [flat]
@@ -395,6 +456,15 @@ def resolve_run_config(
     return RunConfig.from_flat(merged)
 
 
+def _load_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's table; a malformed file is a ConfigError naming it and the line."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+
+
 def _read_preset(preset: str) -> dict[str, Any]:
     path = Path(preset)
     if not path.is_file():
@@ -402,8 +472,7 @@ def _read_preset(preset: str) -> dict[str, Any]:
     if not path.is_file():
         names = sorted(p.stem for p in presets_dir().glob("*.toml"))
         raise ConfigError(f"preset {preset!r} not found (a TOML file or one of {names})")
-    with open(path, "rb") as fh:
-        table = tomllib.load(fh)
+    table = _load_toml(path)
     if isinstance(table.get("recipe"), dict):
         raise ConfigError(
             f"{path} is a recipe (run it with `python experiments/recipes.py {path.stem} MODE`), "

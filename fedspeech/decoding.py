@@ -43,11 +43,12 @@ class Word:
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """A decoded utterance: text, its words with times, and a confidence in [0, 1]."""
+    """A decoded utterance: text, its words with times, and a confidence in [0, 1] (None: no
+    audio was decoded at all, e.g. a silent file)."""
 
     text: str
     words: list[Word]
-    confidence: float
+    confidence: float | None
 
     def shifted(self, offset_s: float) -> Hypothesis:
         """The same hypothesis with every word time moved by ``offset_s`` (e.g. a chunk start)."""
@@ -69,13 +70,16 @@ def join_hypotheses(parts: Sequence[Hypothesis]) -> Hypothesis:
     """Concatenate hypotheses of consecutive chunks (word times already absolute).
 
     The confidence is the character-weighted mean over all words, as for a single utterance; with
-    no words at all, the mean of the parts' confidences (1.0 for no parts).
+    no words at all, the mean of the parts' confidences; with no parts (nothing was decoded:
+    silence), None: there is no decision to be confident about.
     """
     words = [w for p in parts for w in p.words]
+    confidence: float | None = None
     if words:
         confidence = char_weighted_confidence(words)
-    else:
-        confidence = float(np.mean([p.confidence for p in parts])) if parts else 1.0
+    elif parts:
+        known = [p.confidence for p in parts if p.confidence is not None]
+        confidence = float(np.mean(known)) if known else None
     return Hypothesis(" ".join(w.text for w in words), words, confidence)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,10 @@ LAUNCH_ID_VAR = "FEDSPEECH_LAUNCH_ID"
 CONNECTION = "fedspeech"
 _STARTUP_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 10.0
+_SETTLE_S = 0.5  # two empty scans this far apart end the cleanup
+_CLEANUP_DEADLINE_S = 60.0
 _NEVER_APP_DIRS = frozenset({".git", ".flwr"})  # never part of a FAB, never walked
+_ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour / cursor codes
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ def flower_env(flwr_home: Path, launch_id: str) -> dict[str, str]:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray's future default (actors without GPUs see the devices as set); also silences
+            # the FutureWarning Ray prints at every start otherwise
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
             LAUNCH_ID_VAR: launch_id,
         }
@@ -139,12 +146,25 @@ def flwr_run(
         *("--federation-config", federation),
     ]
     log.info("%s", " ".join(command))
-    if output is None:
+    if output is None and sys.stdout.isatty():
         return subprocess.run(command, env=dict(link.env), check=False).returncode
-    with open(output, "ab") as fh:
-        return subprocess.run(
-            command, env=dict(link.env), stdout=fh, stderr=subprocess.STDOUT, check=False
-        ).returncode
+    # A file (or a pipe): without the colour codes Flower and Ray put on every line.
+    sys.stdout.flush()
+    sink = open(output, "ab") if output is not None else nullcontext(sys.stdout.buffer)  # noqa: SIM115
+    with sink as fh:
+        proc = subprocess.Popen(
+            command, env=dict(link.env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(_ANSI.sub(b"", line))
+                fh.flush()
+            return proc.wait()
+        except BaseException:  # as subprocess.run does: never leave the child running
+            proc.kill()
+            proc.wait()
+            raise
 
 
 def stage_app(app_dir: Path, dest: Path) -> Path:
@@ -189,7 +209,13 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
 
 
 def stop_launched(process: subprocess.Popen[bytes], launch_id: str) -> list[int]:
-    """Stop ``process``, then every process tagged with ``launch_id``; returns the pids signalled."""
+    """Stop ``process``, then every process tagged with ``launch_id``; returns the pids signalled.
+
+    Tagged processes get SIGTERM, and SIGKILL if still alive ``_STOP_GRACE_S`` later. The scan
+    repeats until two scans in a row (``_SETTLE_S`` apart) find nothing: a process that was
+    starting when the stop began (Ray spawns its agents late) is caught by a later scan
+    instead of being left behind.
+    """
     if process.poll() is None:
         process.terminate()
         try:
@@ -197,24 +223,33 @@ def stop_launched(process: subprocess.Popen[bytes], launch_id: str) -> list[int]
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    signalled = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    termed: dict[int, float] = {}  # pid -> when it got SIGTERM
+    killed: set[int] = set()
+    deadline = time.monotonic() + _CLEANUP_DEADLINE_S
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 2:
         pids = tagged_processes(launch_id)
+        quiet = 0 if pids else quiet + 1
+        now = time.monotonic()
         for pid in pids:
-            try:
-                os.kill(pid, sig)
-                signalled.append(pid)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + _STOP_GRACE_S
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
-            time.sleep(0.1)
-        if not pids:
-            break
-    if signalled:
-        log.info("stopped %d leftover simulation processes", len(set(signalled)))
-    return sorted(set(signalled))
+            if pid not in termed:
+                _signal(pid, signal.SIGTERM)
+                termed[pid] = now
+            elif pid not in killed and now - termed[pid] > _STOP_GRACE_S:
+                _signal(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(_SETTLE_S if not pids else 0.1)
+    left = tagged_processes(launch_id)
+    if left:
+        log.warning("processes still running after the cleanup: %s", left)
+    if termed:
+        log.info("stopped %d leftover simulation processes", len(termed))
+    return sorted(termed)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 def tagged_processes(launch_id: str) -> list[int]:

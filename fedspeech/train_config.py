@@ -59,26 +59,44 @@ class TrainConfig:
     freeze_layers: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0 and weight_decay >= 0")
+        # One message per key, under its run-config (kebab-case) name, with the value given.
+        problems = [
+            f"{_key(name)} must be >= 1, got {getattr(self, name)}"
+            for name in ("epochs", "batch_size")
+            if getattr(self, name) < 1
+        ]
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight-decay must be >= 0, got {self.weight_decay}")
         if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+            problems.append(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.accountant not in ("rdp", "prv"):
-            raise ValueError(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+            problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp:
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
-                raise ValueError("with dp, set exactly one of noise_multiplier and target_epsilon")
+                problems.append(
+                    "with dp, set exactly one of noise-multiplier and target-epsilon "
+                    f'(got {self.noise_multiplier!r} and {self.target_epsilon!r}; "" unsets one)'
+                )
             if self.noise_multiplier is not None and self.noise_multiplier <= 0:
-                raise ValueError("noise_multiplier must be > 0")
+                problems.append(f"noise-multiplier must be > 0, got {self.noise_multiplier}")
             if self.target_epsilon is not None and self.target_epsilon <= 0:
-                raise ValueError("target_epsilon must be > 0")
-            if self.max_grad_norm <= 0 or not 0 < self.delta < 1:
-                raise ValueError("max_grad_norm must be > 0 and delta in (0, 1)")
+                problems.append(f"target-epsilon must be > 0, got {self.target_epsilon}")
+            if self.max_grad_norm <= 0:
+                problems.append(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
+            if not 0 < self.delta < 1:
+                problems.append(f"delta must be in (0, 1), got {self.delta}")
         if self.freeze_layers < 0:
-            raise ValueError(f"freeze_layers must be >= 0, got {self.freeze_layers}")
+            problems.append(f"freeze-layers must be >= 0, got {self.freeze_layers}")
         for name in ("max_physical_batch_size", "max_frames_per_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None")
+                problems.append(f'{_key(name)} must be >= 1 or "" (off), got {value}')
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _key(field_name: str) -> str:
+    """The run-config key of a field (``batch_size`` -> ``batch-size``)."""
+    return field_name.replace("_", "-")

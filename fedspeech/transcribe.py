@@ -72,7 +72,7 @@ class Transcript:
                 }
                 for w in hyp.words
             ],
-            "confidence": round(hyp.confidence, 4),
+            "confidence": None if hyp.confidence is None else round(hyp.confidence, 4),
             "duration_s": round(self.duration_s, 3),
         }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -54,6 +55,9 @@ def main(grid: Grid, context: Context) -> None:
         RoundFailedError: a round stayed below ``min-successful-clients``.
     """
     show_progress()
+    # MLflow's own use of SQLAlchemy warns of deprecations on every run (nothing of ours):
+    # it filled the run's log, which users read for the run's progress.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow\.")
     cfg = RunConfig.from_flat(context.run_config)
     if cfg.fed.server_threads:
         # One thread by default: the 24-utterance central evaluation of a small model took 0.07 s
@@ -66,7 +70,8 @@ def main(grid: Grid, context: Context) -> None:
     except RoundFailedError:
         raise  # already reported by FederatedRun.abort
     except BaseException as exc:
-        run.tracker.fail(f"{type(exc).__name__}: {exc}")
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        run.tracker.fail(f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
         raise
     model_dir = run.finish()
     log.info("done: %d rounds; final model directory %s", run.state.round, model_dir.resolve())
@@ -87,7 +92,9 @@ def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
         started = time.perf_counter()
         log.info("round %d/%d", server_round, cfg.fed.num_server_rounds)
         for attempt in range(cfg.fed.round_retries + 1):
-            new_arrays, reports, release = _train_once(strategy, server_round, arrays, grid, cfg)
+            new_arrays, reports, release = _train_once(
+                strategy, server_round, arrays, grid, cfg, run_key=run.state.run_key
+            )
             problem = shortfall(reports, strategy.successes_needed())  # type: ignore[attr-defined]
             if problem is None:
                 break
@@ -117,9 +124,16 @@ def _run_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> None:
 
 
 def _train_once(
-    strategy: Strategy, server_round: int, arrays: ArrayRecord, grid: Grid, cfg: RunConfig
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    run_key: str,
 ) -> tuple[ArrayRecord | None, list[ClientReport], UserDPRelease | None]:
-    """Send one round's train messages.
+    """Send one round's train messages (with the run's ``run-key``: a client charged for a
+    round before can tell, ``client.app``).
 
     Returns:
         The aggregate (None: too few accepted), one report per sampled client, and the
@@ -127,7 +141,7 @@ def _train_once(
         aggregate).
     """
     messages: list[Message] = list(
-        strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        strategy.configure_train(server_round, arrays, ConfigRecord({"run-key": run_key}), grid)
     )
     if not messages:  # an empty Poisson draw (or one left out): noise only with user-level DP
         new_arrays, _ = strategy.aggregate_train(server_round, [])

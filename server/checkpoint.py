@@ -57,8 +57,11 @@ class RunState:
         tracking_run_id: the tracker's run id (reopened on resume).
         run_config: the flat run config the run was started with.
         finished: the run reached its last planned round.
-        user_privacy: the user-level DP ledger (``server.user_dp.UserPrivacyLedger.to_dict``):
-            saved with the round it charges, so a resumed run neither loses nor repeats a round.
+        user_privacy: the user-level DP state (``server.user_dp.UserDPState.to_dict``): saved
+            with the round it charges, so a resumed run neither loses nor repeats a round.
+        run_key: a random id of the run, the same across resumes, sent to the clients with every
+            train message (``run-key``) so that a client can tell a round it was already
+            charged for (an attempt cut off by an interruption) from a new one.
     """
 
     round: int = 0
@@ -68,6 +71,7 @@ class RunState:
     run_config: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
     user_privacy: dict[str, Any] = field(default_factory=dict)
+    run_key: str = ""
 
     def to_json(self) -> str:
         """Pretty JSON (strict: no NaN)."""

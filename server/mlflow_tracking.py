@@ -43,6 +43,7 @@ from server.mlflow_ops import (
     open_run,
 )
 from server.plots import plot_round_metrics
+from server.tracking import EndStatus
 from server.tracking_buffer import (
     BUFFER_FILE,
     Op,
@@ -177,11 +178,11 @@ class MlflowTracker:
         ops.append({"op": "terminate", "status": "FINISHED"})
         self._submit(*ops)
 
-    def fail(self, reason: str = "") -> None:
-        """End the run as FAILED (from the server's exception handler)."""
+    def fail(self, reason: str = "", status: EndStatus = "FAILED") -> None:
+        """End the run as FAILED, or KILLED when it was interrupted, keeping the reason."""
         self._submit(
             {"op": "tag", "key": "fedspeech.error", "value": reason[:MAX_PARAM_VALUE]},
-            {"op": "terminate", "status": "FAILED"},
+            {"op": "terminate", "status": status},
         )
 
     def flush(self) -> bool:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "wer_cer.png": ("Word and character error rate", "error rate", ("wer", "cer")),
     "epsilon.png": (
-        "Privacy spent per round",
+        "Privacy spent so far (cumulative epsilon after each round)",
         "epsilon",
         ("epsilon_max", "epsilon_mean", "user_epsilon"),
     ),

@@ -189,6 +189,10 @@ def update_clients(
         row["last_round"] = server_round
         if "epsilon" in r.metrics:
             row["epsilon"] = _finite(r.metrics["epsilon"])
+        if "epsilon-budget" in r.metrics:
+            row["epsilon_budget"] = _finite(r.metrics["epsilon-budget"])
+        if r.metrics.get("recharged"):
+            row["rounds_recharged"] = row.get("rounds_recharged", 0) + 1
         if r.metrics.get("num-examples"):
             row["num_examples"] = int(r.metrics["num-examples"])
         if r.reason:
@@ -199,10 +203,43 @@ def clients_tsv(table: Mapping[str, Mapping[str, Any]]) -> str:
     """The per-client table as TSV text (one row per client, sorted)."""
     columns = ["client", *(f"rounds_{s}" for s in _STATUSES), "num_examples"]
     columns += ["epsilon", "last_round", "last_reason"]
+    return _tsv(table, columns)
+
+
+PRIVACY_COLUMNS = (
+    "client",
+    "epsilon",
+    "epsilon_budget",
+    "budget_left",
+    "rounds_ok",
+    "rounds_declined",
+    "rounds_recharged",
+)
+
+
+def privacy_summary(table: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per client: epsilon spent (its last report), budget, budget left, rounds trained and
+    declined, and rounds charged twice (a rerun of an attempt cut off by an interruption, or a
+    retry), as TSV; clients that never reported an epsilon show ``-``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for client, row in table.items():
+        eps, budget = row.get("epsilon"), row.get("epsilon_budget")
+        left = None if eps is None or budget is None else max(0.0, budget - eps)
+        rows[client] = {
+            **row,
+            "epsilon": None if eps is None else f"{eps:.4f}",
+            "epsilon_budget": budget,
+            "budget_left": None if left is None else f"{left:.4f}",
+            "rounds_recharged": row.get("rounds_recharged", 0),
+        }
+    return _tsv(rows, list(PRIVACY_COLUMNS), missing="-")
+
+
+def _tsv(table: Mapping[str, Mapping[str, Any]], columns: Sequence[str], missing: str = "") -> str:
     lines = ["\t".join(columns)]
     for client in sorted(table):
         row = {"client": client, **{f"rounds_{s}": 0 for s in _STATUSES}, **table[client]}
-        lines.append("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        lines.append("\t".join(missing if row.get(c) is None else str(row.get(c)) for c in columns))
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ complete round, and no final model is written). Run folder (``out-dir``)::
     checkpoint/{model/, state.json}  latest global model and run state (resume reads it)
     model/                           the final model directory (fedspeech transcribe --model)
     client-state/                    simulated clients' privacy ledgers
-    report/{clients.tsv, history.json}
+    report/{clients.tsv, privacy.tsv, history.json}
     eval_manifest.tsv                the central evaluation set
     params.json, rounds.jsonl, tracking.json   (LocalTracker)
 """
@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from torch import Tensor
 from features.manifest import write_manifest
 from features.text import CharTokenizer
 from fedspeech import __version__
-from fedspeech.config import RunConfig
+from fedspeech.config import RunConfig, check_resume_changes
 from fedspeech.fed_data import heldout_utterances
 from fedspeech.model import ModelConfig
 from fedspeech.modeldir import save_model_dir
@@ -46,6 +47,7 @@ from server.rounds import (
     ClientReport,
     RoundSummary,
     clients_tsv,
+    privacy_summary,
     summarize_round,
     update_clients,
     update_norm,
@@ -97,7 +99,8 @@ class FederatedRun:
 
         Raises:
             FileNotFoundError: resume asked for but the run folder has no checkpoint.
-            ConfigError: ``init-model`` has another shape than the run config's model.
+            ConfigError: ``init-model`` has another shape than the run config's model, or a
+                resume changes a setting that defines the run (``check_resume_changes``).
         """
         run_dir = Path(cfg.fed.out_dir)
         tokenizer = CharTokenizer()
@@ -106,9 +109,14 @@ class FederatedRun:
             checkpoint = load_checkpoint(run_dir)
             if checkpoint is None:
                 raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
-            _warn_changes(checkpoint.state.run_config, cfg.to_flat())
+            _check_changes(checkpoint.state.run_config, cfg.to_flat())
             done = checkpoint.state.round >= cfg.fed.num_server_rounds
-            state = replace(checkpoint.state, finished=done, run_config=cfg.to_flat())
+            state = replace(
+                checkpoint.state,
+                finished=done,
+                run_config=cfg.to_flat(),
+                run_key=checkpoint.state.run_key or uuid.uuid4().hex,  # older checkpoints: none
+            )
             global_state, arrays = checkpoint.state_dict, checkpoint.strategy_arrays
             tracker = tracker_factory(cfg, run_dir, state.tracking_run_id)
             log.info(
@@ -120,8 +128,14 @@ class FederatedRun:
             global_state, arrays = initial_weights(cfg, model_config), {}
             tracker = tracker_factory(cfg, run_dir, None)
             tracker.log_params(cfg.to_flat())
-            state = RunState(tracking_run_id=tracker.run_id, run_config=cfg.to_flat())
-        utterances = heldout_utterances(cfg, cfg.fed.data_dir)
+            state = RunState(
+                tracking_run_id=tracker.run_id, run_config=cfg.to_flat(), run_key=uuid.uuid4().hex
+            )
+        try:
+            utterances = heldout_utterances(cfg, cfg.fed.data_dir)
+        except BaseException as exc:  # the tracking run exists: it must not stay RUNNING
+            tracker.fail(f"{type(exc).__name__}: {exc}")
+            raise
         if utterances:
             write_manifest(run_dir / "eval_manifest.tsv", utterances)
         else:
@@ -251,6 +265,10 @@ class FederatedRun:
         report = self.run_dir / "report"
         report.mkdir(parents=True, exist_ok=True)
         (report / "clients.tsv").write_text(clients_tsv(self.state.clients), encoding="utf-8")
+        summary = privacy_summary(self.state.clients)
+        (report / "privacy.tsv").write_text(summary, encoding="utf-8")
+        if self.cfg.sample_level_dp:
+            log.info("privacy per client (report/privacy.tsv):\n%s", summary.rstrip())
         history = json.dumps(self.state.history, indent=2, allow_nan=False)
         (report / "history.json").write_text(history + "\n", encoding="utf-8")
         self.tracker.log_artifacts(report)
@@ -324,8 +342,9 @@ def _log_untracked_rounds(
         tracker.log_round(int(row["round"]), metrics)
 
 
-def _warn_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> None:
-    changed = sorted(k for k in now if k != "resume" and before.get(k) != now[k])
+def _check_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    """Refuse a resume that changes what defines the run; log what it may change."""
+    changed = check_resume_changes(before, now)
     if changed:
         log.warning(
             "resumed with changed settings: %s",

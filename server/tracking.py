@@ -24,12 +24,13 @@ import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fedspeech.config import RunConfig
 
 log = logging.getLogger(__name__)
 
+EndStatus = Literal["FAILED", "KILLED"]  # how a run that did not finish ended (MLflow's names)
 ROUNDS_FILE = "rounds.jsonl"
 # What a run under user-level DP sends to MLflow: functions of the noised global models (central
 # evaluation, update norm), the mechanism's own noisy or public values, and the size of the
@@ -79,8 +80,9 @@ class Tracker(Protocol):
         """Record the final model directory and close the run."""
         ...
 
-    def fail(self, reason: str) -> None:
-        """Close the run as failed, keeping ``reason`` (a resume reopens it)."""
+    def fail(self, reason: str, status: EndStatus = "FAILED") -> None:
+        """Close the run as ``FAILED`` (or ``KILLED``: interrupted), keeping ``reason`` (a resume
+        reopens it)."""
         ...
 
 
@@ -107,7 +109,7 @@ class NullTracker:
     def finish(self, model_dir: Path | None) -> None:
         """Ignore."""
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, status: EndStatus = "FAILED") -> None:
         """Ignore."""
 
 
@@ -157,9 +159,9 @@ class LocalTracker:
         self._info["status"] = "FINISHED"
         self._write_info()
 
-    def fail(self, reason: str) -> None:
-        """Note ``status: FAILED`` and the ``error`` in ``tracking.json``."""
-        self._info.update(status="FAILED", error=reason)
+    def fail(self, reason: str, status: EndStatus = "FAILED") -> None:
+        """Note the ``status`` (FAILED or KILLED) and the ``error`` in ``tracking.json``."""
+        self._info.update(status=status, error=reason)
         self._write_info()
 
     def _write_info(self) -> None:
@@ -219,10 +221,12 @@ class UserLevelRelease:
         """Forward (the model is what the guarantee covers)."""
         self.inner.finish(model_dir)
 
-    def fail(self, reason: str) -> None:
-        """Forward that the run failed; the reason (it names clients) stays in the run folder."""
+    def fail(self, reason: str, status: EndStatus = "FAILED") -> None:
+        """Forward that the run ended; the reason (it names clients) stays in the run folder."""
         del reason
-        self.inner.fail("the run stopped; the reason is in the server's run folder (tracking.json)")
+        self.inner.fail(
+            "the run stopped; the reason is in the server's run folder (tracking.json)", status
+        )
 
 
 class FanOutTracker:
@@ -256,10 +260,31 @@ class FanOutTracker:
         for t in self._trackers:
             t.finish(model_dir)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, status: EndStatus = "FAILED") -> None:
         """Forward to every tracker."""
         for t in self._trackers:
-            t.fail(reason)
+            t.fail(reason, status)
+
+
+def close_unfinished_run(
+    cfg: RunConfig, run_dir: Path, status: EndStatus, reason: str
+) -> str | None:
+    """End a tracking run that its server never closed (killed, interrupted, crashed).
+
+    A ServerApp that is stopped from outside (Ctrl-C, SIGTERM, a crash of its process) cannot
+    report: its run would stay RUNNING in ``tracking.json`` and in MLflow. The launcher calls
+    this afterwards; a run the server did close (FINISHED, FAILED) is left as it is.
+
+    Returns:
+        The tracking run id (None: the run never opened one).
+    """
+    info = read_tracking_info(run_dir)
+    run_id = info.get("run_id")
+    if not run_id or info.get("status") != "RUNNING":
+        return run_id
+    tracker = open_tracker(cfg, run_dir, run_id)
+    tracker.fail(reason, status)
+    return tracker.run_id
 
 
 def read_tracking_info(run_dir: str | Path) -> dict[str, Any]:

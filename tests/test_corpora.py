@@ -380,9 +380,30 @@ def test_build_folder_duration_filters(shared_data: Path, tmp_path: Path) -> Non
     assert report.kept == 1 and "too long" in _reason_for(report, "0_george_1.wav")
 
 
-def test_build_folder_with_nothing_usable_writes_an_empty_manifest(tmp_path: Path) -> None:
+def test_build_folder_with_nothing_usable_writes_no_manifest_and_removes_a_stale_one(
+    tmp_path: Path,
+) -> None:
+    # Prepare: one non-audio "wav"; a manifest left by an earlier build
     _write_text_as_wav(tmp_path / "a.wav")
     (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "m.tsv").write_text("path\ttranscript\tspeaker\tduration_s\nold.wav\tx\ts\t1.0\n")
+    # Execute
     report = build_folder(tmp_path, tmp_path / "m.tsv")
+    # Assert: the bad file is named, and no manifest (empty or stale) is left to train on
     assert report.kept == 0 and len(report.skipped) == 1
-    assert read_manifest(tmp_path / "m.tsv") == []
+    assert not (tmp_path / "m.tsv").exists()
+
+
+def test_data_folder_cli_writes_relative_paths_beside_the_audio(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    from fedspeech.cli import main as cli_main
+
+    # Prepare: a folder of one real recording and its transcript
+    shutil.copy(shared_data / "fsdd" / "recordings" / "2_theo_0.wav", tmp_path / "two.wav")
+    (tmp_path / "two.txt").write_text("two")
+    # Execute: without --out
+    rc = cli_main(["data", "folder", str(tmp_path)])
+    # Assert: ROOT/manifest.tsv with paths relative to it (the README's layout)
+    lines = (tmp_path / "manifest.tsv").read_text().splitlines()
+    assert rc == 0 and lines[1].startswith("two.wav\ttwo\t")

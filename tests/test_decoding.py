@@ -120,7 +120,8 @@ def test_shifted_and_joined_hypotheses() -> None:
     assert joined.text == "ab c"
     assert spans(joined) == [("ab", 0.1, 0.3), ("c", 20.0, 20.1)]
     assert joined.confidence == pytest.approx((0.5 * 2 + 1.0) / 3)  # character-weighted
-    assert join_hypotheses([silent]).text == "" and join_hypotheses([]).confidence == 1.0
+    assert join_hypotheses([silent]).text == "" and join_hypotheses([silent]).confidence == 0.9
+    assert join_hypotheses([]).confidence is None  # nothing decoded: no confidence to report
 
 
 # ---------------------------------------------------------------------- beam search

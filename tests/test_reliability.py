@@ -635,12 +635,12 @@ def test_an_injected_bad_update_leaves_the_client_and_is_rejected_by_the_server(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"noise-multiplier": 0.0}, "noise_multiplier must be > 0"),
-        ({"noise-multiplier": -1.0}, "noise_multiplier must be > 0"),
-        ({"noise-multiplier": "", "target-epsilon": 0.0}, "target_epsilon must be > 0"),
+        ({"noise-multiplier": 0.0}, "noise-multiplier must be > 0, got 0.0"),
+        ({"noise-multiplier": -1.0}, "noise-multiplier must be > 0, got -1.0"),
+        ({"noise-multiplier": "", "target-epsilon": 0.0}, "target-epsilon must be > 0, got 0.0"),
         ({"noise-multiplier": "", "target-epsilon": ""}, "exactly one"),
-        ({"max-grad-norm": 0.0}, "max_grad_norm must be > 0"),
-        ({"delta": 1.0}, r"delta in \(0, 1\)"),
+        ({"max-grad-norm": 0.0}, "max-grad-norm must be > 0, got 0.0$"),
+        ({"delta": 1.0}, r"config: delta must be in \(0, 1\), got 1.0$"),
     ],
 )
 def test_dp_settings_without_privacy_are_refused(overrides: dict[str, Any], message: str) -> None:

@@ -140,11 +140,35 @@ def test_batch_with_a_corrupt_file_transcribes_the_rest(
         ["transcribe", "--model", str(model_dir), str(speech[0]), str(corrupt), str(speech[1])]
     )
 
-    # Assert: two path<TAB>text lines, the bad file named in an error
+    # Assert: two path<TAB>text lines, the bad file named in an error, and a non-zero exit
+    # (scripts must learn that a file is missing from the output)
     out = capsys.readouterr().out.splitlines()
-    assert rc == 0
+    assert rc == 1
     assert [line.split("\t")[0] for line in out] == [str(speech[0]), str(speech[1])]
     assert any("corrupt.wav" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    assert "transcribed 2 of 3 files" in caplog.text and "1 failed" in caplog.text
+
+
+def test_one_file_gives_the_same_line_format_as_several(
+    model_dir: Path, speech: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute
+    assert main(["transcribe", "--model", str(model_dir), str(speech[0])]) == 0
+    one = capsys.readouterr().out.splitlines()
+    assert main(["transcribe", "--model", str(model_dir), str(speech[0]), str(speech[1])]) == 0
+    two = capsys.readouterr().out.splitlines()
+    # Assert
+    assert len(one) == 1 and one[0].split("\t")[0] == str(speech[0])
+    assert one[0] == two[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "0.5", "nan", "ten"])
+def test_a_max_chunk_below_one_second_is_refused(
+    model_dir: Path, speech: list[Path], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["transcribe", "--model", str(model_dir), str(speech[0]), "--max-chunk", value])
+    assert stop.value.code == 2 and "--max-chunk" in capsys.readouterr().err
 
 
 def test_silence_short_clips_and_folders_as_json(
@@ -165,8 +189,10 @@ def test_silence_short_clips_and_folders_as_json(
 
     # Assert
     results = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
-    assert rc == 0 and sorted(results) == ["short.wav", "silence.wav", "speech.flac", "tiny.wav"]
+    assert rc == 1  # tiny.wav failed
+    assert sorted(results) == ["short.wav", "silence.wav", "speech.flac", "tiny.wav"]
     assert results["silence.wav"]["text"] == "" and results["silence.wav"]["words"] == []
+    assert results["silence.wav"]["confidence"] is None  # nothing decoded: no confidence
     assert results["short.wav"]["duration_s"] == pytest.approx(0.05)
     assert (
         "too short" in results["tiny.wav"]["error"] and "tiny.wav" in results["tiny.wav"]["error"]
@@ -227,7 +253,8 @@ def test_beam_search_with_an_arpa_lm_outputs_lm_words(
     )  # fmt: skip
 
     assert rc == 0 and capsys.readouterr().out == ""
-    assert set(out_file.read_text().split()) <= set(read_arpa_vocab(lm))
+    path, text = out_file.read_text().rstrip("\n").split("\t")
+    assert path == str(speech[0]) and set(text.split()) <= set(read_arpa_vocab(lm))
 
 
 # ---------------------------------------------------------------------- evaluate

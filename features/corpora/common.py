@@ -145,12 +145,22 @@ def validate_items(
 def write_corpus(out_manifest: Path, utterances: Sequence[Utterance], report: SkipReport) -> Path:
     """Write the manifest of a build and log its summary (kept N, skipped M).
 
-    The manifest is written even when nothing was kept (header only) so that a stale manifest
-    from an earlier build cannot be mistaken for this one's result.
+    When nothing was kept no manifest is written (an empty one would only fail later, in
+    training), and a manifest left by an earlier build is removed, so that it cannot be mistaken
+    for this one's result.
 
     Returns:
-        The manifest path.
+        The manifest path (absent when nothing was kept).
     """
+    if not utterances:
+        if out_manifest.is_file():
+            out_manifest.unlink()
+            log.warning("%s: removed the earlier build's %s", report.what, out_manifest)
+        log.error(
+            "%s: no usable utterances (every item was skipped): no manifest written", report.what
+        )
+        report.log_summary(log)
+        return out_manifest
     write_manifest(out_manifest, utterances)
     minutes = sum(u.duration_s for u in utterances) / 60.0
     speakers = len({u.speaker for u in utterances})
@@ -162,8 +172,6 @@ def write_corpus(out_manifest: Path, utterances: Sequence[Utterance], report: Sk
         speakers,
         minutes,
     )
-    if not utterances:
-        log.error("%s: no usable utterances: every item was skipped", report.what)
     report.log_summary(log)
     return out_manifest
 
