@@ -129,7 +129,13 @@ def simulate(
     """
     import time
 
-    from fedspeech.flower_launch import flwr_run, local_superlink, stage_app, write_run_config
+    from fedspeech.flower_launch import (
+        flwr_run,
+        interrupts_ignored,
+        local_superlink,
+        stage_app,
+        write_run_config,
+    )
     from fedspeech.preflight import check_run
 
     app_dir = _app_dir()
@@ -160,12 +166,15 @@ def simulate(
                 output=output,
             )
     except KeyboardInterrupt as exc:
-        _close_tracking(cfg, run_dir, "KILLED", "interrupted (SIGINT or SIGTERM)")
-        raise SimulationInterrupted(_outcome(run_dir, 130, time.perf_counter() - start)) from exc
-    outcome = _outcome(run_dir, rc, time.perf_counter() - start)
-    if not outcome.finished:
-        reason = outcome.error or f"flwr run exited with status {rc} before the last round"
-        _close_tracking(cfg, run_dir, "FAILED", reason)
+        with interrupts_ignored():  # stopping is done: record how the run ended first
+            _close_tracking(cfg, run_dir, "KILLED", "interrupted (SIGINT or SIGTERM)")
+            outcome = _outcome(run_dir, 130, time.perf_counter() - start)
+        raise SimulationInterrupted(outcome) from exc
+    with interrupts_ignored():  # the launch is over: a late Ctrl-C must not garble its record
+        outcome = _outcome(run_dir, rc, time.perf_counter() - start)
+        if not outcome.finished:
+            reason = outcome.error or f"flwr run exited with status {rc} before the last round"
+            _close_tracking(cfg, run_dir, "FAILED", reason)
     return outcome
 
 
@@ -286,6 +295,8 @@ def absolute_sqlite_uri(uri: str) -> str:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedspeech.flower_launch import interrupts_ignored
+
     stop_on_sigterm()
     try:
         outcome = simulate(
@@ -297,9 +308,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             client_cpus=args.client_cpus,
         )
     except SimulationInterrupted as stop:
-        report_outcome(stop.outcome, interrupted=True)
-        return 130
-    return report_outcome(outcome)
+        outcome, interrupted = stop.outcome, True
+    else:
+        interrupted = False
+    with interrupts_ignored():  # every process is stopped: report how the run ended
+        return report_outcome(outcome, interrupted=interrupted)
 
 
 def report_outcome(outcome: SimulationOutcome, *, interrupted: bool = False) -> int:

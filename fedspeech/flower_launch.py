@@ -20,6 +20,7 @@ environment, and whatever still carries it at the end is terminated (then killed
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +47,7 @@ _STARTUP_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 10.0
 _SETTLE_S = 0.5  # two empty scans this far apart end the cleanup
 _CLEANUP_DEADLINE_S = 60.0
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 _NEVER_APP_DIRS = frozenset({".git", ".flwr"})  # never part of a FAB, never walked
 _ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour / cursor codes
 
@@ -109,16 +112,24 @@ def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
         "--disable-runtime-dependency-installation",
     ]
     log_path = flwr_home / "superlink.log"
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    # Adopt orphans for the launch: a Ray process whose parent died is re-parented to this
+    # process instead of to init, so the cleanup finds it by parentage too, not only by its tag.
+    children_before = frozenset(_children(os.getpid()))
+    adopting = _set_child_subreaper(True)
+    process = None
     try:
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
         _wait_healthy(process, port, log_path)
         log.info("SuperLink on %s (pid %d, log %s)", address, process.pid, log_path)
         yield LocalSuperLink(process, address, flwr_home, env, launch_id)
     finally:
-        stop_launched(process, launch_id)
+        if process is not None:
+            stop_launched(process, launch_id, adopted_except=children_before if adopting else None)
+        if adopting:
+            _set_child_subreaper(False)
 
 
 def flwr_run(
@@ -208,14 +219,53 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def stop_launched(process: subprocess.Popen[bytes], launch_id: str) -> list[int]:
+def stop_launched(
+    process: subprocess.Popen[bytes],
+    launch_id: str,
+    *,
+    adopted_except: frozenset[int] | None = None,
+) -> list[int]:
     """Stop ``process``, then every process tagged with ``launch_id``; returns the pids signalled.
+
+    ``adopted_except``: when this process adopts orphans (``_set_child_subreaper``), its
+    children other than these (the ones it had before the launch) are stopped too, and reaped.
 
     Tagged processes get SIGTERM, and SIGKILL if still alive ``_STOP_GRACE_S`` later. The scan
     repeats until two scans in a row (``_SETTLE_S`` apart) find nothing: a process that was
     starting when the stop began (Ray spawns its agents late) is caught by a later scan
-    instead of being left behind.
+    instead of being left behind. SIGINT and SIGTERM are ignored meanwhile: a Ctrl-C that
+    arrives during the cleanup (the one that started it, a second one, or one at the very end of
+    a run) used to abort it half-way and leave Ray's agents running.
     """
+    with interrupts_ignored():
+        return _stop_launched(process, launch_id, adopted_except)
+
+
+@contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM are ignored inside (when there is nothing left to stop, or stopping
+    must not be cut short); only the main thread can set handlers, elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_launched(
+    process: subprocess.Popen[bytes], launch_id: str, adopted_except: frozenset[int] | None
+) -> list[int]:
+    def ours() -> list[int]:
+        pids = set(tagged_processes(launch_id))
+        if adopted_except is not None:
+            _reap(adopted_except)
+            pids |= set(_children(os.getpid())) - adopted_except - {process.pid}
+        return sorted(p for p in pids if _alive(p))
+
     if process.poll() is None:
         process.terminate()
         try:
@@ -228,7 +278,7 @@ def stop_launched(process: subprocess.Popen[bytes], launch_id: str) -> list[int]
     deadline = time.monotonic() + _CLEANUP_DEADLINE_S
     quiet = 0
     while time.monotonic() < deadline and quiet < 2:
-        pids = tagged_processes(launch_id)
+        pids = ours()
         quiet = 0 if pids else quiet + 1
         now = time.monotonic()
         for pid in pids:
@@ -239,12 +289,47 @@ def stop_launched(process: subprocess.Popen[bytes], launch_id: str) -> list[int]
                 _signal(pid, signal.SIGKILL)
                 killed.add(pid)
         time.sleep(_SETTLE_S if not pids else 0.1)
-    left = tagged_processes(launch_id)
+    left = ours()
     if left:
         log.warning("processes still running after the cleanup: %s", left)
     if termed:
         log.info("stopped %d leftover simulation processes", len(termed))
     return sorted(termed)
+
+
+def _set_child_subreaper(on: bool) -> bool:
+    """Linux ``prctl(PR_SET_CHILD_SUBREAPER)``: adopt orphaned descendants; whether it is set.
+
+    Only for the main thread of a process that waits for its children itself (the CLI, a test
+    process): adopted processes that exit are reaped by ``_reap``.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _children(parent: int) -> list[int]:
+    """Pids whose parent is ``parent`` (zombies included)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(entry.name))
+    return found
+
+
+def _reap(keep: frozenset[int]) -> None:
+    """Collect the exit status of adopted children that have exited (not those in ``keep``)."""
+    for pid in _children(os.getpid()):
+        if pid not in keep and not _alive(pid):
+            with suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -273,15 +273,19 @@ def close_unfinished_run(
 
     A ServerApp that is stopped from outside (Ctrl-C, SIGTERM, a crash of its process) cannot
     report: its run would stay RUNNING in ``tracking.json`` and in MLflow. The launcher calls
-    this afterwards; a run the server did close (FINISHED, FAILED) is left as it is.
+    this afterwards. A run the server closed itself is left as it is, with one exception: an
+    interrupted launch (``KILLED``) overrides a FAILED that the server, being stopped, reported
+    while it went down (its message is kept in the reason).
 
     Returns:
         The tracking run id (None: the run never opened one).
     """
     info = read_tracking_info(run_dir)
-    run_id = info.get("run_id")
-    if not run_id or info.get("status") != "RUNNING":
+    run_id, current = info.get("run_id"), info.get("status")
+    if not run_id or current not in ("RUNNING", "FAILED" if status == "KILLED" else "RUNNING"):
         return run_id
+    if current == "FAILED":
+        reason = f"{reason}; while it was stopped the server reported: {info.get('error')}"
     tracker = open_tracker(cfg, run_dir, run_id)
     tracker.fail(reason, status)
     return tracker.run_id

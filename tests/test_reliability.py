@@ -443,10 +443,11 @@ def test_simulate_resume_refuses_a_damaged_checkpoint_before_starting_flower(
     from fedspeech.cli import main as cli_main
 
     _save(tmp_path / "run", 1)
+    saved = f'data-dir = "{tmp_path / "data"}"\ntracking-uri = ""\nnum-partitions = 6\n'
+    (tmp_path / "run" / "run_config.toml").write_text(saved)  # as the first run left it
     weights = tmp_path / "run" / "checkpoint" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    overrides = f'data-dir="{tmp_path / "data"}" tracking-uri=""'
-    args = ["simulate", "--out", str(tmp_path / "run"), "--resume", "--run-config", overrides]
+    args = ["simulate", "--out", str(tmp_path / "run"), "--resume"]
     with caplog.at_level(logging.ERROR):
         assert cli_main(args) == 2
     assert "model.safetensors" in caplog.text and "truncated or altered" in caplog.text
