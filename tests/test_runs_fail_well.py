@@ -276,9 +276,10 @@ def test_a_failed_run_exits_non_zero_and_ends_failed_in_mlflow(
 def test_sigint_and_sigterm_at_random_points_leave_no_process_and_end_killed(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    # Prepare: a 4-round tiny run, started as a user would (its own process group, like a
-    # terminal's foreground job: Ctrl-C signals the CLI and the `flwr run` it started)
-    settings = {**TINY, "data-dir": str(data_dir), "num-partitions": 2, "num-server-rounds": 4}
+    # Prepare: a 60-round tiny run (about 20 s of start-up, then 0.4 s a round: longer than
+    # the latest signal), started as a user would (its own process group, like a terminal's
+    # foreground job: Ctrl-C signals the CLI and the `flwr run` it started)
+    settings = {**TINY, "data-dir": str(data_dir), "num-partitions": 2, "num-server-rounds": 60}
     rng = random.Random(0)
     outcomes = []
     for attempt in range(10):
