@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
-from client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
-from features.dataset import Example, extract_manifest
-from features.manifest import read_manifest
-from features.mfcc import FeatureConfig, FeatureExtractor
-from features.text import CharTokenizer
 from fedspeech.model import BiGRUCTC, DPRNNImpl, ModelConfig, convert_model
+from fedspeech_client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
+from fedspeech_features.dataset import Example, extract_manifest
+from fedspeech_features.manifest import read_manifest
+from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.text import CharTokenizer
 
 
 def _shared_data() -> Path:
@@ -52,7 +52,7 @@ def _examples(n: int) -> list[Example]:
 def _curve(
     start: BiGRUCTC, examples: list[Example], impl: DPRNNImpl, seed: int, epochs: int
 ) -> tuple[list[float], float, float]:
-    """Per-epoch mean training loss, seconds, and epsilon of one DP-SGD run (as client.dp_sgd)."""
+    """Per-epoch mean training loss, seconds, and epsilon of one DP-SGD run (as fedspeech_client.dp_sgd)."""
     torch.manual_seed(seed)  # dropout
     net = convert_model(start, dp=True, dp_rnn=impl).train()
     loader = DataLoader(
@@ -79,7 +79,7 @@ def _curve(
         for raw in dp_loader:
             optimizer.zero_grad()
             batch = as_ctc_batch(raw)
-            if batch is None:  # empty Poisson draw: client.dp_sgd steps with noise only
+            if batch is None:  # empty Poisson draw: fedspeech_client.dp_sgd steps with noise only
                 for p in optimizer.params:
                     p.grad_sample = torch.zeros((0, *p.shape))  # (0, *P)
             else:

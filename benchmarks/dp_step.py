@@ -49,8 +49,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
-from client.batching import CTCBatch, ctc_loss
 from fedspeech.model import BiGRUCTC, ModelConfig, convert_model
+from fedspeech_client.batching import CTCBatch, ctc_loss
 
 # (batch, frames, hidden units per direction, layers), from issue 5.
 CONFIGS = {"small": (16, 200, 128, 2), "large": (32, 300, 256, 3)}
@@ -83,7 +83,9 @@ def _step_fn(variant: str, config: str) -> Step:
         def plain_step() -> None:
             optimizer.zero_grad()
             ctc_loss(forward(batch.feats, batch.feat_lens), batch).backward()
-            nn.utils.clip_grad_norm_(net.parameters(), 5.0)  # as client.train's plain path
+            nn.utils.clip_grad_norm_(
+                net.parameters(), 5.0
+            )  # as fedspeech_client.train's plain path
             optimizer.step()
 
         return plain_step

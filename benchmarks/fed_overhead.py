@@ -9,7 +9,7 @@ overhead = simulate wall time / ideal time, where
     parallel workers = min(clients per round, Ray CPUs / client-resources-num-cpus)
 
 The clients' own seconds are what every reply reports (``seconds``: model build and DP-SGD
-training, ``client.local_round``); the server adds them up per round (``client_seconds`` in the
+training, ``fedspeech_client.local_round``); the server adds them up per round (``client_seconds`` in the
 round summary) and times its central evaluation (``eval_seconds``). Everything else is overhead:
 SuperLink / SuperExec / Ray start, message routing, weight (de)serialisation, loading cached
 features, checkpoints, MLflow, waiting for the slowest client, shutdown. Goal: <= 1.15.
@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
-from fedspeech.cli_fed import simulate
+from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest, feature_cache_dir
 from fedspeech.pipeline import load_examples

@@ -40,11 +40,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 from benchmarks.procmem import TreeMemorySampler
-from features.manifest import read_manifest, write_manifest
-from fedspeech.cli_fed import simulate
+from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest, feature_cache_dir
 from fedspeech.pipeline import load_examples
+from fedspeech_features.manifest import read_manifest, write_manifest
 
 GOAL_RATIO, GOAL_RSS_BYTES = 1.2, 4 * 1024**3
 EVAL_UTTERANCES = 8

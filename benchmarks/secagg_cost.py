@@ -2,8 +2,9 @@
 
     python benchmarks/secagg_cost.py [--clients 10] [--models tiny fed-smoke default]
 
-One training round, plain and through SecAgg+ (``server.secagg`` + ``client.secagg``, Flower's
-``SecAggPlusWorkflow`` / ``secaggplus_mod``), in one process: the ServerApp's round code talks to
+One training round, plain and through SecAgg+ (``fedspeech_server.secagg`` +
+``fedspeech_client.secagg``, Flower's ``SecAggPlusWorkflow`` / ``secaggplus_mod``), in one
+process: the ServerApp's round code talks to
 ``--clients`` ClientApps through ``benchmarks.inprocess.InProcessGrid`` (no Flower processes, no
 network, clients run one after the other), and each ClientApp "trains" by adding noise to the
 weights, so what is timed is the protocol: key agreement, Shamir shares, quantization, masks and
@@ -30,16 +31,16 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.inprocess import InProcessGrid
-from client.secagg import secure_aggregation_mod
-from features.text import CharTokenizer
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC
-from server.secagg import payload_bytes, run_secure_round
-from server.strategy import make_strategy
+from fedspeech_client.secagg import secure_aggregation_mod
+from fedspeech_features.text import CharTokenizer
+from fedspeech_server.secagg import payload_bytes, run_secure_round
+from fedspeech_server.strategy import make_strategy
 
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden-size": 16, "num-layers": 1, "n-mfcc": 13},  # benchmarks/scale.py
-    "fed-smoke": {"hidden-size": 64, "num-layers": 2},  # experiments/fed-smoke.toml
+    "fed-smoke": {"hidden-size": 64, "num-layers": 2},  # fedspeech/presets/fed-smoke.toml
     "default": {},  # 3-layer BiGRU-256, the run config's default
 }
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
-from features.corpora.sentences import vocabulary
-from features.corpora.synthetic import build_synthetic_corpus
-from features.manifest import read_manifest
+from fedspeech_features.corpora.sentences import vocabulary
+from fedspeech_features.corpora.synthetic import build_synthetic_corpus
+from fedspeech_features.manifest import read_manifest
 
 REQUIRED_UTTERANCES, REQUIRED_SECONDS = 1000, 120.0  # the product requirement for the demo
 

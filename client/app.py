@@ -1,19 +1,19 @@
-"""Flower ClientApp: translates a train message into ``client.local_round.run_round`` and back.
+"""Flower ClientApp: translates a train message into ``fedspeech_client.local_round.run_round`` and back.
 
 In: ``arrays`` (global weights, ArrayRecord) and ``config`` (``server-round``; FedProx adds
 ``proximal-mu``). Out: ``arrays`` (new weights; absent when the client declines), ``metrics``
-(MetricRecord, see ``client.local_round``) and, when declining, ``decline`` (ConfigRecord with the
+(MetricRecord, see ``fedspeech_client.local_round``) and, when declining, ``decline`` (ConfigRecord with the
 ``reason``).
 Only weights and these numbers leave the node: never audio, features or transcripts
 (``tests/test_reliability.py`` inspects a real reply). ``FEDSPEECH_FAULT`` in the node's
-environment injects faults for reliability tests (``client.faults``; off when unset).
-With ``secure-aggregation`` the weights leave the node only masked: ``client.secagg`` wraps this
+environment injects faults for reliability tests (``fedspeech_client.faults``; off when unset).
+With ``secure-aggregation`` the weights leave the node only masked: ``fedspeech_client.secagg`` wraps this
 handler in Flower's SecAgg+ client mod (the reply's weights become a masked update).
 
-The node config is checked on the first message (``client.node_state.NodeConfig``: an unknown
+The node config is checked on the first message (``fedspeech_client.node_state.NodeConfig``: an unknown
 key or a wrong type fails the message with an error naming the key, which the server reports).
 The privacy ledger is kept in ``context.state`` (across rounds of a run) and in one JSON file per
-node (see ``client.node_state``: across runs and restarts, whatever the accountant); the longer
+node (see ``fedspeech_client.node_state``: across runs and restarts, whatever the accountant); the longer
 history of the two wins.
 
 Importing this module is cheap on purpose (torch, Opacus and the pipeline load on the first
@@ -38,7 +38,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.secagg import secure_aggregation_mod
+from fedspeech_client.secagg import secure_aggregation_mod
 
 if TYPE_CHECKING:
     from fedspeech.privacy_ledger import PrivacyLedger
@@ -55,17 +55,17 @@ def train(msg: Message, context: Context) -> Message:
     """Run one round of local training (or decline it) and reply."""
     import torch  # lazy, like the rest: see the module docstring
 
-    from client.faults import active_faults, apply_faults
-    from client.local_round import load_node_examples, run_round
-    from client.node_state import (
+    from fedspeech.config import RunConfig
+    from fedspeech.logs import show_progress
+    from fedspeech_client.faults import active_faults, apply_faults
+    from fedspeech_client.local_round import load_node_examples, run_round
+    from fedspeech_client.node_state import (
         last_charged,
         load_ledger,
         newest_ledger,
         resolve_node_data,
         save_ledger,
     )
-    from fedspeech.config import RunConfig
-    from fedspeech.logs import show_progress
 
     show_progress(("client", "fedspeech"))
     cfg = RunConfig.from_flat(context.run_config)
@@ -113,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
 
     update = outcome.state_dict
     faults = active_faults(node.partition[0] if node.partition else None, server_round)
-    if faults:  # testing aid only: see client.faults
+    if faults:  # testing aid only: see fedspeech_client.faults
         update = apply_faults(faults, update)
 
     metrics: dict[str, MetricRecordValues] = {**outcome.metrics, **data_metrics}

@@ -3,7 +3,7 @@
 Black box, input space: m canary utterances (random feature frames at the scale of CMVN'd
 features, each with a random transcript of its own, so that nothing else in the data explains
 it) are each added to the training data independently with probability 1/2. The model is trained
-once with ``client.train.train_local``, the code every client runs (DP-SGD or not, as the run
+once with ``fedspeech_client.train.train_local``, the code every client runs (DP-SGD or not, as the run
 config says). A canary's score is its CTC loss per label under the initial model minus under the
 trained one: a canary that was trained on should have lost more. The ``guesses`` highest scores
 are guessed "in", the ``guesses`` lowest "out", the rest abstain; the number right gives the
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from client.batching import LabelledFeatures
-from client.train import TrainConfig, train_local
-from features.text import CharTokenizer
 from fedspeech.audit_bound import epsilon_lower_bound
 from fedspeech.model import BiGRUCTC, load_plain_state_dict
+from fedspeech_client.batching import LabelledFeatures
+from fedspeech_client.train import TrainConfig, train_local
+from fedspeech_features.text import CharTokenizer
 
 __all__ = [
     "AuditResult",
@@ -84,7 +84,7 @@ class AuditSettings:
 
 @dataclass(frozen=True)
 class Canary:
-    """One canary utterance (``client.batching.LabelledFeatures``)."""
+    """One canary utterance (``fedspeech_client.batching.LabelledFeatures``)."""
 
     feats: Tensor  # (T, D) float32
     labels: Tensor  # (L,) int64

@@ -18,7 +18,7 @@ Augment = Callable[[Tensor], Tensor]
 
 
 class LabelledFeatures(Protocol):
-    """What training needs from an example (``features.dataset.Example`` fits)."""
+    """What training needs from an example (``fedspeech_features.dataset.Example`` fits)."""
 
     @property
     def feats(self) -> Tensor:

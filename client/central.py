@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from client.train import train_local
-from client.train_config import TrainResult
-from features.errors import FedspeechDataError
-from features.text import CharTokenizer
 from fedspeech import __version__
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, count_parameters
 from fedspeech.modeldir import save_model_dir
 from fedspeech.pipeline import initial_weights, load_examples
+from fedspeech_client.train import train_local
+from fedspeech_client.train_config import TrainResult
+from fedspeech_features.errors import FedspeechDataError
+from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger("fedspeech")
 

@@ -19,10 +19,10 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
-from client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
 from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict
 from fedspeech.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
+from fedspeech_client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
+from fedspeech_client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def train_private(
     device: torch.device,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """DP-SGD on the Opacus twin of ``model``; see ``client.train.train_local`` for the contract.
+    """DP-SGD on the Opacus twin of ``model``; see ``fedspeech_client.train.train_local`` for the contract.
 
     The Poisson sampling rate is Opacus's ``1 / ceil(N / batch_size)``, one epoch is
     ``ceil(N / batch_size)`` steps, and the accountant starts from ``prior_state``'s history

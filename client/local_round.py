@@ -1,7 +1,7 @@
 """One federated round on a client: load its data, check its privacy budget, train, report.
 
 ``(global weights, node data, run config, ledger) -> RoundOutcome``; no Flower here (the
-ClientApp in ``client.app`` only translates messages). A client whose next round would spend more
+ClientApp in ``fedspeech_client.app`` only translates messages). A client whose next round would spend more
 than its epsilon budget declines: it trains nothing, spends nothing and says why.
 
 Reply metric keys (stable; Flower's strategies weight by ``num-examples``): ``train-loss``,
@@ -23,16 +23,16 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from client.batching import LabelledFeatures
-from client.node_state import NodeData
-from client.train import train_local
-from features.dataset import SKIP_KINDS, Example
-from features.errors import FedspeechDataError, SkipReport
-from features.text import CharTokenizer
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, load_plain_state_dict
 from fedspeech.pipeline import load_examples
 from fedspeech.privacy_ledger import PrivacyBudgetError, PrivacyLedger, calibrate_noise_multiplier
+from fedspeech_client.batching import LabelledFeatures
+from fedspeech_client.node_state import NodeData
+from fedspeech_client.train import train_local
+from fedspeech_features.dataset import SKIP_KINDS, Example
+from fedspeech_features.errors import FedspeechDataError, SkipReport
+from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Client side of secure aggregation: Flower's ``secaggplus_mod`` around the training handler.
 
 ``secure_aggregation_mod`` is a ClientApp mod. A train message that carries SecAgg+ settings
-(``secaggplus_configs``, sent by ``server.secagg``) goes through Flower's ``secaggplus_mod``: it
+(``secaggplus_configs``, sent by ``fedspeech_server.secagg``) goes through Flower's ``secaggplus_mod``: it
 answers the key-setup, key-sharing and unmasking stages itself, and in the masked-input stage it
-calls the normal training handler (``client.app``), whose reply ``masked_input`` turns into what
+calls the normal training handler (``fedspeech_client.app``), whose reply ``masked_input`` turns into what
 the mod masks. A plain train message goes straight to the handler, unless the run config asks for
 secure aggregation: then the client refuses to send its weights in the clear.
 

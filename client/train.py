@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.batching import (
+from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict, unwrap
+from fedspeech.privacy_ledger import PrivacyLedger
+from fedspeech_client.batching import (
     Augment,
     FeatureDataset,
     LabelledFeatures,
@@ -25,10 +27,8 @@ from client.batching import (
     collate_ctc,
     ctc_loss,
 )
-from client.dp_sgd import train_private
-from client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
-from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict, unwrap
-from fedspeech.privacy_ledger import PrivacyLedger
+from fedspeech_client.dp_sgd import train_private
+from fedspeech_client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
 
 __all__ = ["TrainConfig", "TrainResult", "ctc_loss", "train_local"]
 
@@ -50,7 +50,7 @@ def train_local(
 
     Args:
         model: a ``BiGRUCTC`` of either flavour; DP training runs on its Opacus twin.
-        examples: utterances (``features.dataset.Example`` or anything with feats/labels).
+        examples: utterances (``fedspeech_features.dataset.Example`` or anything with feats/labels).
         cfg: training settings.
         privacy_state: this client's privacy ledger from earlier calls (None: fresh).
         planned_steps: DP steps this client plans in total, earlier calls included; the noise for
@@ -61,7 +61,7 @@ def train_local(
         device: where to train (default CPU).
         proximal_mu: FedProx's proximal weight: after every optimizer step the weights are pulled
             back towards ``model``'s (the round's global weights) by ``lr * proximal_mu`` of the
-            gap, outside DP clipping and noise (see ``client.proximal``). 0: plain training.
+            gap, outside DP clipping and noise (see ``fedspeech_client.proximal``). 0: plain training.
 
     Returns:
         Weights, metrics and, with DP, the privacy spent.
@@ -74,7 +74,7 @@ def train_local(
         raise ValueError("no training examples")
     device = device or torch.device("cpu")
     if augment is None and cfg.spec_augment:
-        from features.augment import SpecAugment  # lazy: only runs that augment need it
+        from fedspeech_features.augment import SpecAugment  # lazy: only runs that augment need it
 
         augment = SpecAugment(seed=cfg.seed).train()
     dataset = FeatureDataset(examples, augment)

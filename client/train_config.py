@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from client.proximal import add_proximal_step
 from fedspeech.privacy_ledger import PrivacyLedger
 from fedspeech.train_config import TrainConfig
+from fedspeech_client.proximal import add_proximal_step
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def make_optimizer(
         params: the parameters to train; their current values are FedProx's anchor.
         cfg: training settings.
         proximal_mu: FedProx's proximal weight: after each step the parameters are pulled back
-            towards their current values (``client.proximal``); 0: plain optimizer.
+            towards their current values (``fedspeech_client.proximal``); 0: plain optimizer.
     """
     optimizer: torch.optim.Optimizer
     if cfg.optimizer == "adam":

@@ -38,10 +38,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from features.manifest import Utterance, read_manifest, write_manifest  # noqa: E402
 from fedspeech.config import RunConfig, parse_overrides, resolve_run_config  # noqa: E402
 from fedspeech.logs import setup_logging  # noqa: E402
 from fedspeech.privacy_config import PrivacyConfig  # noqa: E402
+from fedspeech_features.manifest import Utterance, read_manifest, write_manifest  # noqa: E402
 
 log = logging.getLogger("fedspeech.recipes")
 
@@ -140,7 +140,7 @@ def digits_public(work: Path) -> Path:
 
     No FSDD speaker is in either. The synthetic words are rendered at 8 kHz like FSDD's audio.
     """
-    from features.corpora.synthetic import build_synthetic_corpus
+    from fedspeech_features.corpora.synthetic import build_synthetic_corpus
 
     digits, _ = build_synthetic_corpus(
         work / "synthetic-digits",
@@ -215,7 +215,7 @@ def pretrained_model(task: str) -> Path:
 
 def pretrain(task: str, extra: str) -> Path:
     """Train the task's public model (no DP: public data costs no privacy) and score it."""
-    from client.central import train_central
+    from fedspeech_client.central import train_central
 
     flat = recipe_config(task, "pretrain", None, extra)
     out = WORK / task / "pretrain"
@@ -244,14 +244,14 @@ def run_fold(fold: Fold, flat: dict[str, Any], mode: str, out: Path, run_name: s
     start = time.perf_counter()
     overrides = dict(flat, **{"experiment-name": EXPERIMENT, "run-name": run_name})
     if mode == "central":
-        from client.central import train_central
+        from fedspeech_client.central import train_central
 
         cfg = resolve_run_config(None, overrides, cwd=ROOT)  # the same layers as simulate
         out.mkdir(parents=True, exist_ok=True)
         result = train_central(fold.train, cfg, out / "model")
         model_dir, epsilon, rounds = result.model_dir, result.train.epsilon, 0
     else:
-        from fedspeech.cli_fed import simulate
+        from fedspeech.app.simulate import simulate
 
         overrides.update(
             {"corpus": str(fold.train), "eval-manifest": str(fold.evaluate), "holdout-speakers": 0}
@@ -395,7 +395,7 @@ def track(cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:
     """One MLflow run per row: the recipe as params, per-fold metrics at steps 1..k, the means."""
     from dataclasses import replace
 
-    from server.tracking import open_tracker
+    from fedspeech_server.tracking import open_tracker
 
     fed = replace(
         cfg.fed, experiment_name=EXPERIMENT, run_name=f"{summary['task']}-{summary['row']}"
@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--row", help="name of the row (default: the mode, e.g. fed-dp-eps8)")
     args = parser.parse_args(argv)
     setup_logging(0)
-    from fedspeech.cli_fed import stop_on_sigterm
+    from fedspeech.app.simulate import stop_on_sigterm
 
     stop_on_sigterm()  # a killed row stops its simulation's processes too
     if args.task == "report":

@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from features.errors import AudioError, SampleRateError, SkipReport
+from fedspeech_features.errors import AudioError, SampleRateError, SkipReport
 
 TARGET_SAMPLE_RATE = 16_000
 # Telephone band: the lowest rate that still carries intelligible speech. Lower-rate files (or a

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from features.errors import AudioError
-from features.mfcc import FeatureConfig
+from fedspeech_features.errors import AudioError
+from fedspeech_features.mfcc import FeatureConfig
 
 # Bump when the feature code changes the numbers it produces: old entries are then never read.
 CACHE_VERSION = 1

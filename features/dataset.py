@@ -11,17 +11,17 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from features.cache import FeatureCache
-from features.errors import (
+from fedspeech_features.cache import FeatureCache
+from fedspeech_features.errors import (
     AudioError,
     FedspeechDataError,
     SampleRateError,
     SkipReport,
     TextError,
 )
-from features.manifest import Utterance
-from features.mfcc import FeatureExtractor
-from features.text import CharTokenizer, normalize_transcript
+from fedspeech_features.manifest import Utterance
+from fedspeech_features.mfcc import FeatureExtractor
+from fedspeech_features.text import CharTokenizer, normalize_transcript
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.errors import ManifestError, SkipReport
+from fedspeech_features.errors import ManifestError, SkipReport
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "transcript", "speaker", "duration_s")
 

@@ -23,7 +23,7 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
-from features.audio import MIN_DURATION_S, load_audio
+from fedspeech_features.audio import MIN_DURATION_S, load_audio
 
 # power_to_db constants, as in librosa and torchaudio.transforms.MFCC:
 _AMIN = 1e-10  # power floor before log10 (-100 dB): digital silence stays finite
@@ -165,7 +165,7 @@ class FeatureExtractor:
         return feats[0]
 
     def from_file(self, path: str | Path) -> Tensor:
-        """Model frames of an audio file (decoded and resampled by features.audio.load_audio).
+        """Model frames of an audio file (decoded and resampled by fedspeech_features.audio.load_audio).
 
         Raises:
             AudioError: the file cannot be used; the message names it.

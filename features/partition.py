@@ -14,8 +14,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from features.errors import FedspeechDataError
-from features.manifest import Utterance, write_manifest
+from fedspeech_features.errors import FedspeechDataError
+from fedspeech_features.manifest import Utterance, write_manifest
 
 log = logging.getLogger("fedspeech")
 

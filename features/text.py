@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from num2words import num2words
 
-from features.errors import TextError
+from fedspeech_features.errors import TextError
 
 BLANK = "<blank>"
 # Index 0 is the CTC blank; the order is part of the model-directory contract (config.json).

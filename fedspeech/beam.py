@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 from torchaudio.models.decoder import CTCHypothesis, ctc_decoder
 
-from features.text import CharTokenizer
 from fedspeech.decoding import (
     Hypothesis,
     Word,
@@ -25,6 +24,7 @@ from fedspeech.decoding import (
     mean_blank_posterior,
 )
 from fedspeech.lm import is_binary_kenlm, read_arpa_vocab, read_lexicon, write_lexicon
+from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from features.mfcc import FeatureConfig
-from features.partition import PartitionMethod
 from fedspeech.model import CellType, ModelConfig
 from fedspeech.privacy_config import PrivacyConfig
 from fedspeech.secagg_config import SecAggConfig
 from fedspeech.train_config import TrainConfig
+from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.partition import PartitionMethod
 
 
 class ConfigError(ValueError):
@@ -91,7 +91,7 @@ class FedConfig:
     fraction_train: float = 1.0  # share of connected nodes sampled per round
     clients_per_round: int = 0  # sample exactly this many nodes per round (0: fraction-train)
     # Poisson sampling: each node joins a round with this probability; user-level DP always
-    # samples so (0: q derived from clients-per-round or fraction-train, server.sampling)
+    # samples so (0: q derived from clients-per-round or fraction-train, fedspeech_server.sampling)
     client_sample_rate: float = 0.0
     min_clients: int = 2  # wait for this many nodes; sample at least this many
     strategy: StrategyName = "fedavg"
@@ -236,7 +236,7 @@ class RunConfig:
 
     @property
     def poisson_sampling(self) -> bool:
-        """Rounds draw their clients by Poisson sampling (``server.sampling``): always with
+        """Rounds draw their clients by Poisson sampling (``fedspeech_server.sampling``): always with
         user-level DP (its accountant assumes it), else when ``client-sample-rate`` is set."""
         return self.user_level_dp or self.fed.client_sample_rate > 0
 
@@ -420,8 +420,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 
 def presets_dir() -> Path:
-    """The repository's ``experiments/`` folder, where named presets (TOML) live."""
-    return Path(__file__).resolve().parents[1] / "experiments"
+    """Where named presets (TOML) live: ``fedspeech/presets/``, shipped in the wheel."""
+    return Path(__file__).resolve().parent / "presets"
 
 
 def resolve_run_config(
@@ -429,7 +429,7 @@ def resolve_run_config(
 ) -> RunConfig:
     """Layer the run config: defaults <- ./pyproject.toml <- preset <- overrides.
 
-    ``preset`` is a TOML file path or the name of ``experiments/<name>.toml``; its top level is the
+    ``preset`` is a TOML file path or the name of ``fedspeech/presets/<name>.toml``; its top level is the
     same flat kebab-case table as ``[tool.flwr.app.config]``.
     """
     flat: dict[str, Any] = {}

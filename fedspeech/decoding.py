@@ -8,7 +8,7 @@ is taken at the frame where it is emitted; a word's confidence is the mean over 
 an utterance's the mean over all emitted characters (or, when nothing is emitted, the mean blank
 posterior: how sure the model is that nothing was said).
 
->>> from features.text import CharTokenizer
+>>> from fedspeech_features.text import CharTokenizer
 >>> tok = CharTokenizer()
 >>> ids = [0, 10, 10, 0, 11, 0, 1, 11, 0]  # -, h, h, -, i, -, ' ', i, -
 >>> lp = torch.nn.functional.one_hot(torch.tensor(ids), tok.vocab_size).float().mul(9).log_softmax(-1)
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from features.text import CharTokenizer
+from fedspeech_features.text import CharTokenizer
 
 
 @dataclass(frozen=True)

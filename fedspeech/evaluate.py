@@ -17,12 +17,12 @@ from typing import Any
 
 import jiwer
 
-from features.errors import Skipped, SkipReport, TextError
-from features.manifest import Utterance, read_manifest
-from features.text import normalize_transcript
 from fedspeech.decoding import Decoder
 from fedspeech.modeldir import LoadedModel
 from fedspeech.transcribe import Transcriber
+from fedspeech_features.errors import Skipped, SkipReport, TextError
+from fedspeech_features.manifest import Utterance, read_manifest
+from fedspeech_features.text import normalize_transcript
 
 log = logging.getLogger(__name__)
 

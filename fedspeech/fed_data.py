@@ -4,12 +4,12 @@ Server and simulated clients derive the same split independently (deterministic 
 so no audio, feature or transcript ever travels: the server reads only the held-out speakers, each
 virtual node only its own partition. Layout under the simulation's ``data-dir``::
 
-    synthetic-n<utts>-s<seed>[-aug]-<rate>/  the synthetic corpus (features.corpora.synthetic)
+    synthetic-n<utts>-s<seed>[-aug]-<rate>/  the synthetic corpus (fedspeech_features.corpora.synthetic)
     features/                                feature cache shared by the simulated nodes
     splits/<key>/client_<i>/manifest.tsv     partition i (key: corpus, holdout, method, N, seeds)
     splits/<key>/split.json                  parameters and counts, written last (= complete)
 
->>> from features.manifest import Utterance
+>>> from fedspeech_features.manifest import Utterance
 >>> rows = [Utterance(Path(f"{s}{i}.wav"), "a", s, 1.0) for s in "abcdef" for i in range(2)]
 >>> heldout, rest = hold_out_speakers(rows, 2, seed=0)
 >>> len(heldout), len(rest), len({u.speaker for u in heldout})
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from features.errors import FedspeechDataError
-from features.manifest import Utterance, read_manifest
-from features.partition import partition_utterances, write_partitions
 from fedspeech.config import RunConfig
+from fedspeech_features.errors import FedspeechDataError
+from fedspeech_features.manifest import Utterance, read_manifest
+from fedspeech_features.partition import partition_utterances, write_partitions
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def corpus_manifest(cfg: RunConfig, data_dir: str | Path) -> Path:
     data = cfg.data
     if data.corpus != "synthetic":
         return Path(data.corpus)
-    from features.corpora.synthetic import build_synthetic_corpus  # lazy: espeak, soxr
+    from fedspeech_features.corpora.synthetic import build_synthetic_corpus  # lazy: espeak, soxr
 
     name = f"synthetic-n{data.synthetic_utterances}-s{data.synthetic_seed}"
     name += f"{'-aug' if data.synthetic_augment else ''}-{cfg.features.sample_rate}"

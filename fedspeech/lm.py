@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from features.text import CharTokenizer
+from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger(__name__)
 

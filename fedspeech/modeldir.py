@@ -33,8 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from features.mfcc import FeatureConfig
-from features.text import CharTokenizer
 from fedspeech import __version__
 from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict, unwrap
 from fedspeech.modeldir_checks import (
@@ -52,6 +50,8 @@ from fedspeech.modeldir_checks import (
     read_config_json,
     safetensors_header,
 )
+from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.text import CharTokenizer
 
 __all__ = [
     "LIMITS",

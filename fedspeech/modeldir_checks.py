@@ -18,10 +18,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import torch
 
-from features.errors import FedspeechDataError
-from features.mfcc import FeatureConfig
-from features.text import BLANK, CharTokenizer
 from fedspeech.model import BiGRUCTC, ModelConfig
+from fedspeech_features.errors import FedspeechDataError
+from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.text import BLANK, CharTokenizer
 
 FORMAT = "fedspeech-model"
 FORMAT_VERSION = 1

@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from features.cache import FeatureCache
-from features.dataset import Example, extract_manifest
-from features.errors import SkipReport
-from features.manifest import read_manifest
-from features.mfcc import FeatureConfig, FeatureExtractor
-from features.text import CharTokenizer
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
 from fedspeech.modeldir import load_model_dir
+from fedspeech_features.cache import FeatureCache
+from fedspeech_features.dataset import Example, extract_manifest
+from fedspeech_features.errors import SkipReport
+from fedspeech_features.manifest import read_manifest
+from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger("fedspeech")
 

@@ -3,7 +3,7 @@
 With ``secure-aggregation = true`` a round runs Flower's SecAgg+ protocol (Bell et al. 2020, the
 ``SecAggPlusWorkflow`` / ``secaggplus_mod`` pair): every client masks its quantized update, and the
 server can unmask only the sum over the clients that finished the protocol. See
-``server.secagg`` (server side), ``client.secagg`` (client side) and docs/privacy.md.
+``fedspeech_server.secagg`` (server side), ``fedspeech_client.secagg`` (client side) and docs/privacy.md.
 
 ``secagg-num-shares`` and ``secagg-reconstruction-threshold`` follow Flower's convention: an
 integer is a count, a float in (0, 1] a share (of the clients sampled, resp. of the shares).

@@ -28,7 +28,7 @@ class TrainConfig:
         seed: dropout, SpecAugment and non-private shuffling.
         dp_seed: seeds Poisson sampling and DP noise. None (default) draws them from OS entropy:
             whoever knows the seed can regenerate the noise, so fix it only in tests.
-        spec_augment: mask training features with ``features.augment.SpecAugment``.
+        spec_augment: mask training features with ``fedspeech_features.augment.SpecAugment``.
         grad_clip: global gradient-norm clip of non-private training (None: off).
         max_physical_batch_size: with DP, split large Poisson batches into chunks of at most this
             many utterances (Opacus ``BatchMemoryManager``); the privacy accounting is unchanged.

@@ -23,11 +23,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from features.audio import MIN_DURATION_S, load_audio
-from features.errors import AudioError
-from features.mfcc import FeatureExtractor
 from fedspeech.decoding import Decoder, GreedyDecoder, Hypothesis, join_hypotheses
 from fedspeech.modeldir import LoadedModel
+from fedspeech_features.audio import MIN_DURATION_S, load_audio
+from fedspeech_features.errors import AudioError
+from fedspeech_features.mfcc import FeatureExtractor
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,19 @@
-"""Flower ServerApp: runs the rounds of a ``server.run.FederatedRun`` over Flower's Grid.
+"""Flower ServerApp: runs the rounds of a ``fedspeech_server.run.FederatedRun`` over Flower's Grid.
 
-Per round: the strategy samples nodes (Poisson sampling under user-level DP, ``server.sampling``)
+Per round: the strategy samples nodes (Poisson sampling under user-level DP, ``fedspeech_server.sampling``)
 and builds the train messages (global weights + ``server-round``), the Grid sends them and
 collects replies until ``round-timeout``, the strategy screens the replies and aggregates the
 accepted ones, and ``FederatedRun.finish_round`` evaluates, checkpoints, tracks and logs (with
-user-level DP the strategy clips and noises the accepted updates, ``server.user_dp``, and
+user-level DP the strategy clips and noises the accepted updates, ``fedspeech_server.user_dp``, and
 ``finish_round`` charges the round to the run's ledger). A round with fewer accepted updates than
 it needs (``min-successful-clients``; with Poisson sampling at most the number drawn) changes
 nothing: it is sent again (at most ``round-retries`` times, and only when some client failed or
 was rejected: clients out of privacy budget decline again), then the run stops with a
 ``RoundFailedError`` that names every client's reason; the checkpoint keeps the last complete
-round. Everything but the message traffic lives in plain modules (``server.run``).
+round. Everything but the message traffic lives in plain modules (``fedspeech_server.run``).
 
 With ``secure-aggregation`` the same train messages go through Flower's SecAgg+ workflow
-(``server.secagg``: four exchanges with the sampled nodes instead of one) and the strategy
+(``fedspeech_server.secagg``: four exchanges with the sampled nodes instead of one) and the strategy
 aggregates the unmasked mean it yields (``aggregate_secure``): the server never holds a single
 client's update.
 """
@@ -31,12 +31,12 @@ from flwr.serverapp.strategy import Strategy
 
 from fedspeech.config import RunConfig
 from fedspeech.logs import show_progress
-from server.rounds import ClientReport, retry_may_help, shortfall
-from server.run import FederatedRun
-from server.sampling import PoissonSampler
-from server.secagg import run_secure_round
-from server.strategy import export_state, import_state, make_strategy, missing_reports
-from server.user_dp import UserDPRelease, UserLevelDP
+from fedspeech_server.rounds import ClientReport, retry_may_help, shortfall
+from fedspeech_server.run import FederatedRun
+from fedspeech_server.sampling import PoissonSampler
+from fedspeech_server.secagg import run_secure_round
+from fedspeech_server.strategy import export_state, import_state, make_strategy, missing_reports
+from fedspeech_server.user_dp import UserDPRelease, UserLevelDP
 
 log = logging.getLogger("fedspeech.server")
 
@@ -133,7 +133,7 @@ def _train_once(
     run_key: str,
 ) -> tuple[ArrayRecord | None, list[ClientReport], UserDPRelease | None]:
     """Send one round's train messages (with the run's ``run-key``: a client charged for a
-    round before can tell, ``client.app``).
+    round before can tell, ``fedspeech_client.app``).
 
     Returns:
         The aggregate (None: too few accepted), one report per sampled client, and the

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from features.mfcc import FeatureConfig
-from features.text import CharTokenizer
 from fedspeech.model import ModelConfig
 from fedspeech.modeldir import load_model_dir, replace_directory, save_model_dir
+from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,11 @@ class RunState:
     Attributes:
         round: the last finished round (0: none yet).
         history: one ``RoundSummary.to_json()`` per finished round, in order.
-        clients: the per-client table (``server.rounds.update_clients``).
+        clients: the per-client table (``fedspeech_server.rounds.update_clients``).
         tracking_run_id: the tracker's run id (reopened on resume).
         run_config: the flat run config the run was started with.
         finished: the run reached its last planned round.
-        user_privacy: the user-level DP state (``server.user_dp.UserDPState.to_dict``): saved
+        user_privacy: the user-level DP state (``fedspeech_server.user_dp.UserDPState.to_dict``): saved
             with the round it charges, so a resumed run neither loses nor repeats a round.
         run_key: a random id of the run, the same across resumes, sent to the clients with every
             train message (``run-key``) so that a client can tell a round it was already

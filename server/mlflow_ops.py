@@ -1,7 +1,7 @@
 """The MLflow calls behind ``MlflowTracker``: open a run, apply one recorded operation, register.
 
 Everything takes an explicit ``MlflowClient`` and run id (never the fluent ``mlflow.*`` API with
-its process-global active run). Operations are JSON-able dicts (see ``server.tracking_buffer``):
+its process-global active run). Operations are JSON-able dicts (see ``fedspeech_server.tracking_buffer``):
 ``params``, ``metrics``, ``text``, ``tag``, ``artifacts``, ``register``, ``terminate``.
 """
 
@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from server.tracking_buffer import Op
+from fedspeech_server.tracking_buffer import Op
 
 __all__ = [
     "MODEL_ARTIFACT_PATH",

@@ -1,8 +1,8 @@
 """MLflow tracker of the federated server: config, per-round metrics, artifacts, registered model.
 
-Implements ``server.tracking.Tracker`` with an explicit ``MlflowClient`` and run id. Tracking must
+Implements ``fedspeech_server.tracking.Tracker`` with an explicit ``MlflowClient`` and run id. Tracking must
 never cost the training run: every call is appended to a queue of operations that is replayed
-against MLflow in order (``server.mlflow_ops``). When MLflow is unreachable (server down at start
+against MLflow in order (``fedspeech_server.mlflow_ops``). When MLflow is unreachable (server down at start
 or mid-run, database locked) the tracker warns once per outage, keeps the queue, mirrors it to
 ``<run_folder>/tracking_buffer.jsonl`` and retries on later calls (at most every
 ``retry_interval_s``); once MLflow answers the queue is flushed and the file removed. A tracker
@@ -33,7 +33,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from fedspeech.config import RunConfig
-from server.mlflow_ops import (
+from fedspeech_server.mlflow_ops import (
     MAX_PARAM_VALUE,
     apply_op,
     configure_http_client,
@@ -42,9 +42,9 @@ from server.mlflow_ops import (
     metric_history,
     open_run,
 )
-from server.plots import plot_round_metrics
-from server.tracking import EndStatus
-from server.tracking_buffer import (
+from fedspeech_server.plots import plot_round_metrics
+from fedspeech_server.tracking import EndStatus
+from fedspeech_server.tracking_buffer import (
     BUFFER_FILE,
     Op,
     load_ops,
@@ -281,7 +281,7 @@ class MlflowTracker:
 
 
 def open_mlflow_tracker(cfg: RunConfig, run_dir: Path, run_id: str | None) -> MlflowTracker:
-    """The MLflow tracker for a run (a ``server.run.TrackerFactory``).
+    """The MLflow tracker for a run (a ``fedspeech_server.run.TrackerFactory``).
 
     Uses ``tracking-uri``, ``experiment-name`` (also the registered model's name) and ``run-name``
     (default: the run folder's name); ``run_id`` is the run to continue on resume.

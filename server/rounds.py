@@ -9,7 +9,7 @@ tracker report: ``train_loss`` (mean over trained clients, weighted by examples)
 ``round_seconds`` (the whole round, evaluation and checkpoint included), ``client_seconds`` (sum of
 the replies' ``seconds``: the clients' own work), ``eval_seconds`` (central evaluation),
 ``clients_sampled`` (clients the round's last attempt sampled: with Poisson sampling, the draw).
-With user-level DP (``server.user_dp``): ``user_epsilon`` (the run's user-level epsilon so far, at
+With user-level DP (``fedspeech_server.user_dp``): ``user_epsilon`` (the run's user-level epsilon so far, at
 ``user-delta``), ``user_clip_norm`` (the clipping norm of the round), ``user_noise_std`` (std of the
 noise on the averaged update), ``user_sample_rate`` (clients sampled / connected) and, with
 adaptive clipping, ``user_unclipped_share`` (the noisy share of unclipped updates).

@@ -33,17 +33,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from features.manifest import write_manifest
-from features.text import CharTokenizer
 from fedspeech import __version__
 from fedspeech.config import RunConfig, check_resume_changes
 from fedspeech.fed_data import heldout_utterances
 from fedspeech.model import ModelConfig
 from fedspeech.modeldir import save_model_dir
 from fedspeech.pipeline import initial_weights
-from server.checkpoint import CHECKPOINT_DIR, RunState, load_checkpoint, save_checkpoint
-from server.evaluation import CentralEvaluator
-from server.rounds import (
+from fedspeech_features.manifest import write_manifest
+from fedspeech_features.text import CharTokenizer
+from fedspeech_server.checkpoint import CHECKPOINT_DIR, RunState, load_checkpoint, save_checkpoint
+from fedspeech_server.evaluation import CentralEvaluator
+from fedspeech_server.rounds import (
     ClientReport,
     RoundSummary,
     clients_tsv,
@@ -53,8 +53,8 @@ from server.rounds import (
     update_norm,
     with_evaluation,
 )
-from server.tracking import Tracker, open_tracker, read_rounds
-from server.user_dp import UserDPRelease, UserDPState
+from fedspeech_server.tracking import Tracker, open_tracker, read_rounds
+from fedspeech_server.user_dp import UserDPRelease, UserDPState
 
 log = logging.getLogger("fedspeech.server")
 

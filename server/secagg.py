@@ -7,7 +7,7 @@ workflow for one round from our ServerApp and Grid, unchanged but for two adapte
 * the train messages the strategy built (``configure_train``: global weights, ``server-round``,
   FedProx's ``proximal-mu``, the user-level clipping norm) are what the clients receive in the
   masked-input stage, instead of legacy ``FitIns``, so the ClientApp handles the same message
-  with and without secure aggregation (``client.secagg`` wraps it);
+  with and without secure aggregation (``fedspeech_client.secagg`` wraps it);
 * a legacy ``Strategy`` stand-in (``_Capture``) samples nothing (the strategy already did) and
   keeps the unmasked aggregate and the clients' cleartext metrics instead of averaging.
 
@@ -24,7 +24,7 @@ What the server sees per client: its public keys, encrypted shares, the masked v
 noise modulo 2^32 on its own), its cleartext metrics (``num-examples``, loss, epsilon, the
 aggregation weight) and whether it dropped out. What it learns in the end: the weighted mean of
 the inputs, i.e. FedAvg's update (or, with user-level DP, the sum of the clipped updates, which it
-then noises: ``server.user_dp``). Per-client screening is therefore impossible; the server checks
+then noises: ``fedspeech_server.user_dp``). Per-client screening is therefore impossible; the server checks
 the sum (shapes, finite values) and the clients refuse to mask non-finite updates.
 """
 
@@ -48,7 +48,7 @@ from flwr.supercore.run import Run
 
 from fedspeech.config import RunConfig
 from fedspeech.secagg_config import MODULUS_RANGE
-from server.rounds import ClientReport
+from fedspeech_server.rounds import ClientReport
 
 log = logging.getLogger("fedspeech.server")
 
@@ -226,7 +226,7 @@ class _Capture(LegacyStrategy):
         return None, {}
 
     def evaluate(self, *args: Any) -> None:
-        """Central evaluation runs in ``server.run``."""
+        """Central evaluation runs in ``fedspeech_server.run``."""
         return None
 
 

@@ -7,15 +7,15 @@ no: metrics only, never averaged in), ``failed`` (an error reply, or no arrays) 
 NaN/Inf values, an undecodable array, or a ``num-examples`` that is not a positive finite count).
 Only ``ok`` replies reach Flower's aggregation, rebuilt to hold nothing but their weights and
 ``num-examples``, and only when at least ``min-successful-clients`` of them arrived (else the
-round aggregates nothing and the server retries or stops: ``server.app``). The reports of the last
-round are kept for the server's bookkeeping (``server.rounds``). Weighted averages use
+round aggregates nothing and the server retries or stops: ``fedspeech_server.app``). The reports of the last
+round are kept for the server's bookkeeping (``fedspeech_server.rounds``). Weighted averages use
 ``num-examples`` (Flower's default key), which every training reply carries.
 
-With Poisson sampling (``server.sampling``; always under user-level DP) the strategy draws the
+With Poisson sampling (``fedspeech_server.sampling``; always under user-level DP) the strategy draws the
 round's cohort itself (every connected node independently with probability q) and lets Flower's
 strategy build the messages for exactly that cohort; a round may then draw fewer clients than
 ``min-successful-clients``, or none, and needs only as many accepted updates as it drew.
-With user-level DP (``server.user_dp``) the accepted updates are clipped, summed, noised and
+With user-level DP (``fedspeech_server.user_dp``) the accepted updates are clipped, summed, noised and
 divided by the expected cohort q N; that private aggregate then enters Flower's strategy as the
 one reply it averages, so FedAdam's server step and FedProx work on it unchanged
 (post-processing). A round that drew nobody releases noise only, and is charged like any other.
@@ -23,7 +23,7 @@ Flower's own ``DifferentialPrivacyServerSide*Clipping`` wrappers do not fit this
 before the screening (NaN updates included), average with the ``num-examples`` weights, skip a
 round in which any client failed, and keep their accountant in memory only (docs/privacy.md).
 
-With secure aggregation (``server.secagg``) the server never holds a client's update: replies
+With secure aggregation (``fedspeech_server.secagg``) the server never holds a client's update: replies
 cannot be screened one by one, and ``aggregate_secure`` takes the unmasked mean (or, with
 user-level DP, the sum of the clients' own clipped updates, which it noises), screens only that
 (shapes, finite values) and hands the result to Flower's strategy in the same way.
@@ -50,10 +50,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strateg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedspeech.config import FedConfig
-from server.rounds import ClientReport
-from server.sampling import Cohort, PoissonSampler
-from server.secagg import MIN_CLIENTS, SecureRound
-from server.user_dp import UserDPRelease, UserLevelDP
+from fedspeech_server.rounds import ClientReport
+from fedspeech_server.sampling import Cohort, PoissonSampler
+from fedspeech_server.secagg import MIN_CLIENTS, SecureRound
+from fedspeech_server.user_dp import UserDPRelease, UserLevelDP
 
 log = logging.getLogger("fedspeech.server")
 
@@ -313,7 +313,7 @@ def _make_strategy(cfg: FedConfig) -> Strategy:
         # eta_l is only reported by Flower; the clients' lr is the run config's lr.
         return ScreenedFedAdam(eta=cfg.server_lr, **common)  # type: ignore[arg-type]
     if cfg.strategy == "fedprox":
-        # The clients apply the proximal term (client.proximal) with the mu this sends them.
+        # The clients apply the proximal term (fedspeech_client.proximal) with the mu this sends them.
         return ScreenedFedProx(proximal_mu=cfg.proximal_mu, **common)  # type: ignore[arg-type]
     if cfg.strategy == "fedmedian":
         return ScreenedFedMedian(**common)  # type: ignore[arg-type]

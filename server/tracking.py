@@ -69,7 +69,7 @@ class Tracker(Protocol):
         ...
 
     def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
-        """Record one round's metrics (``server.rounds.RoundSummary.metrics()``)."""
+        """Record one round's metrics (``fedspeech_server.rounds.RoundSummary.metrics()``)."""
         ...
 
     def log_artifacts(self, directory: Path) -> None:
@@ -176,7 +176,9 @@ def open_tracker(cfg: RunConfig, run_dir: Path, run_id: str | None) -> Tracker:
     """
     if not cfg.fed.tracking_uri:
         return LocalTracker(run_dir, run_id)
-    from server.mlflow_tracking import open_mlflow_tracker  # lazy: importing mlflow takes ~1 s
+    from fedspeech_server.mlflow_tracking import (
+        open_mlflow_tracker,
+    )  # lazy: importing mlflow takes ~1 s
 
     remote = open_mlflow_tracker(cfg, run_dir, run_id)
     shared: Tracker = UserLevelRelease(remote) if cfg.user_level_dp else remote

@@ -2,7 +2,7 @@
 
 DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models") with
 optional quantile-based adaptive clipping (Andrew et al. 2021, "Differentially Private Learning
-with Adaptive Clipping"). One round, for the cohort that Poisson sampling drew (``server.sampling``:
+with Adaptive Clipping"). One round, for the cohort that Poisson sampling drew (``fedspeech_server.sampling``:
 each of the N connected nodes joins with probability q)::
 
     delta_i = w_i - w                                 client i's update (its weights - the global)
@@ -43,7 +43,7 @@ import numpy as np
 
 from fedspeech.privacy_config import PrivacyConfig
 from fedspeech.privacy_ledger import PrivacyLedger
-from server.sampling import Cohort
+from fedspeech_server.sampling import Cohort
 
 __all__ = [
     "UserDPRelease",
@@ -233,7 +233,7 @@ class UserLevelDP:
         """The private aggregate from the SUM of clipped updates (e.g. a secure aggregate).
 
         With secure aggregation the clients clip their own updates to ``self.clip_norm``
-        (``client.secagg``) and the server only learns the sum; the noise, the fixed
+        (``fedspeech_client.secagg``) and the server only learns the sum; the noise, the fixed
         denominator and the accounting are the same as in ``release``.
 
         Args:

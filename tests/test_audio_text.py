@@ -1,4 +1,4 @@
-"""features.audio, .text and .manifest: decoding, normalisation, the manifest TSV contract."""
+"""fedspeech_features.audio, .text and .manifest: decoding, normalisation, the manifest TSV contract."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.audio import audio_duration, load_audio, load_many
-from features.errors import AudioError, ManifestError, TextError
-from features.manifest import MANIFEST_COLUMNS, Utterance, read_manifest, write_manifest
-from features.text import BLANK, DEFAULT_ALPHABET, CharTokenizer, normalize_transcript
+from fedspeech_features.audio import audio_duration, load_audio, load_many
+from fedspeech_features.errors import AudioError, ManifestError, TextError
+from fedspeech_features.manifest import MANIFEST_COLUMNS, Utterance, read_manifest, write_manifest
+from fedspeech_features.text import BLANK, DEFAULT_ALPHABET, CharTokenizer, normalize_transcript
 
 HEADER = "\t".join(MANIFEST_COLUMNS) + "\n"
 

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.audit import AuditSettings, guess_membership
+from fedspeech.app.cli import main as cli_main
 from fedspeech.audit_bound import audit_p_value, epsilon_lower_bound
-from fedspeech.cli import main as cli_main
-from server.tracking import read_rounds
+from fedspeech_client.audit import AuditSettings, guess_membership
+from fedspeech_server.tracking import read_rounds
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the"),

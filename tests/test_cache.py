@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from features.cache import FeatureCache, default_cache_root
-from features.errors import AudioError
-from features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.cache import FeatureCache, default_cache_root
+from fedspeech_features.errors import AudioError
+from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
 
 CFG = FeatureConfig()
 

@@ -1,4 +1,4 @@
-"""Centralized training (``client.central.train_central``): starting from a pre-trained model."""
+"""Centralized training (``fedspeech_client.central.train_central``): starting from a pre-trained model."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.central import train_central
-from features.manifest import read_manifest, write_manifest
 from fedspeech.config import ConfigError, resolve_run_config
 from fedspeech.modeldir import load_model_dir
+from fedspeech_client.central import train_central
+from fedspeech_features.manifest import read_manifest, write_manifest
 
 BASE = "dp=false epochs=1 hidden-size=16 num-layers=1 batch-size=8 seed=0"
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from features.manifest import read_manifest
-from fedspeech.cli import main
+from fedspeech.app.cli import main
+from fedspeech_features.manifest import read_manifest
 
 
 def test_help_lists_the_commands() -> None:
     # Execute: the console entry point in a fresh interpreter
     out = subprocess.run(
-        [sys.executable, "-m", "fedspeech.cli", "--help"],
+        [sys.executable, "-m", "fedspeech.app.cli", "--help"],
         capture_output=True,
         text=True,
         check=True,

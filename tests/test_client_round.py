@@ -9,13 +9,19 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.local_round import round_steps, run_round
-from client.node_state import NodeConfig, load_ledger, newest_ledger, resolve_node_data, save_ledger
-from features.manifest import Utterance, read_manifest, write_manifest
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.fed_data import client_manifest, hold_out_speakers
 from fedspeech.model import BiGRUCTC, plain_state_dict
 from fedspeech.privacy_ledger import PrivacyLedger
+from fedspeech_client.local_round import round_steps, run_round
+from fedspeech_client.node_state import (
+    NodeConfig,
+    load_ledger,
+    newest_ledger,
+    resolve_node_data,
+    save_ledger,
+)
+from fedspeech_features.manifest import Utterance, read_manifest, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -83,4 +83,4 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 
 def test_a_recipe_file_is_not_taken_for_a_preset() -> None:
     with pytest.raises(ConfigError, match="is a recipe"):
-        resolve_run_config("digits")
+        resolve_run_config(str(PYPROJECT.parent / "experiments" / "digits.toml"))

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from features.audio import load_audio
-from features.corpora.common import CorpusError, check_utterance, validate_utterance
-from features.corpora.commonvoice import build_commonvoice
-from features.corpora.folder import build_folder
-from features.corpora.fsdd import build_fsdd
-from features.corpora.librispeech import build_librispeech
-from features.errors import AudioError, SkipReport, TextError
-from features.manifest import Utterance, read_manifest
+from fedspeech_features.audio import load_audio
+from fedspeech_features.corpora.common import CorpusError, check_utterance, validate_utterance
+from fedspeech_features.corpora.commonvoice import build_commonvoice
+from fedspeech_features.corpora.folder import build_folder
+from fedspeech_features.corpora.fsdd import build_fsdd
+from fedspeech_features.corpora.librispeech import build_librispeech
+from fedspeech_features.errors import AudioError, SkipReport, TextError
+from fedspeech_features.manifest import Utterance, read_manifest
 
 CLIENT_A = "a1" * 64  # Common Voice client ids are 128 hex digits
 CLIENT_B = "b2" * 64
@@ -397,7 +397,7 @@ def test_build_folder_with_nothing_usable_writes_no_manifest_and_removes_a_stale
 def test_data_folder_cli_writes_relative_paths_beside_the_audio(
     shared_data: Path, tmp_path: Path
 ) -> None:
-    from fedspeech.cli import main as cli_main
+    from fedspeech.app.cli import main as cli_main
 
     # Prepare: a folder of one real recording and its transcript
     shutil.copy(shared_data / "fsdd" / "recordings" / "2_theo_0.wav", tmp_path / "two.wav")

@@ -8,11 +8,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from features.cache import FeatureCache
-from features.dataset import extract_manifest
-from features.manifest import Utterance, read_manifest
-from features.mfcc import FeatureConfig, FeatureExtractor
-from features.text import CharTokenizer
+from fedspeech_features.cache import FeatureCache
+from fedspeech_features.dataset import extract_manifest
+from fedspeech_features.manifest import Utterance, read_manifest
+from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.text import CharTokenizer
 
 
 def _wav(path: Path, seconds: float, seed: int = 0) -> Path:

@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.text import CharTokenizer
 from fedspeech.beam import BeamDecoder
 from fedspeech.decoding import (
     GreedyDecoder,
@@ -22,6 +21,7 @@ from fedspeech.decoding import (
     make_decoder,
 )
 from fedspeech.lm import read_arpa_vocab, write_arpa, write_lexicon
+from fedspeech_features.text import CharTokenizer
 
 TOK = CharTokenizer()
 SHIFT = 0.03  # seconds per frame

@@ -23,9 +23,14 @@ from typing import Any
 
 import pytest
 
+from fedspeech.app.flower_launch import (
+    flower_env,
+    stop_launched,
+    tagged_processes,
+    write_run_config,
+)
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest
-from fedspeech.flower_launch import flower_env, stop_launched, tagged_processes, write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -15,11 +15,11 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import client.dp_sgd
-from client.batching import CTCBatch, ctc_loss
-from client.train import TrainConfig, train_local
+import fedspeech_client.dp_sgd
 from fedspeech.fast_gru_grad_sampler import FastGRU
 from fedspeech.model import BiGRUCTC, ModelConfig, convert_model, load_plain_state_dict
+from fedspeech_client.batching import CTCBatch, ctc_loss
+from fedspeech_client.train import TrainConfig, train_local
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
@@ -276,7 +276,7 @@ def test_dp_training_follows_the_same_loss_curve_as_opacus_dpgru(
 
     fast_losses, fast_state = curve()
     opacus = functools.partial(convert_model, dp_rnn="opacus")
-    monkeypatch.setattr(client.dp_sgd, "convert_model", opacus)
+    monkeypatch.setattr(fedspeech_client.dp_sgd, "convert_model", opacus)
     opacus_losses, opacus_state = curve()
     assert fast_losses == pytest.approx(opacus_losses, rel=1e-4)
     assert fast_losses[-1] < fast_losses[0]  # it learns

@@ -1,7 +1,7 @@
 """Faults injected into real Flower processes on 127.0.0.1 (issue 7; slow: `make test-all`).
 
 * ClientApps that crash, hang past the round timeout, or send NaN / wrongly shaped weights
-  (``FEDSPEECH_FAULT``, ``client.faults``): the rounds complete with the healthy clients.
+  (``FEDSPEECH_FAULT``, ``fedspeech_client.faults``): the rounds complete with the healthy clients.
 * The server side of a simulation is killed (SIGKILL) mid-run and resumed: every round is run,
   checkpointed and tracked once, and the clients' epsilon keeps accumulating.
 * A SuperNode of a TLS + node-authentication deployment is killed (SIGKILL) and restarted: it
@@ -26,14 +26,14 @@ from typing import Any
 
 import pytest
 
-from client.node_state import LEDGER_DIR, load_ledger
-from fedspeech.cli import main as cli_main
-from fedspeech.cli_fed import simulate
+from fedspeech.app.cli import main as cli_main
+from fedspeech.app.flower_launch import tagged_processes, write_run_config
+from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest
-from fedspeech.flower_launch import tagged_processes, write_run_config
 from fedspeech.modeldir import load_model_dir
-from server.tracking import read_rounds, read_tracking_info
+from fedspeech_client.node_state import LEDGER_DIR, load_ledger
+from fedspeech_server.tracking import read_rounds, read_tracking_info
 from tests.test_deployment import ROOT, Deployment
 
 pytestmark = pytest.mark.slow

@@ -16,15 +16,15 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.local_round import round_steps
-from client.node_state import load_ledger
-from fedspeech.cli import main as cli_main
-from fedspeech.cli_fed import SimulationOutcome, simulate
+from fedspeech.app.cli import main as cli_main
+from fedspeech.app.simulate import SimulationOutcome, simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, feature_cache_dir
 from fedspeech.modeldir import load_model_dir
 from fedspeech.pipeline import load_examples
-from server.tracking import read_rounds
+from fedspeech_client.local_round import round_steps
+from fedspeech_client.node_state import load_ledger
+from fedspeech_server.tracking import read_rounds
 
 NOISE = 1.0
 DELTA = 1e-5

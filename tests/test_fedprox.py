@@ -7,11 +7,11 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from client.local_round import run_round
-from client.proximal import add_proximal_step
-from client.train import TrainConfig, train_local
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
+from fedspeech_client.local_round import run_round
+from fedspeech_client.proximal import add_proximal_step
+from fedspeech_client.train import TrainConfig, train_local
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import jiwer
 import pytest
 
-from features.manifest import read_manifest, write_manifest
-from fedspeech.cli import main
+from fedspeech.app.cli import main
+from fedspeech_features.manifest import read_manifest, write_manifest
 
 HELD_OUT = "theo"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from features.mfcc import FeatureConfig
-from features.text import CharTokenizer
 from fedspeech.model import BiGRUCTC, ModelConfig
 from fedspeech.modeldir import ModelDirError, load_model_dir, save_model_dir
+from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.text import CharTokenizer
 
 FEATURES = FeatureConfig()
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.manifest import Utterance, read_manifest
-from features.partition import (
+from fedspeech_features.manifest import Utterance, read_manifest
+from fedspeech_features.partition import (
     PARTITION_METHODS,
     PartitionError,
     partition_dirichlet,

@@ -1,4 +1,4 @@
-"""Public pre-training (``fedspeech.pretrain``): a non-private start that clients pay nothing for."""
+"""Public pre-training (``fedspeech.app.pretrain``): a non-private start that clients pay nothing for."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from features.manifest import read_manifest
+from fedspeech.app.pretrain import public_pretrained_model
 from fedspeech.config import ConfigError, resolve_run_config
 from fedspeech.fed_data import corpus_manifest
 from fedspeech.modeldir import load_model_dir
-from fedspeech.pretrain import public_pretrained_model
+from fedspeech_features.manifest import read_manifest
 
 TINY = (
     "synthetic-utterances=24 pretrain-utterances=24 pretrain-epochs=1 hidden-size=16 "

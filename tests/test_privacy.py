@@ -12,8 +12,6 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
-from client.batching import CTCBatch, as_ctc_batch, collate_ctc, ctc_loss
-from client.train import TrainConfig, train_local
 from fedspeech.model import BiGRUCTC, ModelConfig, convert_model, load_plain_state_dict
 from fedspeech.privacy_ledger import (
     PrivacyBudgetError,
@@ -21,6 +19,8 @@ from fedspeech.privacy_ledger import (
     calibrate_noise_multiplier,
     epsilon_of,
 )
+from fedspeech_client.batching import CTCBatch, as_ctc_batch, collate_ctc, ctc_loss
+from fedspeech_client.train import TrainConfig, train_local
 
 DELTA = 1e-5
 # Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.

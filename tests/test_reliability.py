@@ -4,7 +4,7 @@ the run, damaged checkpoints are detected, a client's reply carries weights and 
 only, bad data is skipped and counted, DP settings without privacy are refused, and a restarted
 node keeps its privacy budget.
 
-The server tests drive the real ServerApp round loop (``server.app.main``) with a fake Grid that
+The server tests drive the real ServerApp round loop (``fedspeech_server.app.main``) with a fake Grid that
 answers each train message the way a healthy, crashing, silent or hostile client would.
 """
 
@@ -35,24 +35,24 @@ from flwr.app import (
 from flwr.app import Error as FlowerError
 from opacus.accountants import PRVAccountant
 
-from client.faults import InjectedFault, apply_faults, parse_faults
-from client.node_state import load_ledger, resolve_node_data
-from features.manifest import Utterance, read_manifest, write_manifest
-from features.mfcc import FeatureConfig
-from features.text import CharTokenizer
 from fedspeech.config import ConfigError, FedConfig, RunConfig
 from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
-from server.app import RoundFailedError
-from server.app import main as server_main
-from server.checkpoint import (
+from fedspeech_client.faults import InjectedFault, apply_faults, parse_faults
+from fedspeech_client.node_state import load_ledger, resolve_node_data
+from fedspeech_features.manifest import Utterance, read_manifest, write_manifest
+from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.text import CharTokenizer
+from fedspeech_server.app import RoundFailedError
+from fedspeech_server.app import main as server_main
+from fedspeech_server.checkpoint import (
     CheckpointError,
     RunState,
     load_checkpoint,
     save_checkpoint,
 )
-from server.rounds import clients_tsv, update_clients
-from server.strategy import ScreenedFedAvg, array_spec, client_report, make_strategy
-from server.tracking import read_rounds, read_tracking_info
+from fedspeech_server.rounds import clients_tsv, update_clients
+from fedspeech_server.strategy import ScreenedFedAvg, array_spec, client_report, make_strategy
+from fedspeech_server.tracking import read_rounds, read_tracking_info
 
 pytestmark = pytest.mark.usefixtures("one_thread", "flower_server_identity")
 
@@ -169,7 +169,7 @@ def test_below_min_successful_clients_nothing_is_aggregated() -> None:
 
 
 def test_client_table_counts_rejections_next_to_failures() -> None:
-    from server.rounds import ClientReport
+    from fedspeech_server.rounds import ClientReport
 
     table: dict[str, dict[str, Any]] = {"old": {"rounds_ok": 1, "rounds_failed": 0}}  # older row
     update_clients(table, 2, [ClientReport("old", "rejected", {}, "w: non-finite")])
@@ -440,7 +440,7 @@ def test_resume_from_a_truncated_checkpoint_is_refused_with_the_reason(tmp_path:
 def test_simulate_resume_refuses_a_damaged_checkpoint_before_starting_flower(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fedspeech.cli import main as cli_main
+    from fedspeech.app.cli import main as cli_main
 
     _save(tmp_path / "run", 1)
     saved = f'data-dir = "{tmp_path / "data"}"\ntracking-uri = ""\nnum-partitions = 6\n'
@@ -461,7 +461,7 @@ def _client_reply(
     node_config: dict[str, Any], run_config: dict[str, Any], server_round: int = 1
 ) -> Message:
     """Call the real ClientApp train handler once, as a freshly started node would."""
-    from client.app import train
+    from fedspeech_client.app import train
 
     cfg = RunConfig.from_flat(run_config)
     model_config = cfg.model.model_config(cfg.features.frame_dim, CharTokenizer().vocab_size)

@@ -22,16 +22,16 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from benchmarks.inprocess import InProcessGrid
-from client.local_round import round_steps
-from features.manifest import read_manifest
-from fedspeech.cli import main as cli_main
-from fedspeech.cli_fed import simulate
+from fedspeech.app.cli import main as cli_main
+from fedspeech.app.simulate import simulate
 from fedspeech.config import ConfigError, RunConfig, parse_overrides, resolve_run_config
 from fedspeech.fed_data import client_manifest, corpus_manifest
 from fedspeech.privacy_ledger import PrivacyLedger
-from server.app import main as server_main
-from server.plots import PLOTS
-from server.tracking import read_rounds, read_tracking_info
+from fedspeech_client.local_round import round_steps
+from fedspeech_features.manifest import read_manifest
+from fedspeech_server.app import main as server_main
+from fedspeech_server.plots import PLOTS
+from fedspeech_server.tracking import read_rounds, read_tracking_info
 
 TINY: dict[str, Any] = {
     **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
@@ -171,7 +171,7 @@ def test_preflight_lists_every_problem_at_once(
 def test_no_budget_and_a_plan_past_the_budget_are_warned_before_launch(
     data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fedspeech.preflight import check_run
+    from fedspeech.app.preflight import check_run
 
     # Prepare: fixed noise, 3 rounds, without a budget and with one that round 2 passes
     cfg = RunConfig.from_flat({**TINY, "data-dir": str(data_dir), "num-server-rounds": 3})
@@ -365,7 +365,7 @@ def _nodes(flat: dict[str, Any], n: int) -> dict[int, Context]:
 def test_the_privacy_summary_lists_a_declined_client_and_a_round_charged_twice(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    from client.app import app as client_app
+    from fedspeech_client.app import app as client_app
 
     # Prepare: 3 real ClientApps; partition 0's budget lets it train one round only
     run_dir = tmp_path / "run"
@@ -440,7 +440,7 @@ def test_messages_name_one_run_config_key_each() -> None:
 
 def test_reply_messages_without_a_budget_are_not_recharged() -> None:
     """``recharged`` is 0 for a client's first charge of a round (and no budget is reported)."""
-    from server.rounds import ClientReport, privacy_summary, update_clients
+    from fedspeech_server.rounds import ClientReport, privacy_summary, update_clients
 
     table: dict[str, dict[str, Any]] = {}
     update_clients(table, 1, [ClientReport("p", "ok", {"epsilon": 1.0, "recharged": 0.0})])

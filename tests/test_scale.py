@@ -21,11 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from benchmarks.procmem import TreeMemorySampler
-from features.manifest import Utterance, write_manifest
-from fedspeech.cli_fed import simulate
+from fedspeech.app.simulate import simulate
 from fedspeech.config import ConfigError, FedConfig, RunConfig
 from fedspeech.fed_data import client_manifest
-from server.strategy import make_strategy
+from fedspeech_features.manifest import Utterance, write_manifest
+from fedspeech_server.strategy import make_strategy
 
 
 class _Nodes(Grid):

@@ -1,9 +1,9 @@
 """Secure aggregation (SecAgg+, issue 8 part 2).
 
-In-process: the ServerApp's round (``server.secagg`` + the strategy) talks to ClientApps through a
+In-process: the ServerApp's round (``fedspeech_server.secagg`` + the strategy) talks to ClientApps through a
 grid that delivers copies of every message to ClientApps in this process, each with its own
 ``Context`` as the simulation engine keeps one per node (``benchmarks.inprocess``). The ClientApps
-run ``client.secagg``'s mod around a stand-in training handler that returns a fixed update per
+run ``fedspeech_client.secagg``'s mod around a stand-in training handler that returns a fixed update per
 node, so the secure aggregate can be compared with plain FedAvg on the very same updates. The
 slow test runs the real app through ``fedspeech simulate`` with a client that crashes after
 sharing its keys.
@@ -31,18 +31,18 @@ from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
 
 from benchmarks.inprocess import InProcessGrid
-from client.secagg import (
+from fedspeech.config import ConfigError, RunConfig
+from fedspeech_client.secagg import (
     NonFiniteUpdate,
     SecureAggregationRequired,
     masked_input,
     quantization_safe_norm,
     secure_aggregation_mod,
 )
-from fedspeech.config import ConfigError, RunConfig
-from server.sampling import Cohort, PoissonSampler
-from server.secagg import run_secure_round
-from server.strategy import make_strategy
-from server.user_dp import UserLevelDP
+from fedspeech_server.sampling import Cohort, PoissonSampler
+from fedspeech_server.secagg import run_secure_round
+from fedspeech_server.strategy import make_strategy
+from fedspeech_server.user_dp import UserLevelDP
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")
 
@@ -68,7 +68,7 @@ app = ClientApp()
 
 @app.train(mods=[secure_aggregation_mod])
 def _train(msg: Message, context: Context) -> Message:
-    """Stand-in for client.app's handler; ``node_config`` says how this node behaves."""
+    """Stand-in for fedspeech_client.app's handler; ``node_config`` says how this node behaves."""
     partition = int(str(context.node_config["partition-id"]))
     behaviour = str(context.node_config.get("behaviour", "ok"))
     if behaviour == "crash":
@@ -111,7 +111,7 @@ def _grid(
 def _round(
     flat: dict[str, Any], grid: InProcessGrid, user_dp: UserLevelDP | None = None
 ) -> tuple[dict[str, np.ndarray] | None, Any]:
-    """One training round as server.app runs it (secure or plain, as ``flat`` says)."""
+    """One training round as fedspeech_server.app runs it (secure or plain, as ``flat`` says)."""
     cfg = RunConfig.from_flat(flat)
     sampler = PoissonSampler(cfg.fed, seed=0) if cfg.poisson_sampling else None  # q = 1 here
     strategy: Any = make_strategy(
@@ -434,10 +434,10 @@ def test_secure_aggregation_config_is_checked(overrides: dict[str, Any], message
 def test_simulation_with_secagg_completes_when_a_client_crashes_mid_protocol(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedspeech.cli_fed import simulate
+    from fedspeech.app.simulate import simulate
 
     # Prepare: 4 simulated clients; partition 3 crashes in round 2's masked-input stage
-    # (client.faults: after local training, i.e. after it shared its keys)
+    # (fedspeech_client.faults: after local training, i.e. after it shared its keys)
     monkeypatch.setenv("FEDSPEECH_FAULT", "3:raise@2")
     run_dir = tmp_path / "run"
     overrides: dict[str, Any] = {

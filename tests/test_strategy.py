@@ -13,13 +13,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app import Error as FlowerError
 
-from features.mfcc import FeatureConfig
-from features.text import CharTokenizer
 from fedspeech.config import ConfigError, FedConfig, RunConfig
 from fedspeech.model import BiGRUCTC, ModelConfig
-from server.checkpoint import RunState, find_checkpoint, load_checkpoint, save_checkpoint
-from server.rounds import ClientReport, summarize_round, update_norm
-from server.strategy import (
+from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.text import CharTokenizer
+from fedspeech_server.checkpoint import RunState, find_checkpoint, load_checkpoint, save_checkpoint
+from fedspeech_server.rounds import ClientReport, summarize_round, update_norm
+from fedspeech_server.strategy import (
     ScreenedFedAdam,
     ScreenedFedAvg,
     ScreenedFedMedian,
@@ -28,7 +28,7 @@ from server.strategy import (
     import_state,
     make_strategy,
 )
-from server.tracking import LocalTracker, read_rounds
+from fedspeech_server.tracking import LocalTracker, read_rounds
 
 
 def _reply(node: int, content: RecordDict | None = None, error: str | None = None) -> Message:

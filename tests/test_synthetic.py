@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from features.corpora import synthetic
-from features.corpora.augment import add_noise, augment_waveform, make_noise, reverberate
-from features.corpora.sentences import DIGIT_WORDS, generate_sentences, vocabulary
-from features.corpora.synthetic import (
+from fedspeech_features.corpora import synthetic
+from fedspeech_features.corpora.augment import add_noise, augment_waveform, make_noise, reverberate
+from fedspeech_features.corpora.sentences import DIGIT_WORDS, generate_sentences, vocabulary
+from fedspeech_features.corpora.synthetic import (
     MIN_VOICES,
     build_synthetic_corpus,
     choose_voices,
     speaker_id,
 )
-from features.manifest import read_manifest
-from features.text import normalize_transcript
-from features.tts import Espeak, TtsError, Voice
+from fedspeech_features.manifest import read_manifest
+from fedspeech_features.text import normalize_transcript
+from fedspeech_features.tts import Espeak, TtsError, Voice
 
 SMALL = 24  # utterances of the small test builds: 2 per speaker with 12 voices
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from server.mlflow_ops import flatten_params
-from server.mlflow_tracking import MlflowTracker
-from server.tracking_buffer import BUFFER_FILE
+from fedspeech_server.mlflow_ops import flatten_params
+from fedspeech_server.mlflow_tracking import MlflowTracker
+from fedspeech_server.tracking_buffer import BUFFER_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROUND_METRICS = {
@@ -116,7 +116,7 @@ def test_run_records_params_metrics_artifacts_and_registered_model(tmp_path: Pat
 def test_user_level_dp_runs_send_mlflow_only_what_the_mechanism_covers(tmp_path: Path) -> None:
     # Prepare: the trackers a user-level DP run opens (MLflow behind the release filter + local)
     from fedspeech.config import RunConfig
-    from server.tracking import USER_LEVEL_RELEASED, open_tracker, read_rounds
+    from fedspeech_server.tracking import USER_LEVEL_RELEASED, open_tracker, read_rounds
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     flat = {"privacy-unit": "user", "tracking-uri": uri, "experiment-name": "fed"}

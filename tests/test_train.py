@@ -11,12 +11,6 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import wrap_collate_with_empty
 
-from client.batching import LengthBucketSampler, as_ctc_batch, collate_ctc
-from client.train import TrainConfig, train_local
-from features.dataset import Example, extract_manifest
-from features.manifest import read_manifest
-from features.mfcc import FeatureConfig, FeatureExtractor
-from features.text import CharTokenizer
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.model import (
     BiGRUCTC,
@@ -25,6 +19,12 @@ from fedspeech.model import (
     load_plain_state_dict,
     plain_state_dict,
 )
+from fedspeech_client.batching import LengthBucketSampler, as_ctc_batch, collate_ctc
+from fedspeech_client.train import TrainConfig, train_local
+from fedspeech_features.dataset import Example, extract_manifest
+from fedspeech_features.manifest import read_manifest
+from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.text import CharTokenizer
 
 DELTA = 1e-5
 # Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.

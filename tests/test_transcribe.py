@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from features.audio import load_audio
-from fedspeech.cli import main
+from fedspeech.app.cli import main
 from fedspeech.evaluate import error_rates
 from fedspeech.lm import read_arpa_vocab, write_arpa
 from fedspeech.modeldir import load_model_dir
 from fedspeech.transcribe import Transcriber, find_audio_files, plan_chunks
+from fedspeech_features.audio import load_audio
 from tests.test_modeldir import make_model_dir
 
 SR = 16_000

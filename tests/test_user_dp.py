@@ -1,7 +1,7 @@
-"""User-level DP at the server (``server.user_dp``): clipping bound, noise calibration, accounting
+"""User-level DP at the server (``fedspeech_server.user_dp``): clipping bound, noise calibration, accounting
 across rounds and a resume, adaptive clipping, and the config rules of ``privacy-unit``.
 
-The accounting test drives the real ServerApp round loop (``server.app.main``) with a fake Grid;
+The accounting test drives the real ServerApp round loop (``fedspeech_server.app.main``) with a fake Grid;
 the federated simulation with ``privacy-unit = "both"`` is in tests/test_federation.py.
 """
 
@@ -19,17 +19,17 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
-from client.local_round import run_round
-from features.manifest import write_manifest
-from features.text import CharTokenizer
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.model import BiGRUCTC, plain_state_dict
 from fedspeech.privacy_config import PrivacyConfig
 from fedspeech.privacy_ledger import PrivacyLedger
-from server.app import main as server_main
-from server.sampling import Cohort
-from server.tracking import read_rounds
-from server.user_dp import (
+from fedspeech_client.local_round import run_round
+from fedspeech_features.manifest import write_manifest
+from fedspeech_features.text import CharTokenizer
+from fedspeech_server.app import main as server_main
+from fedspeech_server.sampling import Cohort
+from fedspeech_server.tracking import read_rounds
+from fedspeech_server.user_dp import (
     UserDPRelease,
     UserDPState,
     UserLevelDP,

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.audio import MIN_DURATION_S, TARGET_SAMPLE_RATE, load_audio
-from features.errors import AudioError, FedspeechDataError, SkipReport, TextError
-from features.manifest import Utterance, write_manifest
-from features.text import normalize_transcript
+from fedspeech_features.audio import MIN_DURATION_S, TARGET_SAMPLE_RATE, load_audio
+from fedspeech_features.errors import AudioError, FedspeechDataError, SkipReport, TextError
+from fedspeech_features.manifest import Utterance, write_manifest
+from fedspeech_features.text import normalize_transcript
 
 log = logging.getLogger("fedspeech")
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from features.corpora.common import (
+from fedspeech_features.corpora.common import (
     CorpusError,
     RawItem,
     require_dir,
     validate_items,
     write_corpus,
 )
-from features.errors import SkipReport
+from fedspeech_features.errors import SkipReport
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("client_id", "path", "sentence")
 # client_id is a 128-hex-digit SHA-512; 16 digits (64 bits) keep ids readable in tables and

@@ -8,14 +8,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from features.corpora.common import (
+from fedspeech_features.corpora.common import (
     RawItem,
     find_audio_files,
     require_dir,
     validate_items,
     write_corpus,
 )
-from features.errors import SkipReport
+from fedspeech_features.errors import SkipReport
 
 DIGIT_WORDS: tuple[str, ...] = (
     "zero",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from features.corpora.common import (
+from fedspeech_features.corpora.common import (
     AUDIO_EXTENSIONS,
     CorpusError,
     RawItem,
@@ -18,7 +18,7 @@ from features.corpora.common import (
     validate_items,
     write_corpus,
 )
-from features.errors import SkipReport
+from fedspeech_features.errors import SkipReport
 
 TRANSCRIPT_SUFFIX = ".trans.txt"
 

@@ -3,7 +3,7 @@
 Five domains — voice-assistant commands, numbers and digit strings, dates and times, names, and
 everyday sentences (weather, food, travel, people, places) — are filled from word lists with a
 ``random.Random(seed)``. Digits are written as numerals and spelled out by
-:func:`features.text.normalize_transcript`, so the transcripts read numbers the way real
+:func:`fedspeech_features.text.normalize_transcript`, so the transcripts read numbers the way real
 normalised transcripts do. 1200 sentences use ~930 distinct words (300 use ~560).
 
 >>> generate_sentences(2, seed=0)
@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 
-from features.text import normalize_transcript
+from fedspeech_features.text import normalize_transcript
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -310,7 +310,7 @@ def generate_sentences(count: int, seed: int = 0) -> list[str]:
     """``count`` sentences drawn from every domain, deterministic in ``seed``.
 
     Each sentence is already normalised (lowercase a-z, space, apostrophe): it passes
-    :func:`features.text.normalize_transcript` unchanged.
+    :func:`fedspeech_features.text.normalize_transcript` unchanged.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")

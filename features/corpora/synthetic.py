@@ -31,11 +31,11 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from features.corpora.augment import augment_waveform
-from features.corpora.sentences import generate_digits, generate_sentences
-from features.errors import Skipped, SkipReport
-from features.manifest import Utterance, read_manifest, write_manifest
-from features.tts import Espeak, Voice
+from fedspeech_features.corpora.augment import augment_waveform
+from fedspeech_features.corpora.sentences import generate_digits, generate_sentences
+from fedspeech_features.errors import Skipped, SkipReport
+from fedspeech_features.manifest import Utterance, read_manifest, write_manifest
+from fedspeech_features.tts import Espeak, Voice
 
 logger = logging.getLogger("fedspeech.synthetic")
 
@@ -46,7 +46,7 @@ ACCENTS: tuple[str, ...] = (
     *("en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd"),
 )
 # Human-sounding variants: 5 female and 7 male formant voices, 4 Klatt-synthesizer voices. All are
-# deterministic under features.tts.Espeak (a fresh library image per utterance).
+# deterministic under fedspeech_features.tts.Espeak (a fresh library image per utterance).
 VARIANTS: tuple[str, ...] = (
     *("f1", "f2", "f3", "f4", "f5", "m1", "m2", "m3", "m4", "m5", "m6", "m7"),
     *("klatt", "klatt2", "klatt3", "klatt4"),
@@ -394,7 +394,7 @@ def _write_info(
     except metadata.PackageNotFoundError:
         espeak_version = "unknown"
     info = {
-        "builder": "features.corpora.synthetic",
+        "builder": "fedspeech_features.corpora.synthetic",
         "params": params,
         "complete": report is not None,
         "espeakng_loader": espeak_version,

@@ -29,9 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("interrupted")
         return 130
     except Exception as exc:  # the CLI's last line of defence: a clear message, not a traceback
-        from features.errors import FedspeechDataError
         from fedspeech.config import ConfigError
-        from server.checkpoint import CheckpointError
+        from fedspeech_features.errors import FedspeechDataError
+        from fedspeech_server.checkpoint import CheckpointError
 
         if isinstance(exc, FedspeechDataError | ConfigError | FileNotFoundError | CheckpointError):
             log.error("%s", exc)
@@ -47,12 +47,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    from fedspeech import cli_audit, cli_data, cli_fed, cli_infer, cli_train
+    from fedspeech.app import cli_audit, cli_data, cli_infer, cli_train, simulate
 
     cli_data.register(sub)
     cli_infer.register(sub)
     cli_train.register(sub)
-    cli_fed.register(sub)
+    simulate.register(sub)
     cli_audit.register(sub)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic corpus")
@@ -64,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedspeech.demo import run_demo
+    from fedspeech.app.demo import run_demo
 
     try:
         run_demo(args.out, preset=args.preset, overrides=args.run_config)

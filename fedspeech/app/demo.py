@@ -38,7 +38,7 @@ def run_demo(
     Raises:
         RuntimeError: the simulation did not finish (its log names the cause).
     """
-    from fedspeech.cli_fed import simulate
+    from fedspeech.app.simulate import simulate
     from fedspeech.config import resolve_run_config
     from fedspeech.fed_data import heldout_utterances
     from fedspeech.modeldir import load_model_dir

@@ -24,8 +24,8 @@ def register(sub: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from client.central import train_central
     from fedspeech.config import resolve_run_config
+    from fedspeech_client.central import train_central
 
     cfg = resolve_run_config(args.preset, args.run_config)
     result = train_central(args.manifest, cfg, args.out, cache_root=args.cache)

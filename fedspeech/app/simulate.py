@@ -2,8 +2,8 @@
 
 Resolves the run config (pyproject <- preset <- ``--run-config``), makes its paths absolute (the
 Flower processes run elsewhere), builds the synthetic corpus once up front, then runs the app in
-``fedspeech.flower_launch`` and prints where the run stands. Plain ``flwr run .`` works too; see
-``fedspeech.flower_launch`` for the environment it needs.
+``fedspeech.app.flower_launch`` and prints where the run stands. Plain ``flwr run .`` works too; see
+``fedspeech.app.flower_launch`` for the environment it needs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fedspeech.config import RESUME_CHANGEABLE_KEYS, ConfigError, RunConfig
 
 if TYPE_CHECKING:
-    from server.tracking import EndStatus
+    from fedspeech_server.tracking import EndStatus
 
 log = logging.getLogger("fedspeech")
 
@@ -36,11 +36,11 @@ class SimulationOutcome:
         rounds: the last round the checkpoint holds (0: none).
         finished: the run reached ``num-server-rounds``.
         model_dir: the final model directory, if written.
-        history: per-round summaries (``server.rounds.RoundSummary.to_json``).
+        history: per-round summaries (``fedspeech_server.rounds.RoundSummary.to_json``).
         tracking_run_id: the tracker's run id (None: the run never opened one).
         seconds: wall time of the launch (SuperLink start to cleanup).
         error: why the server stopped the run early (None: it did not, or did not say).
-        clients: the per-client table of the last checkpoint (``server.rounds.update_clients``).
+        clients: the per-client table of the last checkpoint (``fedspeech_server.rounds.update_clients``).
     """
 
     run_dir: Path
@@ -106,7 +106,7 @@ def simulate(
     A fresh run layers its config (pyproject <- preset <- overrides); ``resume`` continues the
     run in ``out`` from its saved ``run_config.toml``, where the overrides may change only
     ``RESUME_CHANGEABLE_KEYS``. Either way every check that needs no Flower process runs first
-    (``fedspeech.preflight``). When the launch is interrupted (Ctrl-C, SIGTERM) or the server
+    (``fedspeech.app.preflight``). When the launch is interrupted (Ctrl-C, SIGTERM) or the server
     never closed its tracking run, the run is closed as KILLED or FAILED before returning.
 
     Args:
@@ -122,23 +122,23 @@ def simulate(
         ConfigError: bad run config, a resume that changes what defines the run, or problems
             found before launch (``PreflightError``, one line each).
         FileNotFoundError: ``resume`` without a run (or a checkpoint) in the run folder.
-        server.checkpoint.CheckpointError: ``resume`` and no checkpoint is intact.
+        fedspeech_server.checkpoint.CheckpointError: ``resume`` and no checkpoint is intact.
         RuntimeError: the SuperLink does not start.
         SimulationInterrupted: interrupted (a ``KeyboardInterrupt``, raised after the cleanup;
             the run is closed as KILLED; ``.outcome`` says where it stood).
     """
     import time
 
-    from fedspeech.flower_launch import (
+    from fedspeech.app.flower_launch import (
         flwr_run,
         interrupts_ignored,
         local_superlink,
-        stage_app,
+        write_app,
         write_run_config,
     )
-    from fedspeech.preflight import check_run
+    from fedspeech.app.preflight import check_run
 
-    app_dir = _app_dir()
+    app_dir = _project_dir()
     if resume:
         cfg, n, run_dir = _resumed_config(app_dir, preset, overrides, out, num_supernodes)
     else:
@@ -149,7 +149,7 @@ def simulate(
         if cfg.fed.init_model:
             log.warning("init-model is set: skipping the public pre-training")
         else:
-            from fedspeech.pretrain import public_pretrained_model
+            from fedspeech.app.pretrain import public_pretrained_model
 
             flat["init-model"] = str(public_pretrained_model(cfg, cfg.fed.data_dir))
             cfg = type(cfg).from_flat(flat)
@@ -160,7 +160,7 @@ def simulate(
         with local_superlink(run_dir / ".flwr") as link:
             rc = flwr_run(
                 link,
-                stage_app(app_dir, run_dir / ".flwr" / "app"),  # packs in ms, not seconds
+                write_app(run_dir / ".flwr" / "app"),
                 run_config=config_file,
                 federation_config={"num-supernodes": n, "client-resources-num-cpus": client_cpus},
                 output=output,
@@ -222,7 +222,7 @@ def _resumed_config(
     import tomllib
 
     from fedspeech.config import check_resume_changes, parse_overrides, resolve_run_config
-    from server.checkpoint import load_checkpoint
+    from fedspeech_server.checkpoint import load_checkpoint
 
     if preset:
         raise ConfigError(
@@ -264,7 +264,7 @@ def _resumed_config(
 
 def _close_tracking(cfg: RunConfig, run_dir: Path, status: EndStatus, reason: str) -> None:
     """Close the run's tracking run if its server could not (see ``close_unfinished_run``)."""
-    from server.tracking import close_unfinished_run
+    from fedspeech_server.tracking import close_unfinished_run
 
     try:
         close_unfinished_run(cfg, run_dir, status, reason)
@@ -295,7 +295,7 @@ def absolute_sqlite_uri(uri: str) -> str:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedspeech.flower_launch import interrupts_ignored
+    from fedspeech.app.flower_launch import interrupts_ignored
 
     stop_on_sigterm()
     try:
@@ -320,7 +320,7 @@ def report_outcome(outcome: SimulationOutcome, *, interrupted: bool = False) -> 
 
     0 only when the run finished as asked; 130 when interrupted; 1 otherwise.
     """
-    from server.rounds import privacy_summary
+    from fedspeech_server.rounds import privacy_summary
 
     last = outcome.history[-1] if outcome.history else {}
     if outcome.clients and any(c.get("epsilon") is not None for c in outcome.clients.values()):
@@ -359,8 +359,8 @@ def report_outcome(outcome: SimulationOutcome, *, interrupted: bool = False) -> 
 
 
 def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcome:
-    from server.checkpoint import RunState, find_checkpoint
-    from server.tracking import read_tracking_info
+    from fedspeech_server.checkpoint import RunState, find_checkpoint
+    from fedspeech_server.tracking import read_tracking_info
 
     path = find_checkpoint(run_dir)
     state = RunState()
@@ -382,14 +382,14 @@ def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcom
     )
 
 
-def _app_dir() -> Path:
-    """The repository root (the Flower app ``flwr run`` builds)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file() or not (root / "server" / "app.py").is_file():
-        raise FileNotFoundError(
-            f"{root}: no Flower app here; `fedspeech simulate` runs from a source checkout"
-        )
-    return root
+def _project_dir() -> Path:
+    """Where the pyproject layer of the run config is read: the source checkout, else the cwd.
+
+    Run from a checkout (an editable install), its ``pyproject.toml`` is the app's; an installed
+    wheel has none, and a ``pyproject.toml`` of project ``fedspeech`` in the cwd is used if any.
+    """
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 
 def _fmt(value: Any) -> str:

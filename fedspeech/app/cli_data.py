@@ -77,7 +77,7 @@ def _report_exit(report: Any) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from features.corpora.synthetic import build_synthetic_corpus
+    from fedspeech_features.corpora.synthetic import build_synthetic_corpus
 
     manifest, report = build_synthetic_corpus(
         args.out,
@@ -92,33 +92,33 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def _librispeech(args: argparse.Namespace) -> int:
-    from features.corpora.librispeech import build_librispeech
+    from fedspeech_features.corpora.librispeech import build_librispeech
 
     return _report_exit(build_librispeech(args.root, args.out))
 
 
 def _commonvoice(args: argparse.Namespace) -> int:
-    from features.corpora.commonvoice import build_commonvoice
+    from fedspeech_features.corpora.commonvoice import build_commonvoice
 
     return _report_exit(build_commonvoice(args.tsv, args.out, clips_dir=args.clips))
 
 
 def _fsdd(args: argparse.Namespace) -> int:
-    from features.corpora.fsdd import build_fsdd
+    from fedspeech_features.corpora.fsdd import build_fsdd
 
     return _report_exit(build_fsdd(args.root, args.out))
 
 
 def _folder(args: argparse.Namespace) -> int:
-    from features.corpora.folder import build_folder
+    from fedspeech_features.corpora.folder import build_folder
 
     out = args.out or args.root / "manifest.tsv"
     return _report_exit(build_folder(args.root, out, speaker=args.speaker))
 
 
 def _partition(args: argparse.Namespace) -> int:
-    from features.manifest import read_manifest
-    from features.partition import partition_utterances, summary_table, write_partitions
+    from fedspeech_features.manifest import read_manifest
+    from fedspeech_features.partition import partition_utterances, summary_table, write_partitions
 
     parts = partition_utterances(
         read_manifest(args.manifest),

@@ -30,9 +30,9 @@ def public_pretrained_model(cfg: RunConfig, data_dir: str | Path) -> Path:
     Raises:
         ConfigError: ``pretrain-utterances`` is 0 (nothing to pre-train).
     """
-    from client.central import train_central
-    from features.corpora.synthetic import build_synthetic_corpus
     from fedspeech.config import ConfigError
+    from fedspeech_client.central import train_central
+    from fedspeech_features.corpora.synthetic import build_synthetic_corpus
 
     fed = cfg.fed
     if fed.pretrain_utterances < 1:

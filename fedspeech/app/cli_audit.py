@@ -1,4 +1,4 @@
-"""``fedspeech audit``: a one-run canary audit of the clients' training (``client.audit``).
+"""``fedspeech audit``: a one-run canary audit of the clients' training (``fedspeech_client.audit``).
 
 Trains the run config's model once on the corpus (``--manifest``, else the run config's corpus:
 the synthetic one by default) plus canaries, with the run config's training and DP-SGD settings,
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from client.audit import AuditResult, AuditSettings
-    from features.dataset import Example
     from fedspeech.config import RunConfig
+    from fedspeech_client.audit import AuditResult, AuditSettings
+    from fedspeech_features.dataset import Example
 
 log = logging.getLogger("fedspeech")
 
@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--manifest", type=Path, help="training data (default: the run config's corpus)")
     p.add_argument("--out", type=Path, default=Path(".fedspeech/audit"), help="audit folder")
-    # Defaults None: client.audit.AuditSettings holds them (importing it here would load torch).
+    # Defaults None: fedspeech_client.audit.AuditSettings holds them (importing it here would load torch).
     p.add_argument("--canaries", type=int, help="canaries, each included w.p. 1/2 (default 200)")
     p.add_argument("--guesses", type=int, help="k: k guessed 'in' + k 'out' (default 20)")
     p.add_argument("--canary-frames", type=int, help="model frames per canary (default 30)")
@@ -54,12 +54,12 @@ _SETTINGS = ("canaries", "guesses", "canary_frames", "canary_letters", "confiden
 def _audit(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from client.audit import run_canary_audit
-    from features.text import CharTokenizer
-    from fedspeech.cli_fed import absolute_sqlite_uri
+    from fedspeech.app.simulate import absolute_sqlite_uri
     from fedspeech.config import resolve_run_config
     from fedspeech.model import BiGRUCTC, load_plain_state_dict
     from fedspeech.pipeline import initial_weights
+    from fedspeech_client.audit import run_canary_audit
+    from fedspeech_features.text import CharTokenizer
 
     cfg = resolve_run_config(args.preset, args.run_config)
     flat = {**cfg.to_flat(), "tracking-uri": absolute_sqlite_uri(cfg.fed.tracking_uri)}
@@ -88,8 +88,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> AuditSettings:
-    from client.audit import AuditSettings
     from fedspeech.config import ConfigError
+    from fedspeech_client.audit import AuditSettings
 
     given = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
     try:
@@ -122,7 +122,7 @@ def _record(
     manifest: Path,
 ) -> str:
     """Write ``report/audit.json`` and track params and metrics; returns the tracking run id."""
-    from server.tracking import open_tracker
+    from fedspeech_server.tracking import open_tracker
 
     for name in _AUDIT_OUTPUTS:
         path = out / name

@@ -17,10 +17,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from features.errors import FedspeechDataError
-from features.manifest import read_manifest
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.privacy_ledger import PrivacyLedger, epsilon_of
+from fedspeech_features.errors import FedspeechDataError
+from fedspeech_features.manifest import read_manifest
 
 log = logging.getLogger("fedspeech")
 
@@ -84,8 +84,8 @@ def _check_manifest(key: str, path: str, problems: list[str]) -> None:
 
 
 def _check_init_model(cfg: RunConfig, problems: list[str]) -> None:
-    from features.text import CharTokenizer
     from fedspeech.pipeline import initial_weights  # lazy: torch
+    from fedspeech_features.text import CharTokenizer
 
     path = Path(cfg.fed.init_model)
     if not (path / "config.json").is_file():
