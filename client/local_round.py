@@ -72,9 +72,9 @@ def load_node_examples(node: NodeData, cfg: RunConfig) -> tuple[list[Example], d
     manifest = node.manifest
     if manifest is None:
         assert node.partition is not None
-        from fedspeech.fed_data import client_manifest  # lazy: only simulated nodes split
+        from fedspeech.fed_data import prepared_client_manifest
 
-        manifest = client_manifest(cfg, cfg.fed.data_dir, *node.partition)
+        manifest = prepared_client_manifest(cfg, cfg.fed.data_dir, *node.partition)
     examples, report, summary = load_examples(manifest, cfg.features, cache_root=node.cache_dir)
     log.info("%s: %s", node.label, summary)
     if not examples:

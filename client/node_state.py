@@ -115,7 +115,7 @@ class NodeData:
 
     Attributes:
         label: short name for logs (``partition 3`` or the manifest path).
-        manifest: the node's manifest (None: a simulated partition, made on demand).
+        manifest: the node's manifest (None: a simulated partition, prepared by the simulation).
         partition: ``(partition-id, num-partitions)`` of a simulated node, else None.
         cache_dir: feature cache folder.
         ledger_file: JSON file of the node's privacy ledger (one per node, any accountant).

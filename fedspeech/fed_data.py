@@ -46,20 +46,29 @@ def corpus_manifest(cfg: RunConfig, data_dir: str | Path) -> Path:
     with the same parameters is a no-op.
     """
     data = cfg.data
+    manifest = corpus_manifest_path(cfg, data_dir)
     if data.corpus != "synthetic":
-        return Path(data.corpus)
+        return manifest
     from fedspeech_features.corpora.synthetic import build_synthetic_corpus  # lazy: espeak, soxr
 
-    name = f"synthetic-n{data.synthetic_utterances}-s{data.synthetic_seed}"
-    name += f"{'-aug' if data.synthetic_augment else ''}-{cfg.features.sample_rate}"
-    manifest, _ = build_synthetic_corpus(
-        Path(data_dir) / name,
+    built, _ = build_synthetic_corpus(
+        manifest.parent,
         num_utterances=data.synthetic_utterances,
         seed=data.synthetic_seed,
         augment=data.synthetic_augment,
         sample_rate=cfg.features.sample_rate,
     )
-    return manifest
+    return built
+
+
+def corpus_manifest_path(cfg: RunConfig, data_dir: str | Path) -> Path:
+    """Where the corpus manifest is (or will be, for the synthetic corpus); builds nothing."""
+    data = cfg.data
+    if data.corpus != "synthetic":
+        return Path(data.corpus)
+    name = f"synthetic-n{data.synthetic_utterances}-s{data.synthetic_seed}"
+    name += f"{'-aug' if data.synthetic_augment else ''}-{cfg.features.sample_rate}"
+    return Path(data_dir) / name / "manifest.tsv"
 
 
 def hold_out_speakers(
@@ -117,8 +126,7 @@ def client_manifest(
         raise FedspeechDataError(f"partition-id {partition_id} not in [0, {num_partitions})")
     manifest = corpus_manifest(cfg, data_dir)
     params = _split_params(cfg, manifest, num_partitions)
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(data_dir) / "splits" / key
+    root = _split_root(cfg, manifest, data_dir, num_partitions)
     target = root / f"client_{partition_id}" / "manifest.tsv"
     if _is_complete(root, params) and target.is_file():
         return target
@@ -129,9 +137,46 @@ def client_manifest(
     return target
 
 
+def prepared_client_manifest(
+    cfg: RunConfig, data_dir: str | Path, partition_id: int, num_partitions: int
+) -> Path:
+    """A simulated node's partition manifest, as ``client_manifest`` wrote it; prepares nothing.
+
+    What a ClientApp calls: the simulation prepares the corpus and every partition before Flower
+    starts (``fedspeech simulate``'s pre-flight), so a node only reads its own manifest, and a
+    round costs it a ``stat`` of the corpus manifest and one small JSON read.
+
+    Raises:
+        FedspeechDataError: bad partition id, or no finished split for this run config.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise FedspeechDataError(f"partition-id {partition_id} not in [0, {num_partitions})")
+    manifest = corpus_manifest_path(cfg, data_dir)
+    missing = (
+        f"partition {partition_id}/{num_partitions}: no prepared split under "
+        f"{Path(data_dir) / 'splits'} for this run config (`fedspeech simulate` prepares the "
+        "corpus and every partition before Flower starts; a real node names its own data "
+        "with the `manifest` or `data-dir` node config)"
+    )
+    if not manifest.is_file():
+        raise FedspeechDataError(f"{missing}; the corpus manifest {manifest} does not exist")
+    root = _split_root(cfg, manifest, data_dir, num_partitions)
+    target = root / f"client_{partition_id}" / "manifest.tsv"
+    if not (_is_complete(root, _split_params(cfg, manifest, num_partitions)) and target.is_file()):
+        raise FedspeechDataError(missing)
+    return target
+
+
 def feature_cache_dir(data_dir: str | Path) -> Path:
     """Feature cache shared by the simulated nodes (entries are keyed by audio content)."""
     return Path(data_dir) / "features"
+
+
+def _split_root(cfg: RunConfig, manifest: Path, data_dir: str | Path, num_partitions: int) -> Path:
+    """The folder of the split these parameters define (a hash of them)."""
+    params = _split_params(cfg, manifest, num_partitions)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(data_dir) / "splits" / key
 
 
 def _split_params(cfg: RunConfig, manifest: Path, num_partitions: int) -> dict[str, object]:

@@ -13,8 +13,13 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || "${PIP[@]}" ${TORCH_INDEX:-} "torch==2.13.0"
 
-# 2. The project and its pinned dependencies (editable, with dev tools).
-"${PIP[@]}" -e ".[dev]"
+# 2. The project and its pinned dependencies: editable with dev tools, or a built wheel when
+#    FEDSPEECH_WHEEL names one (tests/test_wheel.py installs the wheel into a fresh venv).
+if [ -n "${FEDSPEECH_WHEEL:-}" ]; then
+  "${PIP[@]}" "$FEDSPEECH_WHEEL"
+else
+  "${PIP[@]}" -e ".[dev]"
+fi
 
 # 3. PyPI's torchaudio 2.11 wheel is linked against CUDA; with CPU torch its compiled extension
 #    fails to load and `import torchaudio` raises. The parts we use (transforms, ctc_decoder) are

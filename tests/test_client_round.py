@@ -10,10 +10,10 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from fedspeech.config import ConfigError, RunConfig
-from fedspeech.fed_data import client_manifest, hold_out_speakers
+from fedspeech.fed_data import client_manifest, hold_out_speakers, prepared_client_manifest
 from fedspeech.model import BiGRUCTC, plain_state_dict
 from fedspeech.privacy_ledger import PrivacyLedger
-from fedspeech_client.local_round import round_steps, run_round
+from fedspeech_client.local_round import load_node_examples, round_steps, run_round
 from fedspeech_client.node_state import (
     NodeConfig,
     load_ledger,
@@ -21,6 +21,7 @@ from fedspeech_client.node_state import (
     resolve_node_data,
     save_ledger,
 )
+from fedspeech_features.errors import FedspeechDataError
 from fedspeech_features.manifest import Utterance, read_manifest, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -213,3 +214,37 @@ def test_holdout_and_partitions_are_disjoint_and_deterministic(tmp_path: Path) -
     held = {u.speaker for u in heldout}
     assert len(held) == 2 and all(not (s & held) for s in client_speakers)
     assert sum(len(p) for p in parts) == 18 and again == parts[1]
+
+
+def test_a_simulated_node_reads_only_a_prepared_partition_and_builds_nothing(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the synthetic corpus (the default) was never built: nothing was prepared
+    data = tmp_path / "data"
+    cfg = RunConfig.from_flat({"data-dir": str(data), "synthetic-utterances": 12})
+    node = resolve_node_data({"partition-id": 1, "num-partitions": 2}, cfg)
+    # Execute / Assert: the node fails, naming its partition, and builds no corpus
+    with pytest.raises(FedspeechDataError, match=r"partition 1/2: no prepared split"):
+        load_node_examples(node, cfg)
+    assert not data.exists()
+
+
+def test_the_prepared_partition_is_the_one_the_simulation_wrote(tmp_path: Path) -> None:
+    # Prepare: a corpus manifest of 6 speakers (the split reads no audio)
+    rows = [
+        Utterance(tmp_path / f"{s}{i}.wav", "hi", f"spk{s}", 1.0)
+        for s in range(6)
+        for i in range(2)
+    ]
+    write_manifest(tmp_path / "corpus.tsv", rows)
+    cfg = RunConfig.from_flat({"corpus": str(tmp_path / "corpus.tsv"), "holdout-speakers": 1})
+    with pytest.raises(FedspeechDataError, match="no prepared split"):
+        prepared_client_manifest(cfg, tmp_path / "data", 0, 2)
+    # Execute: the simulation's side prepares every partition, the node's side looks one up
+    written = client_manifest(cfg, tmp_path / "data", 0, 2)
+    found = prepared_client_manifest(cfg, tmp_path / "data", 1, 2)
+    # Assert
+    assert found == written.parent.parent / "client_1" / "manifest.tsv"
+    assert len(read_manifest(found)) == 4
+    with pytest.raises(FedspeechDataError, match="not in"):
+        prepared_client_manifest(cfg, tmp_path / "data", 2, 2)
