@@ -7,7 +7,14 @@ crash between the two, are logged then, so every round is reported exactly once)
 round ``finish_round`` evaluates the global model centrally, writes the checkpoint, reports to
 the tracker and logs one progress line; ``finish`` writes the final model directory and the
 per-client report; ``abort`` closes a run that cannot go on (the checkpoint keeps the last
-complete round, and no final model is written). Run folder (``out-dir``)::
+complete round, and no final model is written).
+
+``run_rounds`` drives the pending rounds through a ``SendRound`` (the Flower adapter,
+``fedspeech_server.app``: one sending of a round's messages, screened and aggregated). A round with
+fewer accepted updates than it needs changes nothing: it is sent again (at most ``round-retries``
+times, and only when some client failed or was rejected: clients out of privacy budget decline
+again), then the run stops (``abort``) with a ``RoundFailedError`` that names every client's
+reason. Run folder (``out-dir``)::
 
     checkpoint/{model/, state.json}  latest global model and run state (resume reads it)
     model/                           the final model directory (fedspeech transcribe --model)
@@ -25,7 +32,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,8 @@ from fedspeech_server.rounds import (
     RoundSummary,
     clients_tsv,
     privacy_summary,
+    retry_may_help,
+    shortfall,
     summarize_round,
     update_clients,
     update_norm,
@@ -59,6 +68,37 @@ from fedspeech_server.user_dp import UserDPRelease, UserDPState
 log = logging.getLogger("fedspeech.server")
 
 TrackerFactory = Callable[[RunConfig, Path, str | None], Tracker]
+
+
+class RoundFailedError(RuntimeError):
+    """A round had too few accepted client updates, also after its retries: the run stops."""
+
+
+@dataclass(frozen=True)
+class RoundAttempt:
+    """What one sending of a round's train messages produced (``SendRound``'s answer).
+
+    Attributes:
+        reports: one per sampled client (``fedspeech_server.screening``).
+        needed: accepted updates the round needs (``min-successful-clients``; with Poisson
+            sampling at most the number drawn).
+        new_state: the aggregated global weights; None: nothing was aggregated.
+        user_dp: the user-level DP release of the aggregate (None without user-level DP or
+            without an aggregate).
+        clients_sampled: clients the attempt sampled (with Poisson sampling, the draw).
+        strategy_arrays: the server optimizer's state after the attempt (for the checkpoint).
+    """
+
+    reports: Sequence[ClientReport]
+    needed: int
+    new_state: Mapping[str, Tensor] | None = None
+    user_dp: UserDPRelease | None = None
+    clients_sampled: int | None = None
+    strategy_arrays: Mapping[str, np.ndarray] | None = None
+
+
+SendRound = Callable[[int, Mapping[str, Tensor]], RoundAttempt]
+"""Send round ``server_round`` of the given global weights once; screen and aggregate the replies."""
 
 # What a fresh run clears from a reused run folder (only this tool's own outputs).
 _RUN_OUTPUTS = (
@@ -160,6 +200,61 @@ class FederatedRun:
     def pending_rounds(self) -> range:
         """The rounds still to run (empty when the checkpoint is already at the last one)."""
         return range(self.state.round + 1, self.cfg.fed.num_server_rounds + 1)
+
+    def run_rounds(self, send: SendRound) -> None:
+        """Run the pending rounds: send each (again while it falls short and retries are left),
+        then ``finish_round`` it.
+
+        Raises:
+            RoundFailedError: a round stayed short of the updates it needs (the run is aborted).
+        """
+        weights: Mapping[str, Tensor] = self.global_state
+        for server_round in self.pending_rounds:
+            started = time.perf_counter()
+            log.info("round %d/%d", server_round, self.cfg.fed.num_server_rounds)
+            attempt, retries = self._send_until_enough(server_round, weights, send)
+            if attempt.new_state is not None:
+                weights = attempt.new_state
+            self.finish_round(
+                server_round,
+                weights,
+                attempt.reports,
+                started=started,
+                train_seconds=time.perf_counter() - started,
+                strategy_arrays=attempt.strategy_arrays,
+                retries=retries,
+                user_dp=attempt.user_dp,
+                clients_sampled=attempt.clients_sampled,
+            )
+
+    def _send_until_enough(
+        self, server_round: int, weights: Mapping[str, Tensor], send: SendRound
+    ) -> tuple[RoundAttempt, int]:
+        """The first attempt of ``server_round`` with enough accepted updates, and its number of
+        retries; a short round is sent again at most ``round-retries`` times, and only while a
+        retry may help (``retry_may_help``), else the run is aborted.
+
+        Raises:
+            RoundFailedError: the round is still short.
+        """
+        retries = self.cfg.fed.round_retries
+        tries = 0
+        while True:
+            attempt = send(server_round, weights)
+            problem = shortfall(attempt.reports, attempt.needed)
+            if problem is None:
+                return attempt, tries
+            if tries == retries or not retry_may_help(attempt.reports):
+                self.abort(server_round, problem)
+                raise RoundFailedError(f"round {server_round}: {problem}")
+            log.warning(
+                "round %d, attempt %d of %d: %s; sending the round again",
+                server_round,
+                tries + 1,
+                retries + 1,
+                problem,
+            )
+            tries += 1
 
     def finish_round(
         self,

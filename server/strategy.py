@@ -1,15 +1,13 @@
 """Flower strategies for fedspeech: FedAvg, FedAdam, FedProx, FedMedian that skip non-trainers.
 
-Each is Flower's own strategy with one addition (``_ScreenReplies``): before aggregating, replies
-are sorted into ``ok`` (weights to aggregate), ``declined`` (the client's privacy budget said
-no: metrics only, never averaged in), ``failed`` (an error reply, or no arrays) and ``rejected``
-(an update that does not fit the global model it was sent: other tensor names, shapes or dtypes,
-NaN/Inf values, an undecodable array, or a ``num-examples`` that is not a positive finite count).
-Only ``ok`` replies reach Flower's aggregation, rebuilt to hold nothing but their weights and
-``num-examples``, and only when at least ``min-successful-clients`` of them arrived (else the
-round aggregates nothing and the server retries or stops: ``fedspeech_server.app``). The reports of the last
-round are kept for the server's bookkeeping (``fedspeech_server.rounds``). Weighted averages use
-``num-examples`` (Flower's default key), which every training reply carries.
+Each is Flower's own strategy with one addition (``ScreeningStrategy``): before aggregating, the
+replies are screened (``fedspeech_server.screening``: ``ok``, ``declined``, ``failed`` or
+``rejected``, each with its reason). Only ``ok`` replies reach Flower's aggregation, rebuilt to
+hold nothing but their weights and ``num-examples``, and only when at least
+``min-successful-clients`` of them arrived (else the round aggregates nothing and the round loop
+retries or stops: ``fedspeech_server.run``). The reports of the last round are kept for the
+server's bookkeeping (``fedspeech_server.rounds``). Weighted averages use ``num-examples``
+(Flower's default key), which every training reply carries.
 
 With Poisson sampling (``fedspeech_server.sampling``; always under user-level DP) the strategy draws the
 round's cohort itself (every connected node independently with probability q) and lets Flower's
@@ -32,8 +30,8 @@ user-level DP, the sum of the clients' own clipped updates, which it noises), sc
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypedDict
 
 import numpy as np
 from flwr.app import (
@@ -45,33 +43,45 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.app.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore.run import Run
 
 from fedspeech.config import FedConfig
 from fedspeech_server.rounds import ClientReport
 from fedspeech_server.sampling import Cohort, PoissonSampler
+from fedspeech_server.screening import (
+    WEIGHT_KEY,
+    ArraySpec,
+    array_spec,
+    reject_contributors,
+    screen_replies,
+    screen_sum,
+    successes_needed,
+)
 from fedspeech_server.secagg import MIN_CLIENTS, SecureRound
 from fedspeech_server.user_dp import UserDPRelease, UserLevelDP
 
 log = logging.getLogger("fedspeech.server")
 
-WEIGHT_KEY = "num-examples"
 _NEGLIGIBLE_FRACTION = 1e-12  # see clients-per-round in _make_strategy
 
 
-ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+class ScreeningStrategy(FedAvg):
+    """Base of the screened strategies: aggregate only the ``ok`` replies.
 
-
-class _ScreenReplies:
-    """Mixin (before a Flower strategy in the bases): aggregate only the ``ok`` replies.
-
-    ``configure_train`` remembers the names, shapes and dtypes of the weights it sends; replies
-    must match them. ``min_successful_clients``: fewer ``ok`` replies aggregate nothing.
+    It comes first in their bases, before the Flower strategy (``ScreenedFedAdam(
+    ScreeningStrategy, FedAdam)``), so its ``super()`` calls reach that strategy at run time
+    (FedAdam's server step, FedProx's ``proximal-mu``, FedMedian's median). It derives from
+    FedAvg, the common base of all four, so that those calls are type-checked against Flower's
+    signatures. ``configure_train`` remembers the names, shapes and dtypes of the weights it
+    sends; replies must match them. Fewer accepted replies than ``successes_needed`` aggregate
+    nothing. ``make_strategy`` sets the attributes below.
     """
 
-    last_reports: list[ClientReport]
+    last_reports: Sequence[ClientReport] = ()  # one per sampled client, of the last round
     min_successful_clients: int = 1
     user_dp: UserLevelDP | None = None
     secure: bool = False
@@ -81,7 +91,7 @@ class _ScreenReplies:
     last_cohort: Cohort | None = None
     last_sampled: int = 0  # clients the round sampled (the cohort, with Poisson sampling)
     _contacted: int = 0
-    _left_out: list[ClientReport] | None = None
+    _left_out: Sequence[ClientReport] = ()
     _sent: ArraySpec | None = None
     _sent_arrays: dict[str, np.ndarray] | None = None
 
@@ -100,12 +110,12 @@ class _ScreenReplies:
         self._sent = array_spec(arrays)
         if self.user_dp is not None:
             config = ConfigRecord({**config, "user-clip-norm": float(self.user_dp.clip_norm)})
-        self.last_cohort, self._left_out = None, []
+        self.last_cohort, self._left_out = None, ()
         if self.sampler is not None:
             _, connected = sample_nodes(grid, self.min_connected, 0)  # waits for min-clients
             self.last_cohort = self.sampler.draw(connected, server_round)
-            grid = _CohortGrid(self.last_cohort.nodes)  # type: ignore[assignment]
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+            grid = _CohortGrid(grid, self.last_cohort.nodes)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
         self.last_sampled = len(messages)
         if self.secure and self.sampler is not None and 0 < len(messages) < MIN_CLIENTS:
             # SecAgg+ cannot hide an update in a sum of fewer than 3. The draw stands (the
@@ -125,21 +135,19 @@ class _ScreenReplies:
         return messages
 
     def successes_needed(self) -> int:
-        """Accepted updates this round needs: ``min-successful-clients``; with Poisson sampling
-        at most the number of clients contacted (a small draw is a legitimate outcome of the
-        mechanism, and an empty one releases noise only)."""
-        needed = max(1, self.min_successful_clients)
-        return min(needed, self._contacted) if self.sampler is not None else needed
+        """Accepted updates this round needs (``fedspeech_server.screening.successes_needed``)."""
+        return successes_needed(
+            self.min_successful_clients, self._contacted, poisson=self.sampler is not None
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sort the replies, keep their reports, aggregate the accepted ones (if enough)."""
-        replies = list(replies)
+        """Screen the replies, keep their reports, aggregate the accepted ones (if enough)."""
         self.last_user_dp = None
-        reports = [client_report(m, self._sent) for m in replies]
-        ok = [m for m, r in zip(replies, reports, strict=True) if r.status == "ok"]
-        self.last_reports = [*reports, *(self._left_out or [])]
+        screened = screen_replies(replies, self._sent)
+        ok = screened.accepted
+        self.last_reports = [*screened.reports, *self._left_out]
         needed = self.successes_needed()
         if len(ok) < needed:
             log.warning(
@@ -155,10 +163,7 @@ class _ScreenReplies:
             to_average = [_weights_only(m) for m in ok]
         else:
             return None, None  # nobody drawn, no user-level noise: nothing to aggregate
-        aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
-            server_round, to_average
-        )
-        return self._in_sent_dtypes(aggregated)
+        return self._in_sent_dtypes(super().aggregate_train(server_round, to_average))
 
     def _in_sent_dtypes(
         self, aggregated: tuple[ArrayRecord | None, MetricRecord | None]
@@ -204,14 +209,7 @@ class _ScreenReplies:
         problem = screen_sum(secure.mean, base)
         if problem is not None:
             log.warning("round %d: secure aggregate rejected: %s", server_round, problem)
-            self.last_reports = [
-                ClientReport(
-                    r.client, "rejected", r.metrics, f"secure aggregate rejected: {problem}"
-                )
-                if r.status == "ok"
-                else r
-                for r in self.last_reports
-            ]
+            self.last_reports = reject_contributors(self.last_reports, problem)
             return None, None
         if self.user_dp is not None:
             assert self.last_cohort is not None  # user-level DP always samples by Poisson
@@ -229,9 +227,7 @@ class _ScreenReplies:
                 k: (v + secure.mean[k]).astype(v.dtype) if k in base else v
                 for k, v in self._sent_arrays.items()
             }
-        aggregated: tuple[ArrayRecord | None, MetricRecord | None] = super().aggregate_train(  # type: ignore[misc]
-            server_round, [_aggregate_reply(new, server_round)]
-        )
+        aggregated = super().aggregate_train(server_round, [_aggregate_reply(new, server_round)])
         return self._in_sent_dtypes(aggregated)
 
     def _private_aggregate(self, ok: list[Message], server_round: int) -> Message:
@@ -245,19 +241,19 @@ class _ScreenReplies:
         return _aggregate_reply(new, server_round)
 
 
-class ScreenedFedAvg(_ScreenReplies, FedAvg):
+class ScreenedFedAvg(ScreeningStrategy, FedAvg):
     """FedAvg (weighted by ``num-examples``) over the clients that trained."""
 
 
-class ScreenedFedAdam(_ScreenReplies, FedAdam):
+class ScreenedFedAdam(ScreeningStrategy, FedAdam):
     """FedAdam (server-side Adam on the averaged update) over the clients that trained."""
 
 
-class ScreenedFedProx(_ScreenReplies, FedProx):
+class ScreenedFedProx(ScreeningStrategy, FedProx):
     """FedProx: FedAvg that sends ``proximal-mu``; clients pull towards the global weights."""
 
 
-class ScreenedFedMedian(_ScreenReplies, FedMedian):
+class ScreenedFedMedian(ScreeningStrategy, FedMedian):
     """Coordinate-wise median of the trained clients' weights."""
 
 
@@ -267,7 +263,7 @@ def make_strategy(
     user_dp: UserLevelDP | None = None,
     secure: bool = False,
     sampler: PoissonSampler | None = None,
-) -> Strategy:
+) -> ScreeningStrategy:
     """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` (at least ``min-clients``)
     of the connected nodes, or exactly ``clients-per-round`` of them, or (``sampler``) each node
     independently with the sampler's probability once ``min-clients`` are connected.
@@ -280,21 +276,32 @@ def make_strategy(
     if user_dp is not None and sampler is None:
         raise ValueError("user-level DP needs Poisson sampling (its accountant assumes it)")
     strategy = _make_strategy(cfg)
-    strategy.min_successful_clients = cfg.min_successful_clients  # type: ignore[attr-defined]
-    strategy.user_dp = user_dp  # type: ignore[attr-defined]
-    strategy.secure = secure  # type: ignore[attr-defined]
+    strategy.min_successful_clients = cfg.min_successful_clients
+    strategy.user_dp = user_dp
+    strategy.secure = secure
     if sampler is not None:
         # Flower's sampler then takes every node of the drawn cohort (_CohortGrid), in any order.
-        strategy.sampler = sampler  # type: ignore[attr-defined]
-        strategy.min_connected = cfg.min_clients  # type: ignore[attr-defined]
-        strategy.fraction_train = 1.0  # type: ignore[attr-defined]
-        strategy.min_train_nodes = 0  # type: ignore[attr-defined]
-        strategy.min_available_nodes = 0  # type: ignore[attr-defined]
+        strategy.sampler = sampler
+        strategy.min_connected = cfg.min_clients
+        strategy.fraction_train = 1.0
+        strategy.min_train_nodes = 0
+        strategy.min_available_nodes = 0
     return strategy
 
 
-def _make_strategy(cfg: FedConfig) -> Strategy:
-    common = {
+class _Sampling(TypedDict):
+    """The keyword arguments (FedAvg's) that every strategy of ``_make_strategy`` takes."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+
+
+def _make_strategy(cfg: FedConfig) -> ScreeningStrategy:
+    common: _Sampling = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 1.0,  # unused: the server runs no client-side evaluation rounds
         "min_train_nodes": cfg.min_clients,
@@ -311,98 +318,13 @@ def _make_strategy(cfg: FedConfig) -> Strategy:
         common["min_available_nodes"] = max(cfg.min_clients, cfg.clients_per_round)
     if cfg.strategy == "fedadam":
         # eta_l is only reported by Flower; the clients' lr is the run config's lr.
-        return ScreenedFedAdam(eta=cfg.server_lr, **common)  # type: ignore[arg-type]
+        return ScreenedFedAdam(eta=cfg.server_lr, **common)
     if cfg.strategy == "fedprox":
         # The clients apply the proximal term (fedspeech_client.proximal) with the mu this sends them.
-        return ScreenedFedProx(proximal_mu=cfg.proximal_mu, **common)  # type: ignore[arg-type]
+        return ScreenedFedProx(proximal_mu=cfg.proximal_mu, **common)
     if cfg.strategy == "fedmedian":
-        return ScreenedFedMedian(**common)  # type: ignore[arg-type]
-    return ScreenedFedAvg(**common)  # type: ignore[arg-type]
-
-
-def client_report(msg: Message, sent: ArraySpec | None = None) -> ClientReport:
-    """One reply as ``ok`` / ``declined`` / ``failed`` / ``rejected``, with its metrics.
-
-    Args:
-        msg: the reply.
-        sent: names -> (shape, dtype) of the weights the client was sent (``array_spec``); a
-            trained reply must return exactly these. None: not checked.
-    """
-    name = f"node-{msg.metadata.src_node_id}"
-    if msg.has_error():
-        return ClientReport(name, "failed", {}, f"error {msg.error.code}: {msg.error.reason}")
-    content = msg.content
-    metrics_record = content.get("metrics")
-    metrics = (
-        {k: float(v) for k, v in metrics_record.items() if isinstance(v, int | float)}
-        if isinstance(metrics_record, MetricRecord)
-        else {}
-    )
-    if "partition-id" in metrics:
-        name = f"partition-{int(metrics['partition-id'])}"
-    if metrics.get("declined"):
-        decline = content.get("decline")
-        reason = str(decline.get("reason", "")) if isinstance(decline, ConfigRecord) else ""
-        return ClientReport(name, "declined", metrics, reason or "declined")
-    arrays = content.get("arrays")
-    if not isinstance(arrays, ArrayRecord) or WEIGHT_KEY not in metrics:
-        return ClientReport(name, "failed", metrics, "reply without arrays or num-examples")
-    examples = metrics[WEIGHT_KEY]
-    if not (math.isfinite(examples) and examples > 0):
-        return ClientReport(name, "rejected", metrics, f"num-examples {examples!r} is not > 0")
-    problem = None if sent is None else screen_arrays(arrays, sent)
-    if problem is not None:
-        return ClientReport(name, "rejected", metrics, problem)
-    return ClientReport(name, "ok", metrics)
-
-
-def array_spec(arrays: ArrayRecord) -> ArraySpec:
-    """Names -> (shape, dtype) of the arrays in a record (decoded, not the declared header)."""
-    spec: ArraySpec = {}
-    for key, array in arrays.items():
-        value = array.numpy()
-        spec[key] = (tuple(value.shape), value.dtype)
-    return spec
-
-
-def screen_arrays(
-    arrays: ArrayRecord, sent: Mapping[str, tuple[tuple[int, ...], np.dtype]]
-) -> str | None:
-    """Why an update cannot be averaged into the weights ``sent`` describes (None: it can).
-
-    Refused: missing or unexpected tensor names, another shape or dtype, an array that does not
-    decode as a plain NumPy array (never unpickled), NaN or infinite values.
-    """
-    missing, unexpected = sorted(set(sent) - set(arrays)), sorted(set(arrays) - set(sent))
-    if missing or unexpected:
-        return (
-            f"tensor names differ from the global model: missing {missing}, unexpected {unexpected}"
-        )
-    for key, (shape, dtype) in sent.items():
-        try:
-            value = arrays[key].numpy()
-        except Exception as exc:  # TypeError (not a NumPy array), ValueError (bad bytes)...
-            return f"{key}: undecodable array ({type(exc).__name__}: {exc})"
-        if tuple(value.shape) != shape:
-            return f"{key}: shape {tuple(value.shape)} != {shape} of the global model"
-        if value.dtype != dtype:
-            return f"{key}: dtype {value.dtype} != {dtype} of the global model"
-        if value.dtype.kind in "fc" and not np.isfinite(value).all():
-            return f"{key}: non-finite values (NaN/Inf)"
-    return None
-
-
-def screen_sum(mean: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> str | None:
-    """Why a secure aggregate cannot update the float weights ``base`` (None: it can)."""
-    missing, unexpected = sorted(set(base) - set(mean)), sorted(set(mean) - set(base))
-    if missing or unexpected:
-        return f"tensor names differ: missing {missing}, unexpected {unexpected}"
-    for key, like in base.items():
-        if np.shape(mean[key]) != like.shape:
-            return f"{key}: shape {np.shape(mean[key])} != {like.shape} of the global model"
-        if not np.isfinite(mean[key]).all():
-            return f"{key}: non-finite values (NaN/Inf)"
-    return None
+        return ScreenedFedMedian(**common)
+    return ScreenedFedAvg(**common)
 
 
 def _aggregate_reply(arrays: Mapping[str, np.ndarray], server_round: int) -> Message:
@@ -424,26 +346,65 @@ def _aggregate_reply(arrays: Mapping[str, np.ndarray], server_round: int) -> Mes
         ttl=3600.0,
         message_type="train",
     )
-    return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
+    # Message's public constructors make instructions or replies to one; Flower builds a
+    # message with given metadata (as this reply needs) with its own typed make_message.
+    return make_message(metadata=metadata, content=content)
 
 
-class _CohortGrid:
-    """What Flower's ``configure_train`` asks of a Grid (the connected nodes), answered with a
-    drawn cohort: Flower's sampler with fraction 1 and no minimum then takes exactly them."""
+class _CohortGrid(Grid):
+    """The round's Grid as Flower's ``configure_train`` sees it: only the drawn cohort is
+    connected, so Flower's sampler with fraction 1 and no minimum takes exactly those nodes.
+    Everything else is the wrapped Grid's."""
 
-    def __init__(self, nodes: Iterable[int]) -> None:
+    def __init__(self, grid: Grid, nodes: Iterable[int]) -> None:
+        self._grid = grid
         self._nodes = list(nodes)
 
     def get_node_ids(self) -> list[int]:
         """The cohort's node ids."""
         return list(self._nodes)
 
+    def set_run(self, run: Run) -> None:
+        """The wrapped Grid's."""
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """The wrapped Grid's."""
+        return self._grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """The wrapped Grid's."""
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """The wrapped Grid's."""
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The wrapped Grid's."""
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """The wrapped Grid's."""
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
 
 def _weights_only(msg: Message) -> Message:
     """The reply as Flower's aggregation sees it: the weights and ``num-examples``, no more.
 
     Flower refuses to aggregate replies whose metric names differ; the server keeps its own
-    metrics (``client_report``), so a client's extra or missing metrics never stop a round.
+    metrics (``fedspeech_server.screening.client_report``), so a client's extra or missing
+    metrics never stop a round.
     """
     metrics = msg.content.metric_records["metrics"]
     content = RecordDict(
@@ -452,18 +413,9 @@ def _weights_only(msg: Message) -> Message:
             "metrics": MetricRecord({WEIGHT_KEY: metrics[WEIGHT_KEY]}),
         }
     )
-    # A reply with the original's metadata (sender, reply-to): Flower's internal constructor.
-    return Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
-
-
-def missing_reports(sent: Iterable[Message], replies: Iterable[Message]) -> list[ClientReport]:
-    """A ``failed`` report for every node that was sent a message but did not reply in time."""
-    answered = {m.metadata.src_node_id for m in replies}
-    return [
-        ClientReport(f"node-{m.metadata.dst_node_id}", "failed", {}, "no reply before the timeout")
-        for m in sent
-        if m.metadata.dst_node_id not in answered
-    ]
+    # A reply with the original's metadata (sender, reply-to): Flower's make_message (see
+    # _aggregate_reply).
+    return make_message(metadata=msg.metadata, content=content)
 
 
 def export_state(strategy: Strategy) -> dict[str, np.ndarray]:

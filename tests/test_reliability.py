@@ -42,7 +42,6 @@ from fedspeech_client.node_state import load_ledger, resolve_node_data
 from fedspeech_features.manifest import Utterance, read_manifest, write_manifest
 from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
-from fedspeech_server.app import RoundFailedError
 from fedspeech_server.app import main as server_main
 from fedspeech_server.checkpoint import (
     CheckpointError,
@@ -50,8 +49,10 @@ from fedspeech_server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedspeech_server.rounds import clients_tsv, update_clients
-from fedspeech_server.strategy import ScreenedFedAvg, array_spec, client_report, make_strategy
+from fedspeech_server.rounds import ClientReport, clients_tsv, update_clients
+from fedspeech_server.run import FederatedRun, RoundAttempt, RoundFailedError
+from fedspeech_server.screening import array_spec, client_report
+from fedspeech_server.strategy import ScreenedFedAvg, make_strategy
 from fedspeech_server.tracking import read_rounds, read_tracking_info
 
 pytestmark = pytest.mark.usefixtures("one_thread", "flower_server_identity")
@@ -128,9 +129,9 @@ def test_hostile_update_is_rejected_and_never_averaged_in(case: str) -> None:
     assert arrays is not None
     np.testing.assert_array_equal(arrays["w"].numpy(), np.ones((2, 3), np.float32))
     np.testing.assert_array_equal(arrays["b"].numpy(), np.ones(3, np.float32))
-    statuses = [r.status for r in strategy.last_reports]  # type: ignore[attr-defined]
+    statuses = [r.status for r in strategy.last_reports]
     assert statuses == ["ok", "ok", "rejected"]
-    assert re.search(reason, strategy.last_reports[2].reason), strategy.last_reports[2].reason  # type: ignore[attr-defined]
+    assert re.search(reason, strategy.last_reports[2].reason), strategy.last_reports[2].reason
 
 
 def test_undecodable_array_is_rejected_not_unpickled() -> None:
@@ -169,8 +170,6 @@ def test_below_min_successful_clients_nothing_is_aggregated() -> None:
 
 
 def test_client_table_counts_rejections_next_to_failures() -> None:
-    from fedspeech_server.rounds import ClientReport
-
     table: dict[str, dict[str, Any]] = {"old": {"rounds_ok": 1, "rounds_failed": 0}}  # older row
     update_clients(table, 2, [ClientReport("old", "rejected", {}, "w: non-finite")])
     lines = clients_tsv(table).splitlines()
@@ -344,6 +343,37 @@ def test_clients_out_of_budget_stop_the_run_at_once(tmp_path: Path) -> None:
     with pytest.raises(RoundFailedError, match="epsilon budget"):
         server_main(grid, _context(flat))  # type: ignore[arg-type]
     assert grid.calls == 1  # declining clients would decline again: no retry
+
+
+def test_the_round_loop_retries_and_carries_the_aggregate_without_flower(tmp_path: Path) -> None:
+    # Prepare: round 1's first attempt is short (a crash), every later attempt aggregates +1
+    flat = _server_config(tmp_path, **{"num-server-rounds": 2, "round-retries": 1})
+    run = FederatedRun.open(RunConfig.from_flat(flat))
+    initial = dict(run.global_state)
+    sent: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def send(server_round: int, weights: Any) -> RoundAttempt:
+        sent.append((server_round, dict(weights)))
+        if len(sent) == 1:
+            return RoundAttempt([ClientReport("a", "failed", {}, "crashed")], needed=1)
+        new = {k: v + 1.0 for k, v in weights.items()}
+        ok = ClientReport("a", "ok", {"num-examples": 3.0})
+        return RoundAttempt([ok], needed=1, new_state=new, clients_sampled=5)
+
+    # Execute
+    run.run_rounds(send)
+    # Assert: round 1 sent twice with the initial weights, round 2 with round 1's aggregate
+    assert [r for r, _ in sent] == [1, 1, 2]
+    for key, value in initial.items():
+        torch.testing.assert_close(sent[0][1][key], value)
+        torch.testing.assert_close(sent[1][1][key], value)
+        torch.testing.assert_close(sent[2][1][key], value + 1.0)
+        torch.testing.assert_close(run.global_state[key], value + 2.0)
+    rows = read_rounds(tmp_path / "run")
+    assert [(r["round"], r["retries"], r["clients_sampled"]) for r in rows] == [
+        (1, 1, 5),
+        (2, 0, 5),
+    ]
 
 
 def test_resume_tracks_a_round_checkpointed_just_before_a_crash(tmp_path: Path) -> None:

@@ -19,11 +19,16 @@ from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 from fedspeech_server.checkpoint import RunState, find_checkpoint, load_checkpoint, save_checkpoint
 from fedspeech_server.rounds import ClientReport, summarize_round, update_norm
+from fedspeech_server.screening import (
+    client_report,
+    reject_contributors,
+    screen_replies,
+    successes_needed,
+)
 from fedspeech_server.strategy import (
     ScreenedFedAdam,
     ScreenedFedAvg,
     ScreenedFedMedian,
-    client_report,
     export_state,
     import_state,
     make_strategy,
@@ -86,6 +91,29 @@ def test_a_round_where_nobody_trained_keeps_the_model() -> None:
 def test_reply_without_arrays_counts_as_failed() -> None:
     msg = _reply(5, RecordDict({"metrics": MetricRecord({"num-examples": 3, "declined": 0})}))
     assert client_report(msg).status == "failed"
+
+
+def test_screening_sorts_replies_without_a_strategy() -> None:
+    # Execute
+    screened = screen_replies([_declined(1), _trained(2, 1.0, 10), _reply(3, error="x")], None)
+    # Assert: one report per reply, in order; only the trained reply is accepted
+    assert [r.status for r in screened.reports] == ["declined", "ok", "failed"]
+    assert [m.metadata.src_node_id for m in screened.accepted] == [2]
+
+
+def test_a_rejected_secure_aggregate_rejects_only_the_contributors() -> None:
+    reports = [ClientReport("a", "ok", {"x": 1.0}), ClientReport("b", "failed", {}, "timeout")]
+    a, b = reject_contributors(reports, "w: non-finite values (NaN/Inf)")
+    assert (a.status, a.metrics) == ("rejected", {"x": 1.0})
+    assert a.reason == "secure aggregate rejected: w: non-finite values (NaN/Inf)"
+    assert b == reports[1]
+
+
+def test_successes_needed_is_capped_by_a_poisson_draw_only() -> None:
+    assert successes_needed(3, 2, poisson=False) == 3
+    assert successes_needed(0, 5, poisson=False) == 1  # at least one update, always
+    assert successes_needed(3, 2, poisson=True) == 2
+    assert successes_needed(3, 0, poisson=True) == 0  # an empty draw releases noise only
 
 
 def test_strategy_names_map_to_screened_flower_strategies() -> None:
