@@ -105,7 +105,7 @@ def _audit(shared: Path, out: Path, **overrides: Any) -> dict[str, Any]:
         **overrides,
     }
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-    assert cli_main(["audit", "--out", str(out), "--run-config", run_config]) == 0
+    assert cli_main(["audit", "--run-dir", str(out), "--run-config", run_config]) == 0
     return json.loads((out / "report" / "audit.json").read_text())
 
 

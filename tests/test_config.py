@@ -12,7 +12,9 @@ from fedspeech.config import (
     flat_keys,
     load_pyproject_config,
     parse_overrides,
+    project_dir,
     resolve_run_config,
+    resolve_run_config_sources,
 )
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -84,3 +86,30 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 def test_a_recipe_file_is_not_taken_for_a_preset() -> None:
     with pytest.raises(ConfigError, match="is a recipe"):
         resolve_run_config(str(PYPROJECT.parent / "experiments" / "digits.toml"))
+
+
+def test_each_value_names_the_layer_it_came_from(tmp_path: Path) -> None:
+    # Prepare: a preset asking for a noise multiplier, in a folder without a pyproject.toml
+    preset = tmp_path / "mine.toml"
+    preset.write_text("noise-multiplier = 0.9\nnum-partitions = 4\n")
+    # Execute
+    cfg, sources = resolve_run_config_sources(str(preset), "num-server-rounds=7", cwd=tmp_path)
+    # Assert: every key has a source; the preset's noise multiplier blanks target-epsilon
+    assert set(sources) == flat_keys()
+    assert cfg == resolve_run_config(str(preset), "num-server-rounds=7", cwd=tmp_path)
+    assert (sources["num-server-rounds"], sources["num-partitions"]) == ("command line", "preset")
+    assert (sources["noise-multiplier"], sources["target-epsilon"]) == ("preset", "preset")
+    assert cfg.train.noise_multiplier == 0.9 and cfg.train.target_epsilon is None
+    assert sources["n-mfcc"] == "default" and cfg.features.n_mfcc == RunConfig().features.n_mfcc
+
+
+def test_the_pyproject_layer_is_named_and_a_later_target_epsilon_is_the_override() -> None:
+    # Execute
+    _, sources = resolve_run_config_sources(None, "target-epsilon=8", cwd=PYPROJECT.parent)
+    # Assert
+    assert sources["n-mfcc"] == "pyproject"
+    assert sources["target-epsilon"] == sources["noise-multiplier"] == "command line"
+
+
+def test_project_dir_is_this_checkout() -> None:
+    assert project_dir() == PYPROJECT.parent

@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,16 +33,12 @@ from fedspeech.fed_data import client_manifest, corpus_manifest
 from fedspeech.modeldir import load_model_dir
 from fedspeech_client.node_state import LEDGER_DIR, load_ledger
 from fedspeech_server.tracking import read_rounds, read_tracking_info
+from tests.conftest import TINY_SIMULATION, processes_with_env
 from tests.test_deployment import ROOT, Deployment
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-TINY: dict[str, Any] = {
-    **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
-    **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
-    **{"batch-size": 8, "epochs": 1, "noise-multiplier": 1.0, "delta": 1e-5, "dp-seed": 0},
-}
 
 
 @pytest.fixture(scope="module")
@@ -52,31 +47,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fault-data")
 
 
-def _processes_with(needle: str) -> list[int]:
-    """Pids of live processes whose environment holds ``needle`` (``NAME=value``)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found.append(int(proc.name))
-        except (OSError, IndexError):
-            continue
-    return found
-
-
 def _kill_all(needle: str) -> None:
     """SIGKILL every process tagged ``needle`` until none is left (children may be spawning)."""
     deadline = time.monotonic() + 30
-    while (pids := _processes_with(needle)) and time.monotonic() < deadline:
+    while (pids := processes_with_env(needle)) and time.monotonic() < deadline:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
-    assert not _processes_with(needle), f"cannot kill {needle}"
+    assert not processes_with_env(needle), f"cannot kill {needle}"
 
 
 def _mlflow_steps(uri: str, run_id: str, key: str) -> list[int]:
@@ -98,7 +77,7 @@ def test_rounds_complete_with_the_healthy_clients_despite_faulty_ones(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("FEDSPEECH_FAULT", "0:raise,1:hang=75@1,2:nan,3:shape")
     overrides = {
-        **TINY,
+        **TINY_SIMULATION,
         **{"data-dir": str(data_dir), "tracking-uri": uri, "num-server-rounds": 2},
         **{"round-timeout": 45.0, "min-successful-clients": 2, "round-retries": 0},
     }
@@ -144,9 +123,14 @@ def test_killed_server_resumes_from_the_last_complete_round(data_dir: Path, tmp_
     # Prepare: `fedspeech simulate` (3 rounds) in its own process tree, tagged for the kill
     run_dir = tmp_path / "run"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = {**TINY, "data-dir": str(data_dir), "tracking-uri": uri, "num-server-rounds": 3}
+    settings = {
+        **TINY_SIMULATION,
+        "data-dir": str(data_dir),
+        "tracking-uri": uri,
+        "num-server-rounds": 3,
+    }
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-    args = ["simulate", "--num-supernodes", "3", "--out", str(run_dir), "--run-config", run_config]
+    args = ["simulate", "--num-supernodes", "3", "--run-dir", str(run_dir), "--run-config", run_config]
     tag = f"FEDSPEECH_TEST_KILL={uuid.uuid4().hex}"
     env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
     with open(tmp_path / "first.log", "wb") as out:
@@ -191,7 +175,7 @@ def test_killed_server_resumes_from_the_last_complete_round(data_dir: Path, tmp_
         assert after.num_steps > before.num_steps  # the history on disk went on, not anew
         assert after.epsilon() > before.epsilon()
     assert load_model_dir(run_dir / "model").provenance["rounds"] == 3
-    assert not _processes_with(tag)
+    assert not processes_with_env(tag)
     print(f"\nkilled after round {killed_after}; resume to round 3: {wall:.1f} s wall")
 
 
@@ -237,7 +221,7 @@ def test_a_restarted_supernode_rejoins_and_its_epsilon_keeps_accumulating(
 ) -> None:
     # Prepare: two authenticated nodes with their own data folders; one run of one round
     data = tmp_path / "data"
-    cfg = RunConfig.from_flat({**TINY, "data-dir": str(data), "num-partitions": 2})
+    cfg = RunConfig.from_flat({**TINY_SIMULATION, "data-dir": str(data), "num-partitions": 2})
     corpus_manifest(cfg, data)
     manifests = [client_manifest(cfg, data, i, 2) for i in range(2)]
     deployment.start_superlink()
@@ -251,7 +235,7 @@ def test_a_restarted_supernode_rejoins_and_its_epsilon_keeps_accumulating(
     killed = deployment.procs[-1]
     _start_node_until_admitted(deployment, "node2", "supernode-2", node_configs[1])
     base = {
-        **TINY,
+        **TINY_SIMULATION,
         **{"data-dir": str(data), "num-partitions": 2, "out-dir": str(tmp_path / "run")},
         **{"min-clients": 2, "min-successful-clients": 2, "round-timeout": 300.0},
         "tracking-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",

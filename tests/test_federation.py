@@ -25,14 +25,10 @@ from fedspeech.pipeline import load_examples
 from fedspeech_client.local_round import round_steps
 from fedspeech_client.node_state import load_ledger
 from fedspeech_server.tracking import read_rounds
+from tests.conftest import TINY_SIMULATION, run_processes
 
-NOISE = 1.0
-DELTA = 1e-5
-TINY: dict[str, Any] = {
-    **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
-    **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
-    **{"batch-size": 8, "epochs": 1, "noise-multiplier": NOISE, "delta": DELTA, "dp-seed": 0},
-}
+NOISE: float = TINY_SIMULATION["noise-multiplier"]
+DELTA: float = TINY_SIMULATION["delta"]
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +42,8 @@ def no_leftovers(tmp_path: Path) -> Iterator[Path]:
     """The run folder; afterwards, no process with its FLWR_HOME may be alive."""
     run_dir = tmp_path / "run"
     yield run_dir
-    leftovers = _processes_with_env(f"FLWR_HOME={run_dir / '.flwr'}")
+    leftovers = run_processes(run_dir)
     assert not leftovers, f"processes left running: {leftovers}"
-
-
-def _processes_with_env(needle: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if needle.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
-    return found
 
 
 def _client_sizes(cfg: RunConfig, data_dir: Path, n: int) -> list[int]:
@@ -89,7 +72,7 @@ def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
     data_dir: Path, no_leftovers: Path
 ) -> None:
     # Prepare: partition 0's budget lies between its epsilon after one and after two rounds
-    overrides = {**TINY, "data-dir": str(data_dir), "num-server-rounds": 2}
+    overrides = {**TINY_SIMULATION, "data-dir": str(data_dir), "num-server-rounds": 2}
     overrides["tracking-uri"] = _sqlite_uri(no_leftovers)
     cfg = RunConfig.from_flat({**overrides, "num-partitions": 4})
     from fedspeech.fed_data import corpus_manifest
@@ -147,9 +130,9 @@ def test_resume_continues_the_run_and_the_privacy_ledgers(
 ) -> None:
     # Prepare: a first run that stops after round 1
     run_dir = no_leftovers
-    args = ["simulate", "--num-supernodes", "3", "--out", str(run_dir)]
+    args = ["simulate", "--num-supernodes", "3", "--run-dir", str(run_dir)]
     uri = _sqlite_uri(run_dir)
-    settings = {**TINY, "data-dir": str(data_dir), "tracking-uri": uri}
+    settings = {**TINY_SIMULATION, "data-dir": str(data_dir), "tracking-uri": uri}
     base = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
     start = time.perf_counter()
     assert cli_main([*args, "--run-config", f"{base} num-server-rounds=1"]) == 0, _log_tail(run_dir)
@@ -182,7 +165,7 @@ def test_user_level_simulation_samples_poisson_cohorts_and_reports_the_exact_eps
 ) -> None:
     # Prepare: 12 clients, privacy-unit "user": each client joins a round with q = 0.5
     run_dir, z, q = no_leftovers, 1.3, 0.5
-    overrides = {**TINY, "data-dir": str(data_dir), "num-server-rounds": 6}
+    overrides = {**TINY_SIMULATION, "data-dir": str(data_dir), "num-server-rounds": 6}
     overrides.update({"privacy-unit": "user", "user-noise-multiplier": z, "user-clip-norm": 0.5})
     overrides.update({"user-delta": DELTA, "client-sample-rate": q, "min-clients": 12})
     overrides["tracking-uri"] = _sqlite_uri(run_dir)
@@ -225,7 +208,7 @@ def test_both_privacy_units_report_user_and_sample_epsilon_per_round(
     # Prepare: 4 clients with DP-SGD, each joining a round with q = 0.5 (fraction-train),
     # server-side clipping and noise on top (privacy-unit "both")
     run_dir, user_noise = no_leftovers, 1.5
-    overrides = {**TINY, "data-dir": str(data_dir), "num-server-rounds": 2}
+    overrides = {**TINY_SIMULATION, "data-dir": str(data_dir), "num-server-rounds": 2}
     overrides.update({"privacy-unit": "both", "user-noise-multiplier": user_noise})
     overrides.update({"user-clip-norm": 0.5, "user-delta": DELTA, "fraction-train": 0.5})
     overrides["tracking-uri"] = _sqlite_uri(run_dir)

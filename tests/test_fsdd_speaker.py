@@ -34,7 +34,7 @@ def test_train_on_five_speakers_transcribe_the_sixth(
     model = tmp_path / "model"
 
     # Execute
-    train_args = ["--manifest", str(tmp_path / "train.tsv"), "--out", str(model)]
+    train_args = ["--manifest", str(tmp_path / "train.tsv"), "--model-dir", str(model)]
     cache_args = ["--cache", str(tmp_path / "cache"), "--run-config", RECIPE]
     rc_train = main(["-q", "train", *train_args, *cache_args])
     capsys.readouterr()

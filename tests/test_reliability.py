@@ -477,7 +477,7 @@ def test_simulate_resume_refuses_a_damaged_checkpoint_before_starting_flower(
     (tmp_path / "run" / "run_config.toml").write_text(saved)  # as the first run left it
     weights = tmp_path / "run" / "checkpoint" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    args = ["simulate", "--out", str(tmp_path / "run"), "--resume"]
+    args = ["simulate", "--run-dir", str(tmp_path / "run"), "--resume"]
     with caplog.at_level(logging.ERROR):
         assert cli_main(args) == 2
     assert "model.safetensors" in caplog.text and "truncated or altered" in caplog.text

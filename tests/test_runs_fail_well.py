@@ -32,13 +32,9 @@ from fedspeech_features.manifest import read_manifest
 from fedspeech_server.app import main as server_main
 from fedspeech_server.plots import PLOTS
 from fedspeech_server.tracking import read_rounds, read_tracking_info
+from tests.conftest import TINY_SIMULATION, run_processes
 
-TINY: dict[str, Any] = {
-    **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
-    **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
-    **{"batch-size": 8, "epochs": 1, "noise-multiplier": 1.0, "delta": 1e-5, "dp-seed": 0},
-    **{"client-threads": 1, "server-threads": 1},
-}
+TINY: dict[str, Any] = {**TINY_SIMULATION, "client-threads": 1, "server-threads": 1}
 FEDSPEECH = Path(sys.executable).parent / "fedspeech"
 
 
@@ -59,21 +55,6 @@ def _mlflow_status(uri: str, run_id: str) -> str:
     from mlflow import MlflowClient
 
     return str(MlflowClient(tracking_uri=uri).get_run(run_id).info.status)
-
-
-def _ours(run_dir: Path) -> list[str]:
-    """Live processes of the run (Flower, Ray, ...): their environment names its FLWR_HOME."""
-    needle = f"FLWR_HOME={run_dir / '.flwr'}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:100])
-        except OSError:
-            continue
-    return found
 
 
 # --------------------------------------------------------------------------- pre-flight
@@ -136,7 +117,7 @@ def test_preflight_refuses_a_run_that_cannot_work_before_flower_starts(
     # Execute
     start = time.perf_counter()
     with caplog.at_level(logging.ERROR):
-        rc = cli_main(["simulate", "--out", str(run_dir), *args, "--run-config", run_config])
+        rc = cli_main(["simulate", "--run-dir", str(run_dir), *args, "--run-config", run_config])
     seconds = time.perf_counter() - start
     # Assert: a usage error naming the key / path, and nothing launched
     assert rc == 2
@@ -221,7 +202,7 @@ def test_the_readme_resume_command_continues_the_run_like_an_uninterrupted_one(
     simulate(overrides={**base, "num-server-rounds": 1}, out=split, output=tmp_path / "s.log")
     capsys.readouterr()
     rc = cli_main(
-        ["simulate", "--out", str(split), "--resume", "--run-config", "num-server-rounds=2"]
+        ["simulate", "--run-dir", str(split), "--resume", "--run-config", "num-server-rounds=2"]
     )
     # Assert: the resumed run kept its settings and reproduced the uninterrupted rounds
     assert rc == 0
@@ -260,7 +241,7 @@ def test_a_failed_run_exits_non_zero_and_ends_failed_in_mlflow(
     settings["tracking-uri"] = uri
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
     # Execute
-    rc = cli_main(["simulate", "--out", str(tmp_path / "run"), "--run-config", run_config])
+    rc = cli_main(["simulate", "--run-dir", str(tmp_path / "run"), "--run-config", run_config])
     # Assert: exit 1, one final line saying so, the run id printed, FAILED in MLflow
     out = capsys.readouterr().out.splitlines()
     assert rc == 1
@@ -269,7 +250,7 @@ def test_a_failed_run_exits_non_zero_and_ends_failed_in_mlflow(
     run_id = read_tracking_info(tmp_path / "run")["run_id"]
     assert f"tracking run id: {run_id}" in out
     assert _mlflow_status(uri, run_id) == "FAILED"
-    assert not _ours(tmp_path / "run")
+    assert not run_processes(tmp_path / "run")
 
 
 @pytest.mark.slow  # 10 tiny simulations, each interrupted: about 4 min
@@ -290,7 +271,7 @@ def test_sigint_and_sigterm_at_random_points_leave_no_process_and_end_killed(
         )
         with (tmp_path / f"run{attempt}.log").open("wb") as log_file:
             proc = subprocess.Popen(
-                [str(FEDSPEECH), "simulate", "--out", str(run_dir), "--run-config", run_config],
+                [str(FEDSPEECH), "simulate", "--run-dir", str(run_dir), "--run-config", run_config],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -312,7 +293,7 @@ def test_sigint_and_sigterm_at_random_points_leave_no_process_and_end_killed(
         rc = proc.wait(timeout=120)
         # Assert: nothing of ours left; the exit code and the tracking status agree
         time.sleep(0.5)
-        assert not _ours(run_dir), (attempt, delay, _ours(run_dir))
+        assert not run_processes(run_dir), (attempt, delay, run_processes(run_dir))
         text = (tmp_path / f"run{attempt}.log").read_text(errors="replace")
         status = read_tracking_info(run_dir).get("status")
         if rc == 0:  # finished before the signal arrived

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import time
 from pathlib import Path
 
 import jiwer
@@ -109,18 +108,15 @@ def test_ten_minute_file_is_transcribed_in_bounded_chunks(
     path = _wav(tmp_path / "long.wav", _tiled(speech, 600.0))
     transcriber = Transcriber(load_model_dir(model_dir))
 
-    # Execute
-    start = time.perf_counter()
+    # Execute (its speed: benchmarks/transcribe_rtf.py, "10-minute file")
     (result,) = transcriber.transcribe_files([path])
-    seconds = time.perf_counter() - start
 
-    # Assert: whole duration covered, words in order, quicker than a few seconds
+    # Assert: whole duration covered, words in order
     assert result.error is None and result.hypothesis is not None
     assert result.duration_s == pytest.approx(600.0)
     starts = [w.start_s for w in result.hypothesis.words]
     assert starts == sorted(starts) and starts[0] >= 0 and starts[-1] < 600.0
     assert max(w.start_s for w in result.hypothesis.words) > 580.0  # the last chunk was decoded
-    assert seconds < 30.0
 
 
 # ---------------------------------------------------------------------- the CLI
@@ -221,7 +217,7 @@ def test_srt_output(
     # several files: one .srt each in --out DIR; without --out it is a usage error
     args = ["transcribe", "--model", str(model_dir), *map(str, speech), "--format", "srt"]
     assert main(args) == 2
-    assert main([*args, "--out", str(tmp_path / "subs")]) == 0
+    assert main([*args, "--output", str(tmp_path / "subs")]) == 0
     assert sorted(p.name for p in (tmp_path / "subs").iterdir()) == [
         "1447-130550-0000.srt", "19-198-0000.srt", "403-126855-0000.srt"
     ]  # fmt: skip
@@ -249,7 +245,7 @@ def test_beam_search_with_an_arpa_lm_outputs_lm_words(
 
     rc = main(
         ["transcribe", "--model", str(model_dir), str(speech[0]), "--beam", "8", "--lm", str(lm),
-         "--out", str(out_file)]
+         "--output", str(out_file)]
     )  # fmt: skip
 
     assert rc == 0 and capsys.readouterr().out == ""

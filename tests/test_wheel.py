@@ -109,7 +109,7 @@ def test_the_installed_wheel_simulates_and_transcribes(venv: Path) -> None:
     assert "usage: fedspeech" in _run([fedspeech, "--help"], work, _env(venv))
     # Execute: the smallest simulation, then transcribe one of its corpus's recordings
     _run(
-        [fedspeech, "simulate", "--run-config", SMALLEST, "--out", str(work / "run")],
+        [fedspeech, "simulate", "--run-config", SMALLEST, "--run-dir", str(work / "run")],
         work,
         _env(venv),
     )

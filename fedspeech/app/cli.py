@@ -1,17 +1,28 @@
-"""The ``fedspeech`` console command: data preparation, features, demo (training commands follow).
+"""The ``fedspeech`` console command: one parser, each command registered by its module.
 
-Heavy modules (torch, corpus builders, later flwr/mlflow) are imported inside each command so that
-``fedspeech --help`` stays instant.
+Heavy modules (torch, corpus builders, flwr/mlflow) are imported inside each command so that
+``fedspeech --help`` stays instant. Flag conventions (``fedspeech.app.cli_common``): global
+``-v``/``-q`` anywhere, defaults in every ``--help``, ``--format text|json`` for printed
+results, and one name per kind of output path (``--run-dir``, ``--model-dir``, ``--manifest``,
+``--corpus-dir``, ``--partitions-dir``, ``--output``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fedspeech.app.cli_common import (
+    Parser,
+    add_renamed,
+    add_run_config_options,
+    verbosity,
+    warn_deprecated,
+)
 from fedspeech.logs import setup_logging
 
 log = logging.getLogger("fedspeech")
@@ -21,13 +32,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose - args.quiet)
+    setup_logging(verbosity(args))
+    warn_deprecated(args)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     except Exception as exc:  # the CLI's last line of defence: a clear message, not a traceback
         from fedspeech.config import ConfigError
         from fedspeech_features.errors import FedspeechDataError
@@ -40,34 +55,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedspeech", description="Privacy-preserving federated speech recognition."
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    from fedspeech.app import cli_audit, cli_config, cli_data, cli_infer, cli_train, simulate
 
-    from fedspeech.app import cli_audit, cli_data, cli_infer, cli_train, simulate
+    parser = Parser(
+        prog="fedspeech",
+        description="Privacy-preserving federated speech recognition.",
+        epilog="Every command has --help, with the defaults. -v/-q may stand before or after "
+        "the command. Run configuration keys (for --run-config): fedspeech config show.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     cli_data.register(sub)
     cli_infer.register(sub)
     cli_train.register(sub)
     simulate.register(sub)
     cli_audit.register(sub)
+    cli_config.register(sub)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic corpus")
-    demo.add_argument("--out", type=Path, help="run folder (default: the preset's out-dir)")
-    demo.add_argument("--preset", default="demo", help="experiments/NAME.toml or a TOML file")
-    demo.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2"')
+    add_renamed(
+        demo,
+        "--run-dir",
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="run folder (default: the preset's out-dir)",
+    )
+    add_run_config_options(demo, example="num-server-rounds=2", preset_default="demo")
     demo.set_defaults(handler=_cmd_demo)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedspeech")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedspeech.app.demo import run_demo
 
     try:
-        run_demo(args.out, preset=args.preset, overrides=args.run_config)
+        run_demo(args.run_dir, preset=args.preset, overrides=args.run_config)
     except RuntimeError as exc:  # the simulation stopped early: its cause is logged above
         log.error("demo: %s", exc)
         return 1

@@ -3,8 +3,8 @@
 Trains the run config's model once on the corpus (``--manifest``, else the run config's corpus:
 the synthetic one by default) plus canaries, with the run config's training and DP-SGD settings,
 then prints the empirical epsilon lower bound next to the accountant's epsilon and records both
-through the server's trackers (MLflow and ``<out>/rounds.jsonl``; ``<out>/report/audit.json``
-holds every canary's score).
+through the server's trackers (MLflow and ``<run-dir>/rounds.jsonl``;
+``<run-dir>/report/audit.json`` holds every canary's score).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fedspeech.app.cli_common import add_format_option, add_renamed, add_run_config_options
 
 if TYPE_CHECKING:
     from fedspeech.config import RunConfig
@@ -29,20 +31,25 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "audit", help="empirical epsilon lower bound of DP training (one-run canary audit)"
     )
-    p.add_argument("--preset", help="experiments/NAME.toml or a TOML file")
-    p.add_argument(
-        "--run-config", default="", help='overrides, e.g. "target-epsilon=8 hidden-size=32"'
-    )
+    add_run_config_options(p, example="target-epsilon=8 hidden-size=32")
     p.add_argument("--manifest", type=Path, help="training data (default: the run config's corpus)")
-    p.add_argument("--out", type=Path, default=Path(".fedspeech/audit"), help="audit folder")
+    add_renamed(
+        p,
+        "--run-dir",
+        "--out",
+        type=Path,
+        metavar="DIR",
+        default=Path(".fedspeech/audit"),
+        help="the audit's run folder (report/, tracking)",
+    )
     # Defaults None: fedspeech_client.audit.AuditSettings holds them (importing it here would load torch).
-    p.add_argument("--canaries", type=int, help="canaries, each included w.p. 1/2 (default 200)")
-    p.add_argument("--guesses", type=int, help="k: k guessed 'in' + k 'out' (default 20)")
-    p.add_argument("--canary-frames", type=int, help="model frames per canary (default 30)")
-    p.add_argument("--canary-letters", type=int, help="letters per canary (default 4)")
-    p.add_argument("--confidence", type=float, help="of the lower bound (default 0.95)")
-    p.add_argument("--seed", type=int, help="canaries and their coin flips (default 0)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--canaries", type=int, help="canaries, each included w.p. 1/2 (default: 200)")
+    p.add_argument("--guesses", type=int, help="k: k guessed 'in' + k 'out' (default: 20)")
+    p.add_argument("--canary-frames", type=int, help="model frames per canary (default: 30)")
+    p.add_argument("--canary-letters", type=int, help="letters per canary (default: 4)")
+    p.add_argument("--confidence", type=float, help="of the lower bound (default: 0.95)")
+    p.add_argument("--seed", type=int, help="canaries and their coin flips (default: 0)")
+    add_format_option(p, json_flag=True)
     p.set_defaults(handler=_audit)
 
 
@@ -78,9 +85,9 @@ def _audit(args: argparse.Namespace) -> int:
     if cfg.train.dp and not train.dp:
         log.warning("privacy-unit %r: clients train without DP-SGD", cfg.privacy.privacy_unit)
     result = run_canary_audit(model, examples, train, settings)
-    out: Path = args.out.resolve()
+    out: Path = args.run_dir.resolve()
     run_id = _record(out, cfg, flat, settings, result, manifest)
-    if args.json:
+    if args.format == "json":
         print(json.dumps({**result.summary(), "tracking_run_id": run_id}, indent=2))
     else:
         _print(result, out, run_id)

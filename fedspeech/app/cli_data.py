@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedspeech.app.cli_common import add_renamed
+
 log = logging.getLogger("fedspeech")
 
 
@@ -16,7 +18,15 @@ def register(sub: Any) -> None:
     dsub = data.add_subparsers(required=True, metavar="SOURCE")
 
     p = dsub.add_parser("synthetic", help="the built-in multi-speaker espeak-ng corpus")
-    p.add_argument("--out", type=Path, required=True, help="output folder (wavs/ + manifest.tsv)")
+    add_renamed(
+        p,
+        "--corpus-dir",
+        "--out",
+        type=Path,
+        metavar="DIR",
+        required=True,
+        help="corpus folder to write (wavs/ + manifest.tsv)",
+    )
     p.add_argument("--utterances", type=int, default=1200)
     p.add_argument("--voices", type=int, default=16, help="distinct synthetic speakers (>= 12)")
     p.add_argument("--seed", type=int, default=0)
@@ -31,44 +41,93 @@ def register(sub: Any) -> None:
 
     p = dsub.add_parser("librispeech", help="a LibriSpeech folder (speaker/chapter/*.flac)")
     p.add_argument("root", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="manifest.tsv to write")
+    _manifest_out(p)
     p.set_defaults(handler=_librispeech)
 
     p = dsub.add_parser("commonvoice", help="a Common Voice *.tsv and its clips folder")
     p.add_argument("tsv", type=Path, help="e.g. cv-corpus/en/validated.tsv")
     p.add_argument("--clips", type=Path, help="clips folder (default: clips/ beside the tsv)")
-    p.add_argument("--out", type=Path, required=True, help="manifest.tsv to write")
+    _manifest_out(p)
     p.set_defaults(handler=_commonvoice)
 
     p = dsub.add_parser("fsdd", help="a Free Spoken Digit Dataset recordings folder")
     p.add_argument("root", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="manifest.tsv to write")
+    _manifest_out(p)
     p.set_defaults(handler=_fsdd)
 
     p = dsub.add_parser("folder", help="any folder of audio files with same-name .txt transcripts")
     p.add_argument("root", type=Path)
     p.add_argument("--speaker", help="one speaker for all files (default: parent folder name)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        help="manifest.tsv to write (default: ROOT/manifest.tsv, whose paths are then relative)",
+    _manifest_out(
+        p, "manifest.tsv to write (default: ROOT/manifest.tsv, whose paths are then relative)"
     )
     p.set_defaults(handler=_folder)
 
-    p = dsub.add_parser("partition", help="split a manifest into N client manifests")
+    p = dsub.add_parser(
+        "partition",
+        help="split a manifest into N client manifests",
+        description="Split a manifest into N client manifests, as a simulation splits its corpus "
+        "(the flags are the run-config keys of the same name).",
+    )
     p.add_argument("manifest", type=Path)
-    p.add_argument("--clients", type=int, required=True)
-    p.add_argument("--method", choices=["speaker", "iid", "dirichlet"], default="speaker")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="folder for client_<i>/manifest.tsv")
+    add_renamed(
+        p, "--num-partitions", "--clients", type=int, required=True, metavar="N", help="clients"
+    )
+    add_renamed(
+        p,
+        "--partition",
+        "--method",
+        choices=["speaker", "iid", "dirichlet"],
+        default="speaker",
+        help="how utterances are spread over the clients",
+    )
+    add_renamed(
+        p,
+        "--dirichlet-alpha",
+        "--alpha",
+        type=float,
+        default=0.5,
+        metavar="ALPHA",
+        help="Dirichlet concentration",
+    )
+    add_renamed(
+        p, "--partition-seed", "--seed", type=int, default=0, metavar="SEED", help="random seed"
+    )
+    add_renamed(
+        p,
+        "--partitions-dir",
+        "--out",
+        type=Path,
+        metavar="DIR",
+        required=True,
+        help="folder to write client_<i>/manifest.tsv into",
+    )
     p.set_defaults(handler=_partition)
 
     p = dsub.add_parser("features", help="extract (and cache) features of a manifest")
     p.add_argument("manifest", type=Path)
     p.add_argument("--cache", type=Path, help="cache folder (default: beside the manifest)")
-    p.add_argument("--run-config", default="", help='feature overrides, e.g. "n-mfcc=13"')
+    p.add_argument(
+        "--run-config",
+        default="",
+        metavar="OVERRIDES",
+        help='feature overrides, e.g. "n-mfcc=13" (every key: fedspeech config show)',
+    )
     p.set_defaults(handler=_features)
+
+
+def _manifest_out(p: argparse.ArgumentParser, default_help: str | None = None) -> None:
+    """``--manifest`` (formerly ``--out``): the manifest a builder writes; required unless
+    ``default_help`` describes its default."""
+    add_renamed(
+        p,
+        "--manifest",
+        "--out",
+        type=Path,
+        metavar="TSV",
+        required=default_help is None,
+        help=default_help or "manifest.tsv to write",
+    )
 
 
 def _report_exit(report: Any) -> int:
@@ -80,7 +139,7 @@ def _synthetic(args: argparse.Namespace) -> int:
     from fedspeech_features.corpora.synthetic import build_synthetic_corpus
 
     manifest, report = build_synthetic_corpus(
-        args.out,
+        args.corpus_dir,
         num_utterances=args.utterances,
         seed=args.seed,
         num_voices=args.voices,
@@ -94,25 +153,25 @@ def _synthetic(args: argparse.Namespace) -> int:
 def _librispeech(args: argparse.Namespace) -> int:
     from fedspeech_features.corpora.librispeech import build_librispeech
 
-    return _report_exit(build_librispeech(args.root, args.out))
+    return _report_exit(build_librispeech(args.root, args.manifest))
 
 
 def _commonvoice(args: argparse.Namespace) -> int:
     from fedspeech_features.corpora.commonvoice import build_commonvoice
 
-    return _report_exit(build_commonvoice(args.tsv, args.out, clips_dir=args.clips))
+    return _report_exit(build_commonvoice(args.tsv, args.manifest, clips_dir=args.clips))
 
 
 def _fsdd(args: argparse.Namespace) -> int:
     from fedspeech_features.corpora.fsdd import build_fsdd
 
-    return _report_exit(build_fsdd(args.root, args.out))
+    return _report_exit(build_fsdd(args.root, args.manifest))
 
 
 def _folder(args: argparse.Namespace) -> int:
     from fedspeech_features.corpora.folder import build_folder
 
-    out = args.out or args.root / "manifest.tsv"
+    out = args.manifest or args.root / "manifest.tsv"
     return _report_exit(build_folder(args.root, out, speaker=args.speaker))
 
 
@@ -122,12 +181,12 @@ def _partition(args: argparse.Namespace) -> int:
 
     parts = partition_utterances(
         read_manifest(args.manifest),
-        args.clients,
-        method=args.method,
-        seed=args.seed,
-        alpha=args.alpha,
+        args.num_partitions,
+        method=args.partition,
+        seed=args.partition_seed,
+        alpha=args.dirichlet_alpha,
     )
-    for path in write_partitions(parts, args.out):
+    for path in write_partitions(parts, args.partitions_dir):
         log.info("wrote %s", path)
     print(summary_table(parts))
     return 0

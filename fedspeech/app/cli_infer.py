@@ -1,20 +1,20 @@
 """``fedspeech transcribe`` and ``fedspeech evaluate``: use a trained model directory.
 
-transcribe output (stdout, or ``--out``):
+transcribe output (stdout, or ``--output``):
 
 * ``text``: one ``path<TAB>text`` line per file, however many (scripts can rely on it).
   Files that fail are left out of stdout and named in an error on stderr.
 * ``json``: a list with ``{path, text, words: [{word, start, end, confidence}], confidence,
   duration_s}`` per file (``confidence`` null when nothing was decoded: a silent file), or
   ``{path, error}`` for a file that failed.
-* ``srt``: SubRip subtitles. One file: to stdout or ``--out FILE``; several: ``--out DIR`` gets
+* ``srt``: SubRip subtitles. One file: to stdout or ``--output FILE``; several: ``--output DIR`` gets
   one ``<name>.srt`` per audio file (``<name>`` = the audio file name without its extension, its
   folder's relative path prefixed when names would clash).
 
 Exit codes: 0 if every file was transcribed; 1 if some (or all) failed (the others are still
 written, the failures named on stderr); 2 for a bad model directory, missing input or bad
-options. ``evaluate`` exits 1 if nothing could
-be scored.
+options. ``evaluate`` exits 1 if nothing could be scored; it prints its scores as text or
+(``--format json``) one JSON object.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedspeech.app.cli_common import add_format_option, add_renamed
+
 log = logging.getLogger("fedspeech")
 
 
@@ -34,8 +36,20 @@ def register(sub: Any) -> None:
     p = sub.add_parser("transcribe", help="transcribe audio files or folders with a model")
     p.add_argument("--model", type=Path, required=True, help="model directory")
     p.add_argument("audio", nargs="+", type=Path, metavar="AUDIO", help="audio files or folders")
-    p.add_argument("--format", choices=["text", "json", "srt"], default="text")
-    p.add_argument("--out", type=Path, help="write here instead of stdout (srt, many files: DIR)")
+    p.add_argument(
+        "--format",
+        choices=["text", "json", "srt"],
+        default="text",
+        help="path<TAB>text lines, JSON with word times and confidences, or SubRip subtitles",
+    )
+    add_renamed(
+        p,
+        ("-o", "--output"),
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help="write here instead of stdout (--format srt with several files: a folder)",
+    )
     p.add_argument(
         "--max-chunk",
         type=_chunk_seconds,
@@ -48,7 +62,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="WER and CER of a model on a manifest")
     p.add_argument("--model", type=Path, required=True, help="model directory")
     p.add_argument("--manifest", type=Path, required=True, help="manifest.tsv with references")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    add_format_option(p, json_flag=True)
     _decoder_options(p)
     p.set_defaults(handler=_evaluate)
 
@@ -110,8 +124,8 @@ def _transcribe(args: argparse.Namespace) -> int:
     if not files:
         raise ConfigError(f"no audio files in {[str(a) for a in args.audio]}")
     several = len(files) > 1 or args.audio[0].is_dir()
-    if args.format == "srt" and several and (args.out is None or args.out.is_file()):
-        raise ConfigError("--format srt with several files needs --out DIR (one .srt per file)")
+    if args.format == "srt" and several and (args.output is None or args.output.is_file()):
+        raise ConfigError("--format srt with several files needs --output DIR (one .srt per file)")
     loaded, decoder = _setup(args)
     transcriber = Transcriber(loaded, decoder, max_chunk_s=args.max_chunk)
     results = []
@@ -122,21 +136,21 @@ def _transcribe(args: argparse.Namespace) -> int:
             results.append(t)
     ok = [t for t in results if t.hypothesis is not None]
     if args.format == "json":
-        _emit(json.dumps([t.to_dict() for t in results], indent=2) + "\n", args.out)
+        _emit(json.dumps([t.to_dict() for t in results], indent=2) + "\n", args.output)
     elif args.format == "text":
         lines = [f"{t.path}\t{t.hypothesis.text}\n" for t in ok if t.hypothesis]
-        _emit("".join(lines), args.out)
+        _emit("".join(lines), args.output)
     elif not several:
         for t in ok:
             if t.hypothesis:
-                _emit(to_srt(t.hypothesis), args.out)
+                _emit(to_srt(t.hypothesis), args.output)
     else:
-        args.out.mkdir(parents=True, exist_ok=True)
+        args.output.mkdir(parents=True, exist_ok=True)
         names = _srt_names([t.path for t in ok])
         for t, name in zip(ok, names, strict=True):
             if t.hypothesis:
-                (args.out / name).write_text(to_srt(t.hypothesis), encoding="utf-8")
-        log.info("wrote %d subtitle files to %s", len(ok), args.out)
+                (args.output / name).write_text(to_srt(t.hypothesis), encoding="utf-8")
+        log.info("wrote %d subtitle files to %s", len(ok), args.output)
     failed = len(results) - len(ok)
     log.log(
         logging.ERROR if failed else logging.INFO,
@@ -179,7 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     loaded, decoder = _setup(args)
     with logging_redirect_tqdm():
         result = evaluate_manifest(loaded, args.manifest, decoder=decoder)
-    if args.json:
+    if args.format == "json":
         print(json.dumps({**result.to_dict(), "model": str(args.model)}, indent=2))
     else:
         print(f"WER      {result.wer:.2%}")

@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedspeech.app.cli_common import add_format_option, add_renamed, add_run_config_options
+
 log = logging.getLogger("fedspeech")
 
 
@@ -15,11 +17,19 @@ def register(sub: Any) -> None:
     """Add the ``train`` command to the top-level subparsers."""
     p = sub.add_parser("train", help="centralized training on one manifest (baseline)")
     p.add_argument("--manifest", type=Path, required=True, help="training manifest.tsv")
-    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    add_renamed(
+        p,
+        "--model-dir",
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="model directory to write",
+    )
     p.add_argument("--dev", type=Path, help="manifest to evaluate the trained model on")
-    p.add_argument("--preset", help="experiments/NAME.toml or a TOML file")
-    p.add_argument("--run-config", default="", help='overrides, e.g. "epochs=20 dp=false"')
+    add_run_config_options(p, example="epochs=20 dp=false")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: beside the manifest)")
+    add_format_option(p, default="json")
     p.set_defaults(handler=_train)
 
 
@@ -28,12 +38,12 @@ def _train(args: argparse.Namespace) -> int:
     from fedspeech_client.central import train_central
 
     cfg = resolve_run_config(args.preset, args.run_config)
-    result = train_central(args.manifest, cfg, args.out, cache_root=args.cache)
+    result = train_central(args.manifest, cfg, args.model_dir, cache_root=args.cache)
     summary: dict[str, Any] = {
         "model_dir": str(result.model_dir),
         "utterances": result.examples,
         "skipped": result.skipped,
-        "train_loss": round(result.train.metrics["train_loss"], 4),
+        "train_loss": round(result.train.metrics["train-loss"], 4),
         "epsilon": result.train.epsilon,
         "delta": cfg.train.delta if cfg.train.dp else None,
     }
@@ -43,5 +53,10 @@ def _train(args: argparse.Namespace) -> int:
 
         scores = evaluate_manifest(load_model_dir(result.model_dir), args.dev)
         summary.update({"dev_" + k: v for k, v in scores.to_dict().items()})
-    print(json.dumps(summary, indent=2))
+    if args.format == "json":
+        print(json.dumps(summary, indent=2))
+    else:
+        width = max(len(key) for key in summary)
+        for key, value in summary.items():
+            print(f"{key:<{width}}  {'-' if value is None else value}")
     return 0

@@ -9,6 +9,9 @@ CER and epsilon.
 from __future__ import annotations
 
 import logging
+import shlex
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +42,7 @@ def run_demo(
         RuntimeError: the simulation did not finish (its log names the cause).
     """
     from fedspeech.app.simulate import simulate
-    from fedspeech.config import resolve_run_config
+    from fedspeech.config import project_dir, resolve_run_config
     from fedspeech.fed_data import heldout_utterances
     from fedspeech.modeldir import load_model_dir
     from fedspeech.transcribe import Transcriber
@@ -50,7 +53,7 @@ def run_demo(
             f"the federated simulation stopped after {outcome.rounds} rounds; "
             f"see {outcome.run_dir / '.flwr'} and the log above"
         )
-    cfg = resolve_run_config(preset, overrides)
+    cfg = resolve_run_config(preset, overrides, cwd=project_dir())  # as simulate() resolved it
     utterance = heldout_utterances(cfg, cfg.fed.data_dir)[0]
     (result,) = Transcriber(load_model_dir(outcome.model_dir)).transcribe_files([utterance.path])
     text = result.hypothesis.text if result.hypothesis is not None else f"<{result.error}>"
@@ -73,9 +76,21 @@ def run_demo(
         f"{_start(cfg.fed.pretrain_utterances, cfg.fed.init_model)}"
         f"model: {demo.model_dir}\n"
         f"MLflow run {demo.tracking_run_id} in {cfg.fed.tracking_uri} "
-        f"(browse: .venv/bin/mlflow ui --backend-store-uri {cfg.fed.tracking_uri})"
+        f"(browse: {mlflow_ui_command(cfg.fed.tracking_uri)})"
     )
     return demo
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """The shell command that browses ``tracking_uri`` with ``mlflow ui``.
+
+    The ``mlflow`` executable beside this Python (a virtualenv's ``bin/``, where the project
+    installs it), else the one on ``PATH``, else ``python -m mlflow`` with this Python.
+    """
+    beside = shutil.which("mlflow", path=str(Path(sys.executable).parent))
+    program = beside or shutil.which("mlflow")
+    command = [program] if program else [sys.executable, "-m", "mlflow"]
+    return shlex.join([*command, "ui", "--backend-store-uri", tracking_uri])
 
 
 def _start(pretrain_utterances: int, init_model: str) -> str:

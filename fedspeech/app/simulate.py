@@ -65,6 +65,8 @@ class SimulationInterrupted(KeyboardInterrupt):
 
 def register(sub: Any) -> None:
     """Add the ``simulate`` command to the top-level subparsers."""
+    from fedspeech.app.cli_common import add_renamed, add_run_config_options
+
     p = sub.add_parser(
         "simulate",
         help="federated training of virtual clients on this machine",
@@ -72,16 +74,20 @@ def register(sub: Any) -> None:
         "the run finished all its rounds, 1 when it failed, 2 when it could not start "
         "(configuration or pre-flight problems, named one per line), 130 when interrupted.",
     )
-    p.add_argument("--preset", help="experiments/NAME.toml or a TOML file")
-    p.add_argument(
-        "--run-config", default="", help='overrides, e.g. "num-server-rounds=5 dp=false"'
-    )
+    add_run_config_options(p, example="num-server-rounds=5 dp=false")
     p.add_argument("--num-supernodes", type=int, help="virtual clients (default: num-partitions)")
-    p.add_argument("--out", type=Path, help="run folder (default: the run config's out-dir)")
+    add_renamed(
+        p,
+        "--run-dir",
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="run folder (default: the run config's out-dir)",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint, with the configuration it was "
+        help="continue the run in --run-dir from its checkpoint, with the configuration it was "
         "started with (run_config.toml there); --run-config may then change only "
         + ", ".join(sorted(RESUME_CHANGEABLE_KEYS)),
     )
@@ -237,7 +243,7 @@ def _resumed_config(
     if not saved_file.is_file():
         raise FileNotFoundError(
             f"{run_dir}: no run to resume ({saved_file.name} is missing; a run started with "
-            f"`fedspeech simulate --out {run_dir}` writes it)"
+            f"`fedspeech simulate --run-dir {run_dir}` writes it)"
         )
     try:
         saved = tomllib.loads(saved_file.read_text(encoding="utf-8"))
@@ -303,7 +309,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             preset=args.preset,
             overrides=args.run_config,
             num_supernodes=args.num_supernodes,
-            out=args.out,
+            out=args.run_dir,
             resume=args.resume,
             client_cpus=args.client_cpus,
         )
@@ -336,7 +342,7 @@ def report_outcome(outcome: SimulationOutcome, *, interrupted: bool = False) -> 
         + (f", user epsilon {_fmt(last['user_epsilon'])}" if last.get("user_epsilon") else "")
     )
     again = (
-        f"continue with `fedspeech simulate --out {outcome.run_dir} --resume`"
+        f"continue with `fedspeech simulate --run-dir {outcome.run_dir} --resume`"
         if outcome.rounds
         else "no round was completed, so there is nothing to resume: start the run again"
     )
@@ -383,13 +389,10 @@ def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcom
 
 
 def _project_dir() -> Path:
-    """Where the pyproject layer of the run config is read: the source checkout, else the cwd.
+    """Where the pyproject layer of the run config is read (``fedspeech.config.project_dir``)."""
+    from fedspeech.config import project_dir
 
-    Run from a checkout (an editable install), its ``pyproject.toml`` is the app's; an installed
-    wheel has none, and a ``pyproject.toml`` of project ``fedspeech`` in the cwd is used if any.
-    """
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "pyproject.toml").is_file() else Path.cwd()
+    return project_dir()
 
 
 def _fmt(value: Any) -> str:
