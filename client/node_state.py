@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.privacy_ledger import PrivacyLedger
+from fedspeech.strict import StrictError, kebab, parse_dataclass
+from fedspeech_features.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +68,21 @@ class NodeConfig:
     def parse(cls, node_config: Mapping[str, object]) -> NodeConfig:
         """Check ``node_config`` (Flower's flat mapping) and build the config.
 
+        Values follow ``fedspeech.strict`` (as the run config's do: an int is a float, ``""``
+        leaves an optional number unset).
+
         Raises:
             ConfigError: an unknown key (named, with the known ones listed) or a wrong type.
         """
-        known = {name.replace("_", "-"): kind for name, kind in _NODE_KEYS.items()}
-        unknown = sorted(set(node_config) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"unknown node-config key(s) {', '.join(map(repr, unknown))}; known keys: "
-                f"{', '.join(sorted(known))}"
-            )
-        values: dict[str, Any] = {}
-        for key, value in node_config.items():
-            kind = known[key]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or isinstance(value, bool):
+        try:
+            parsed = parse_dataclass(cls, node_config, what="node-config", key=kebab)
+        except StrictError as exc:
+            if exc.unknown:
                 raise ConfigError(
-                    f"node-config {key} must be {kind.__name__}, got {value!r} "
-                    f"({type(value).__name__})"
-                )
-            values[key.replace("-", "_")] = value
-        parsed = cls(**values)
+                    f"unknown node-config key(s) {', '.join(map(repr, exc.unknown))}; known keys: "
+                    f"{', '.join(exc.known)}"
+                ) from None
+            raise ConfigError(f"node-config {exc}") from None
         if parsed.epsilon_budget is not None and parsed.epsilon_budget <= 0:
             raise ConfigError(
                 f"node-config epsilon-budget must be > 0, got {parsed.epsilon_budget}"
@@ -96,17 +90,6 @@ class NodeConfig:
         if parsed.threads is not None and parsed.threads < 0:
             raise ConfigError(f"node-config threads must be >= 0, got {parsed.threads}")
         return parsed
-
-
-# node-config key (snake case) -> the one type its value may have
-_NODE_KEYS: dict[str, type] = {
-    "manifest": str,
-    "data_dir": str,
-    "partition_id": int,
-    "num_partitions": int,
-    "epsilon_budget": float,
-    "threads": int,
-}
 
 
 @dataclass(frozen=True)
@@ -263,7 +246,7 @@ def save_ledger(
     merged: tuple[str, ...] = (),
     charged: tuple[str, int] | None = None,
 ) -> None:
-    """Write the ledger atomically (temporary file, fsync, rename).
+    """Write the ledger atomically and durably (``fedspeech_features.files.atomic_write``).
 
     Args:
         path: the ledger file.
@@ -281,16 +264,7 @@ def save_ledger(
     if charged:
         data["last_charged"] = list(charged)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data) + "\n", mode=0o600)  # durable: a charge is never lost
 
 
 def newest_ledger(*ledgers: PrivacyLedger | None) -> PrivacyLedger | None:

@@ -10,17 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from fedspeech_features.errors import AudioError
+from fedspeech_features.files import atomic_write
 from fedspeech_features.mfcc import FeatureConfig
 
 # Bump when the feature code changes the numbers it produces: old entries are then never read.
@@ -122,11 +121,7 @@ class FeatureCache:
         entry.parent.mkdir(parents=True, exist_ok=True)
         meta = {"source": str(source), "cache_version": str(CACHE_VERSION)}
         meta["config"] = json.dumps(asdict(self.cfg), sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.stem[:16], suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({_TENSOR_NAME: feats.detach().cpu().contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        data = save({_TENSOR_NAME: feats.detach().cpu().contiguous()}, metadata=meta)
+        # Owner-only: the features are derived from the node's private audio. Not durable: an
+        # entry lost to a crash is recomputed, and an fsync per utterance would cost more.
+        atomic_write(entry, data, mode=0o600, durable=False)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedspeech_features.errors import ManifestError, SkipReport
+from fedspeech_features.files import atomic_write
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "transcript", "speaker", "duration_s")
 
@@ -102,26 +102,15 @@ def write_manifest(path: str | Path, utterances: Iterable[Utterance]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = Path(os.path.abspath(path.parent))
-    # a temp name of its own: two processes writing the same manifest must not share one
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write("\t".join(MANIFEST_COLUMNS) + "\n")
-            for utt in utterances:
-                audio = _relative(utt.path, root)
-                for field_value in (audio, utt.transcript, utt.speaker):
-                    if "\t" in field_value or "\n" in field_value or "\r" in field_value:
-                        raise ManifestError(f"{utt.path}: tab or newline in {field_value!r}")
-                fh.write(f"{audio}\t{utt.transcript}\t{utt.speaker}\t{utt.duration_s:.3f}\n")
-                n += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written manifest left beside the real one
-        raise
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the manifest from other users
-    os.replace(tmp, path)
-    return n
+    lines = ["\t".join(MANIFEST_COLUMNS) + "\n"]
+    for utt in utterances:
+        audio = _relative(utt.path, root)
+        for field_value in (audio, utt.transcript, utt.speaker):
+            if "\t" in field_value or "\n" in field_value or "\r" in field_value:
+                raise ManifestError(f"{utt.path}: tab or newline in {field_value!r}")
+        lines.append(f"{audio}\t{utt.transcript}\t{utt.speaker}\t{utt.duration_s:.3f}\n")
+    atomic_write(path, "".join(lines), mode=0o644)  # readable by the other users of the data
+    return len(lines) - 1
 
 
 def _relative(audio: Path, root: Path) -> str:

@@ -1,6 +1,6 @@
 """CTC beam search through torchaudio's ``ctc_decoder`` (flashlight-text): lexicon, KenLM LM.
 
-Returns the same :class:`~fedspeech.decoding.Hypothesis` as greedy decoding, with word times
+Returns the same :class:`~fedspeech.hypothesis.Hypothesis` as greedy decoding, with word times
 read off the beam's token path.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchaudio.models.decoder import CTCHypothesis, ctc_decoder
 
-from fedspeech.decoding import (
+from fedspeech.hypothesis import (
     Hypothesis,
     Word,
     char_weighted_confidence,

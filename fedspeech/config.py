@@ -10,16 +10,15 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args
 
 from fedspeech.model import CellType, ModelConfig
 from fedspeech.privacy_config import PrivacyConfig
 from fedspeech.secagg_config import SecAggConfig
+from fedspeech.strict import StrictError, check_keys, field_keys, kebab, parse_dataclass
 from fedspeech.train_config import TrainConfig
 from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.partition import PartitionMethod
@@ -247,23 +246,21 @@ class RunConfig:
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
-        """Build from a flat kebab-case mapping; unknown keys and wrong types raise ConfigError."""
-        remaining = dict(flat)
-        sections: dict[str, Any] = {}
-        for section in fields(cls):
-            section_type = _section_types()[section.name]
-            kwargs = {}
-            for f in fields(section_type):
-                key = f.name.replace("_", "-")
-                if key in remaining:
-                    kwargs[f.name] = _coerce(key, remaining.pop(key), _field_type(section_type, f))
-            try:
-                sections[section.name] = section_type(**kwargs)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"invalid {section.name} config: {exc}") from exc
-        if remaining:
-            known = ", ".join(sorted(flat_keys()))
-            raise ConfigError(f"unknown run-config keys {sorted(remaining)}; known keys: {known}")
+        """Build from a flat kebab-case mapping; unknown keys and wrong types raise ConfigError.
+
+        Each section takes its own keys (``fedspeech.strict`` checks their values); keys that no
+        section takes are reported after the sections, with every known key listed.
+        """
+        try:
+            sections: dict[str, Any] = {
+                name: parse_dataclass(
+                    section_type, flat, what=f"{name} config", key=kebab, ignore_unknown=True
+                )
+                for name, section_type in _section_types().items()
+            }
+            check_keys(flat, flat_keys(), what="run-config")
+        except StrictError as exc:
+            raise ConfigError(str(exc)) from exc
         return cls(**sections)
 
     def to_flat(self) -> dict[str, Any]:
@@ -272,7 +269,7 @@ class RunConfig:
         for section in fields(self):
             for key, value in dataclasses.asdict(getattr(self, section.name)).items():
                 # TOML and Flower run configs have no null: an unset optional is "".
-                out[key.replace("_", "-")] = "" if value is None else value
+                out[kebab(key)] = "" if value is None else value
         return out
 
 
@@ -290,7 +287,7 @@ def _section_types() -> dict[str, type]:
 
 def flat_keys() -> set[str]:
     """Every kebab-case key the run config accepts."""
-    return {f.name.replace("_", "-") for t in _section_types().values() for f in fields(t)}
+    return {k for t in _section_types().values() for k in field_keys(t, kebab)}
 
 
 # What ``--resume`` may change in a run's saved configuration: how long it runs, where it is
@@ -327,7 +324,7 @@ def check_resume_changes(saved: Mapping[str, Any], requested: Mapping[str, Any])
         raise ConfigError(
             f"--resume continues the run with its saved configuration and cannot change {details}; "
             f"it may change only {', '.join(sorted(RESUME_CHANGEABLE_KEYS))} "
-            "(start a new run in another --out folder to change the rest)"
+            "(start a new run in another --run-dir folder to change the rest)"
         )
     return [k for k in changed if k not in _IGNORED_ON_RESUME]
 
@@ -379,49 +376,23 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return out
 
 
-def _field_type(owner: type, f: dataclasses.Field[Any]) -> Any:
-    return typing.get_type_hints(owner)[f.name]
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
-    origin = get_origin(annotation)
-    if origin is Literal:
-        if value not in get_args(annotation):
-            raise ConfigError(f"{key} must be one of {list(get_args(annotation))}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in get_args(annotation) if a is not type(None)]
-        if value is None or value == "":
-            return None
-        for option in options:
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not {annotation}")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise ConfigError(
-        f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})"
-    )
-
-
 def presets_dir() -> Path:
     """Where named presets (TOML) live: ``fedspeech/presets/``, shipped in the wheel."""
     return Path(__file__).resolve().parent / "presets"
+
+
+# Where a resolved run-config value came from, lowest layer first.
+ConfigSource = Literal["default", "pyproject", "preset", "command line"]
+
+
+def project_dir() -> Path:
+    """Where the pyproject layer of the run config is read: the source checkout, else the cwd.
+
+    Run from a checkout (an editable install), its ``pyproject.toml`` is the app's; an installed
+    wheel has none, and a ``pyproject.toml`` of project ``fedspeech`` in the cwd is used if any.
+    """
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 
 def resolve_run_config(
@@ -430,20 +401,34 @@ def resolve_run_config(
     """Layer the run config: defaults <- ./pyproject.toml <- preset <- overrides.
 
     ``preset`` is a TOML file path or the name of ``fedspeech/presets/<name>.toml``; its top level is the
-    same flat kebab-case table as ``[tool.flwr.app.config]``.
+    same flat kebab-case table as ``[tool.flwr.app.config]``. ``cwd``: the folder whose
+    ``pyproject.toml`` (of project ``fedspeech``) is the pyproject layer (default: the cwd).
     """
-    flat: dict[str, Any] = {}
+    return resolve_run_config_sources(preset, overrides, cwd=cwd)[0]
+
+
+def resolve_run_config_sources(
+    preset: str | None = None, overrides: str | Mapping[str, Any] = "", *, cwd: Path | None = None
+) -> tuple[RunConfig, dict[str, ConfigSource]]:
+    """``resolve_run_config`` and, for every key, the layer its value came from.
+
+    A key no layer sets is ``"default"``; ``overrides`` is the ``"command line"`` layer. A
+    ``target-epsilon`` set in a layer blanks an earlier layer's ``noise-multiplier`` (and vice
+    versa): the blanked key's source is the layer that blanked it.
+    """
+    layers: list[tuple[ConfigSource, dict[str, Any]]] = []
     pyproject = (cwd or Path.cwd()) / "pyproject.toml"
     if pyproject.is_file():
         project = _load_toml(pyproject)
         if project.get("project", {}).get("name") == "fedspeech":
-            flat.update(project["tool"]["flwr"]["app"]["config"])
-    layers = [flat]
+            layers.append(("pyproject", dict(project["tool"]["flwr"]["app"]["config"])))
     if preset:
-        layers.append(_read_preset(preset))
-    layers.append(parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides))
+        layers.append(("preset", _read_preset(preset)))
+    given = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
+    layers.append(("command line", given))
     merged: dict[str, Any] = {}
-    for layer in layers:
+    sources: dict[str, ConfigSource] = {}
+    for source, layer in layers:
         # The privacy level is set one way or the other: a target epsilon given in a later layer
         # replaces a noise multiplier from an earlier one (and vice versa).
         for key, other in (
@@ -452,8 +437,11 @@ def resolve_run_config(
         ):
             if layer.get(key) not in (None, "") and other not in layer:
                 merged[other] = ""
+                sources[other] = source
         merged.update(layer)
-    return RunConfig.from_flat(merged)
+        sources.update(dict.fromkeys(layer, source))
+    cfg = RunConfig.from_flat(merged)
+    return cfg, {key: sources.get(key, "default") for key in cfg.to_flat()}
 
 
 def _load_toml(path: Path) -> dict[str, Any]:

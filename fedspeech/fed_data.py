@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from fedspeech.config import RunConfig
 from fedspeech_features.errors import FedspeechDataError
+from fedspeech_features.files import atomic_write
 from fedspeech_features.manifest import Utterance, read_manifest
 from fedspeech_features.partition import partition_utterances, write_partitions
 
@@ -210,9 +210,7 @@ def _write_split(
     )
     write_partitions(parts, root)
     info = {**params, "heldout": len(heldout), "clients": [len(p) for p in parts]}
-    tmp = root / (_SPLIT_INFO + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, root / _SPLIT_INFO)
+    atomic_write(root / _SPLIT_INFO, json.dumps(info, indent=2) + "\n")
     log.info(
         "split %s: %d held-out utterances, clients %s",
         root,

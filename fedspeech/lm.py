@@ -14,14 +14,15 @@ corpora, KenLM's ``lmplz`` gives better (modified Kneser-Ney) models in the same
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
+from fedspeech_features.files import atomic_write
 from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,9 @@ def write_arpa(transcripts: Iterable[str], path: str | Path, *, order: int = 2) 
         raise ValueError("no words in the transcripts")
     model = _WittenBell(counts)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        model.write(fh)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    model.write(text)
+    atomic_write(path, text.getvalue())
     log.info("wrote %d-gram LM %s (%d words)", order, path, len(counts[0]))
     return path
 

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from fedspeech.strict import parse_dataclass
+
 CellType = Literal["gru", "lstm", "rnn"]
 DPRNNImpl = Literal["fast", "opacus"]
 
@@ -88,12 +90,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        """Inverse of ``to_dict``; unknown keys raise ValueError (a newer/foreign config)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        """Inverse of ``to_dict``, strictly (``fedspeech.strict``): an unknown key (a newer or
+        foreign config) or a value of the wrong type raises ValueError.
+
+        Untrusted input (a model directory's config.json) goes through
+        ``fedspeech.modeldir_checks`` instead, which adds size limits.
+        """
+        return parse_dataclass(cls, data, what="model config")
 
 
 class BiGRUCTC(nn.Module):

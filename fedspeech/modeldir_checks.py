@@ -6,22 +6,23 @@ Each check raises :class:`ModelDirError` naming the file and what is wrong with 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import struct
-import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, TypeVar
 
 import torch
 
 from fedspeech.model import BiGRUCTC, ModelConfig
+from fedspeech.strict import StrictError, check_keys, parse_dataclass
 from fedspeech_features.errors import FedspeechDataError
 from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import BLANK, CharTokenizer
+
+T = TypeVar("T")
 
 FORMAT = "fedspeech-model"
 FORMAT_VERSION = 1
@@ -114,7 +115,7 @@ def check_config(
 ) -> tuple[ModelConfig, FeatureConfig, CharTokenizer]:
     """Validate a parsed config.json; returns the configs it describes."""
     keys = {"format", "format_version", "model", "features", "tokenizer", "provenance"}
-    _check_keys(config, keys, where, "config")
+    config = _check_keys(config, keys, where, "config")
     if config["format"] != FORMAT or config["format_version"] != FORMAT_VERSION:
         raise ModelDirError(
             f"{where}: format {config['format']!r} version {config['format_version']!r} "
@@ -125,8 +126,7 @@ def check_config(
     model_cfg = _dataclass_from(ModelConfig, config["model"], where, "model")
     feature_cfg = _dataclass_from(FeatureConfig, config["features"], where, "features")
     tok = config["tokenizer"]
-    _check_keys(tok, {"alphabet"}, where, "tokenizer")
-    alphabet = tok["alphabet"]
+    alphabet = _check_keys(tok, {"alphabet"}, where, "tokenizer")["alphabet"]
     if (
         not isinstance(alphabet, list)
         or not 2 <= len(alphabet) <= LIMITS["vocab_size"]
@@ -150,38 +150,36 @@ def check_config(
     return model_cfg, feature_cfg, CharTokenizer(alphabet)
 
 
-def _check_keys(data: Any, expected: set[str], where: Path, section: str) -> None:
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{where}: {section} must be a JSON object")
-    missing, unknown = sorted(expected - set(data)), sorted(set(data) - expected)
-    if missing or unknown:
-        raise ModelDirError(f"{where}: {section} has missing keys {missing}, unknown {unknown}")
+def _check_keys(data: Any, expected: set[str], where: Path, section: str) -> Mapping[str, Any]:
+    """``data`` as a JSON object with exactly the ``expected`` keys (``fedspeech.strict``)."""
+    try:
+        return check_keys(data, expected, what=section, required=expected)
+    except StrictError as exc:
+        raise ModelDirError(f"{where}: {exc}") from None
 
 
-def _dataclass_from(cls: type[Any], data: Any, where: Path, section: str) -> Any:
-    """Build a config dataclass from JSON, checking keys, exact types and ``LIMITS`` first."""
-    _check_keys(data, {f.name for f in dataclasses.fields(cls)}, where, section)
-    hints = typing.get_type_hints(cls)
-    for name, value in data.items():
-        hint = hints[name]
-        if get_origin(hint) is Literal:
-            ok = value in get_args(hint)
-        elif hint is float:
-            ok = type(value) in (int, float) and math.isfinite(value)
-        else:  # int, bool, str: exact (a JSON true is not an int here)
-            ok = type(value) is hint
-        if not ok:
-            raise ModelDirError(f"{where}: {section}.{name} = {value!r} is not a valid {hint}")
+def _dataclass_from(cls: type[T], data: Any, where: Path, section: str) -> T:
+    """Build a config dataclass from JSON: every field given, of its exact type (a JSON ``true``
+    is no int, ``3.0`` no int), finite and within ``LIMITS``, all checked before it is built."""
+
+    def untrusted(name: str, value: Any) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ModelDirError(f"{where}: {section}.{name} = {value!r} is not a valid float")
         if name in LIMITS and value > LIMITS[name]:
             raise ModelDirError(
                 f"{where}: {section}.{name} = {value} exceeds the limit {LIMITS[name]}"
             )
-    if cls is FeatureConfig and not (0 < data["win_ms"] <= 1000 and 0 < data["hop_ms"] <= 1000):
-        raise ModelDirError(f"{where}: features.win_ms and hop_ms must be in (0, 1000] ms")
+        if name in ("win_ms", "hop_ms") and not 0 < value <= 1000:
+            raise ModelDirError(f"{where}: features.win_ms and hop_ms must be in (0, 1000] ms")
+
     try:
-        return cls(**data)
-    except (TypeError, ValueError) as exc:
-        raise ModelDirError(f"{where}: invalid {section} config ({exc})") from None
+        return parse_dataclass(cls, data, what=f"{section} config", complete=True, check=untrusted)
+    except StrictError as exc:
+        if exc.key is not None:  # phrased as before: the value, then what it should be
+            raise ModelDirError(
+                f"{where}: {section}.{exc.key} = {exc.value!r} is not a valid {exc.expected}"
+            ) from None
+        raise ModelDirError(f"{where}: {exc}") from None
 
 
 def expected_shapes(cfg: ModelConfig, where: Path) -> dict[str, tuple[int, ...]]:

@@ -1,13 +1,13 @@
 """MLflow tracker of the federated server: config, per-round metrics, artifacts, registered model.
 
-Implements ``fedspeech_server.tracking.Tracker`` with an explicit ``MlflowClient`` and run id. Tracking must
-never cost the training run: every call is appended to a queue of operations that is replayed
-against MLflow in order (``fedspeech_server.mlflow_ops``). When MLflow is unreachable (server down at start
-or mid-run, database locked) the tracker warns once per outage, keeps the queue, mirrors it to
-``<run_folder>/tracking_buffer.jsonl`` and retries on later calls (at most every
-``retry_interval_s``); once MLflow answers the queue is flushed and the file removed. A tracker
-built on the same run folder later (``--resume`` after a crash) replays what the file still holds.
-Errors retrying cannot fix (MLflow refusing a value) are logged and that operation dropped.
+Implements ``fedspeech_server.tracker_protocol.Tracker`` with an explicit ``MlflowClient`` and run
+id. Tracking must never cost the training run: every call is appended to a queue of operations that
+is replayed against MLflow in order (``fedspeech_server.mlflow_ops``). When MLflow is unreachable
+(server down at start or mid-run, database locked) the tracker warns once per outage, keeps the
+queue, mirrors it to ``<run_folder>/tracking_buffer.jsonl`` and retries on later calls (at most
+every ``retry_interval_s``); once MLflow answers the queue is flushed and the file removed. A
+tracker built on the same run folder later (``--resume`` after a crash) replays what the file still
+holds. Errors retrying cannot fix (MLflow refusing a value) are logged and that operation dropped.
 No method raises.
 
 Until MLflow has answered, ``run_id`` is a placeholder ``pending-<hex>``; resuming with it
@@ -43,7 +43,7 @@ from fedspeech_server.mlflow_ops import (
     open_run,
 )
 from fedspeech_server.plots import plot_round_metrics
-from fedspeech_server.tracking import EndStatus
+from fedspeech_server.tracker_protocol import EndStatus
 from fedspeech_server.tracking_buffer import (
     BUFFER_FILE,
     Op,

@@ -1,10 +1,7 @@
-"""Run tracking hook of the server: a ``Tracker`` protocol and two plain implementations.
+"""Run tracking of the server: the plain trackers, and ``open_tracker`` to pick a run's.
 
-The server calls, in order: ``log_params`` once per fresh run, ``log_round`` after every round
-(after the checkpoint is on disk), then ``log_artifacts`` and ``finish`` at the end, or ``fail``
-with the reason when the run stops early. A tracker
-keeps its ``run_id`` in the checkpoint, so a resumed run reopens the same tracking run.
-Trackers must not raise for tracking trouble (a server that is down): warn and carry on.
+The ``Tracker`` protocol they implement (call order, resuming, never raising) is in
+``fedspeech_server.tracker_protocol``.
 
 * ``NullTracker``: records nothing.
 * ``LocalTracker``: JSON files in the run folder (``params.json``, ``rounds.jsonl`` with one line
@@ -20,17 +17,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from fedspeech.config import RunConfig
+from fedspeech_features.files import atomic_write
+
+# EndStatus and Tracker are re-exported: callers name them from here too.
+from fedspeech_server.tracker_protocol import EndStatus as EndStatus
+from fedspeech_server.tracker_protocol import Tracker as Tracker
 
 log = logging.getLogger(__name__)
 
-EndStatus = Literal["FAILED", "KILLED"]  # how a run that did not finish ended (MLflow's names)
 ROUNDS_FILE = "rounds.jsonl"
 # What a run under user-level DP sends to MLflow: functions of the noised global models (central
 # evaluation, update norm), the mechanism's own noisy or public values, and the size of the
@@ -54,36 +54,6 @@ USER_LEVEL_RELEASED = frozenset(
 RELEASE_NOTE_PARAM = "released-metrics"
 PARAMS_FILE = "params.json"
 TRACKING_FILE = "tracking.json"
-
-
-class Tracker(Protocol):
-    """What the server reports to; ``run_id`` is stored in the checkpoint for resuming."""
-
-    @property
-    def run_id(self) -> str:
-        """Identifier of the tracking run (reopened on resume)."""
-        ...
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Record the resolved run config (flat kebab-case keys) once per run."""
-        ...
-
-    def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
-        """Record one round's metrics (``fedspeech_server.rounds.RoundSummary.metrics()``)."""
-        ...
-
-    def log_artifacts(self, directory: Path) -> None:
-        """Record the files in ``directory`` (reports: per-client table, history)."""
-        ...
-
-    def finish(self, model_dir: Path | None) -> None:
-        """Record the final model directory and close the run."""
-        ...
-
-    def fail(self, reason: str, status: EndStatus = "FAILED") -> None:
-        """Close the run as ``FAILED`` (or ``KILLED``: interrupted), keeping ``reason`` (a resume
-        reopens it)."""
-        ...
 
 
 class NullTracker:
@@ -140,7 +110,7 @@ class LocalTracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Write ``params.json``."""
-        _write_atomic(self.run_dir / PARAMS_FILE, json.dumps(dict(params), indent=2) + "\n")
+        atomic_write(self.run_dir / PARAMS_FILE, json.dumps(dict(params), indent=2) + "\n")
 
     def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
         """Append one line ``{"round": r, ...metrics}`` to ``rounds.jsonl``."""
@@ -165,7 +135,7 @@ class LocalTracker:
         self._write_info()
 
     def _write_info(self) -> None:
-        _write_atomic(self.run_dir / TRACKING_FILE, json.dumps(self._info, indent=2) + "\n")
+        atomic_write(self.run_dir / TRACKING_FILE, json.dumps(self._info, indent=2) + "\n")
 
 
 def open_tracker(cfg: RunConfig, run_dir: Path, run_id: str | None) -> Tracker:
@@ -316,9 +286,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

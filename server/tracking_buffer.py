@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from fedspeech_features.files import atomic_write
 
 __all__ = ["BUFFER_FILE", "RUN_IDS_FILE", "Op", "load_ops", "read_run_ids", "remember_run_id"]
 
@@ -48,9 +49,7 @@ def save_ops(path: Path, ops: Sequence[Op]) -> None:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(op, default=str) + "\n" for op in ops), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(op, default=str) + "\n" for op in ops))
 
 
 def read_run_ids(folder: Path) -> dict[str, str]:
@@ -66,6 +65,4 @@ def remember_run_id(folder: Path, placeholder: str, run_id: str) -> None:
     """Record that ``placeholder`` stands for the MLflow run ``run_id``."""
     ids = {**read_run_ids(folder), placeholder: run_id}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RUN_IDS_FILE}.tmp"
-    tmp.write_text(json.dumps(ids, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / RUN_IDS_FILE)
+    atomic_write(folder / RUN_IDS_FILE, json.dumps(ids, indent=2) + "\n")

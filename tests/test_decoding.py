@@ -12,14 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedspeech.beam import BeamDecoder
-from fedspeech.decoding import (
-    GreedyDecoder,
-    Hypothesis,
-    Word,
-    greedy_decode,
-    join_hypotheses,
-    make_decoder,
-)
+from fedspeech.decoding import GreedyDecoder, greedy_decode, make_decoder
+from fedspeech.hypothesis import Hypothesis, Word, join_hypotheses
 from fedspeech.lm import read_arpa_vocab, write_arpa, write_lexicon
 from fedspeech_features.text import CharTokenizer
 

@@ -34,6 +34,7 @@ import soxr
 from fedspeech_features.corpora.augment import augment_waveform
 from fedspeech_features.corpora.sentences import generate_digits, generate_sentences
 from fedspeech_features.errors import Skipped, SkipReport
+from fedspeech_features.files import atomic_write
 from fedspeech_features.manifest import Utterance, read_manifest, write_manifest
 from fedspeech_features.tts import Espeak, Voice
 
@@ -403,6 +404,4 @@ def _write_info(
         "skipped": [asdict(s) for s in report.skipped] if report else [],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (_BUILD_INFO + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / _BUILD_INFO)
+    atomic_write(out_dir / _BUILD_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")

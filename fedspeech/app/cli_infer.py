@@ -178,10 +178,10 @@ def _emit(text: str, out: Path | None) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
+        from fedspeech_features.files import atomic_write
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
+        atomic_write(out, text)
         log.info("wrote %s", out)
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fedspeech.config import RESUME_CHANGEABLE_KEYS, ConfigError, RunConfig
 
 if TYPE_CHECKING:
-    from fedspeech_server.tracking import EndStatus
+    from fedspeech_server.tracker_protocol import EndStatus
 
 log = logging.getLogger("fedspeech")
 
