@@ -30,6 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
+import fedspeech.metric_keys as mk
 from benchmarks.inprocess import InProcessGrid
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC
@@ -55,7 +56,7 @@ def _train(msg: Message, context: Context) -> Message:
         k: Array((v.numpy() + rng.normal(0, 1e-3, v.numpy().shape)).astype(np.float32))
         for k, v in msg.content.array_records["arrays"].items()
     }
-    metrics = MetricRecord({"num-examples": 50, "declined": 0, "train-loss": 1.0})
+    metrics = MetricRecord({mk.NUM_EXAMPLES: 50, mk.DECLINED: 0, mk.TRAIN_LOSS: 1.0})
     return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
 
 

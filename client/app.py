@@ -38,6 +38,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+import fedspeech.metric_keys as mk
 from fedspeech_client.secagg import secure_aggregation_mod
 
 if TYPE_CHECKING:
@@ -117,11 +118,11 @@ def train(msg: Message, context: Context) -> Message:
         update = apply_faults(faults, update)
 
     metrics: dict[str, MetricRecordValues] = {**outcome.metrics, **data_metrics}
-    metrics["recharged"] = float(recharged)
+    metrics[mk.RECHARGED] = float(recharged)
     if node.epsilon_budget is not None:  # for the server's privacy summary
-        metrics["epsilon-budget"] = node.epsilon_budget
+        metrics[mk.EPSILON_BUDGET] = node.epsilon_budget
     if node.partition is not None:  # lets the server's report name simulated clients stably
-        metrics["partition-id"] = float(node.partition[0])
+        metrics[mk.PARTITION_ID] = float(node.partition[0])
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if update is not None:
         content["arrays"] = ArrayRecord(update)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import fedspeech.metric_keys as mk
 from fedspeech.audit_bound import epsilon_lower_bound
 from fedspeech.model import BiGRUCTC, load_plain_state_dict
 from fedspeech_client.batching import LabelledFeatures
@@ -248,7 +249,7 @@ def run_canary_audit(
         confidence=settings.confidence,
         noise_multiplier=result.noise_multiplier,
         train_examples=len(examples) + len(included),
-        train_loss=float(result.metrics["train_loss"]),
+        train_loss=float(result.metrics[mk.TRAIN_LOSS]),
         seconds=time.perf_counter() - start,
         scores=tuple(float(s) for s in scores),
         membership=tuple(bool(b) for b in membership.tolist()),

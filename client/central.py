@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+import fedspeech.metric_keys as mk
 from fedspeech import __version__
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, count_parameters
@@ -74,8 +75,8 @@ def train_central(
         "speakers": len({e.speaker for e in examples}),
         "audio_minutes": round(summary.audio_minutes, 2),
         "epochs": cfg.train.epochs,
-        "steps": int(result.metrics["num_steps"]),
-        "train_loss": result.metrics["train_loss"],
+        "steps": int(result.metrics[mk.NUM_STEPS]),
+        "train_loss": result.metrics[mk.TRAIN_LOSS],
         "dp": cfg.train.dp,
         "epsilon": result.epsilon,
         "delta": cfg.train.delta if cfg.train.dp else None,

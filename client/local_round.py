@@ -4,12 +4,13 @@
 ClientApp in ``fedspeech_client.app`` only translates messages). A client whose next round would spend more
 than its epsilon budget declines: it trains nothing, spends nothing and says why.
 
-Reply metric keys (stable; Flower's strategies weight by ``num-examples``): ``train-loss``,
-``num-examples``, ``num-steps``, ``skipped-batches``, ``seconds``, ``declined`` (0/1) and, with
-DP, ``epsilon`` (the client's total so far), ``noise-multiplier``, ``sample-rate``. The data
-pass adds ``skipped-utterances`` and its split by reason (``data_metrics``): counts only, never
-which utterance. The ClientApp adds ``recharged`` (1: this round of this run had been charged
-before, by an attempt that was cut off) and, when the node has one, ``epsilon-budget``.
+Reply metric keys (stable, named in ``fedspeech.metric_keys``; Flower's strategies weight by
+``num-examples``): ``train-loss``, ``num-examples``, ``num-steps``, ``skipped-batches``,
+``seconds``, ``declined`` (0/1) and, with DP, ``epsilon`` (the client's total so far),
+``noise-multiplier``, ``sample-rate``. The data pass adds ``skipped-utterances`` and its split by
+reason (``data_metrics``): counts only, never which utterance. The ClientApp adds ``recharged``
+(1: this round of this run had been charged before, by an attempt that was cut off) and, when the
+node has one, ``epsilon-budget``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+import fedspeech.metric_keys as mk
 from fedspeech.config import RunConfig
 from fedspeech.model import BiGRUCTC, load_plain_state_dict
 from fedspeech.pipeline import load_examples
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 # Seeds of different rounds and nodes must differ (dropout, shuffling, and DP noise when
 # dp-seed is fixed in tests): offset them by round and partition.
 _ROUND_SEED_STRIDE = 100_003
+
+# Local training's metrics that go into the reply as they are (TrainResult uses the reply's names).
+_TRAIN_KEYS = (mk.TRAIN_LOSS, mk.NUM_EXAMPLES, mk.NUM_STEPS, mk.SKIPPED_BATCHES)
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,8 @@ def data_metrics(report: SkipReport) -> dict[str, float]:
     Every kind is always present (0 when none), so all clients report the same metric names.
     """
     counts = report.counts()
-    metrics = {"skipped-utterances": float(len(report.skipped))}
-    metrics.update({f"skipped-{kind}": float(counts.get(kind, 0)) for kind in SKIP_KINDS})
+    metrics = {mk.SKIPPED_UTTERANCES: float(len(report.skipped))}
+    metrics.update({mk.skipped_kind(kind): float(counts.get(kind, 0)) for kind in SKIP_KINDS})
     return metrics
 
 
@@ -133,9 +138,9 @@ def run_round(
         noise, reason = _plan_noise(cfg, len(examples), prior, budget)
         if reason is not None:
             log.warning("declining round %d: %s", server_round, reason)
-            metrics = {"declined": 1.0, "num-examples": float(len(examples))}
-            metrics["epsilon"] = prior.epsilon(train.accountant)
-            metrics["seconds"] = time.perf_counter() - start
+            metrics = {mk.DECLINED: 1.0, mk.NUM_EXAMPLES: float(len(examples))}
+            metrics[mk.EPSILON] = prior.epsilon(train.accountant)
+            metrics[mk.SECONDS] = time.perf_counter() - start
             return RoundOutcome(None, metrics, prior, reason)
         train = dataclasses.replace(train, noise_multiplier=noise, target_epsilon=None)
 
@@ -143,18 +148,14 @@ def run_round(
     model = BiGRUCTC(cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size))
     load_plain_state_dict(model, global_state)
     result = train_local(model, examples, train, privacy_state=prior, proximal_mu=proximal_mu)
-    metrics = {
-        "train-loss": result.metrics["train_loss"],
-        "num-examples": result.metrics["num_examples"],
-        "num-steps": result.metrics["num_steps"],
-        "skipped-batches": result.metrics["skipped_batches"],
-        "seconds": time.perf_counter() - start,
-        "declined": 0.0,
-    }
+    # Named keys only: what leaves the node is chosen here, not by whatever training reports.
+    metrics = {k: result.metrics[k] for k in _TRAIN_KEYS}
+    metrics[mk.SECONDS] = time.perf_counter() - start  # the whole round, not only training
+    metrics[mk.DECLINED] = 0.0
     if result.epsilon is not None:
-        metrics["epsilon"] = result.epsilon
-        metrics["noise-multiplier"] = float(result.noise_multiplier or 0.0)
-        metrics["sample-rate"] = float(result.sample_rate or 0.0)
+        metrics[mk.EPSILON] = result.epsilon
+        metrics[mk.NOISE_MULTIPLIER] = float(result.noise_multiplier or 0.0)
+        metrics[mk.SAMPLE_RATE] = float(result.sample_rate or 0.0)
     return RoundOutcome(result.state_dict, metrics, result.privacy_state)
 
 

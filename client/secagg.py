@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 
+import fedspeech.metric_keys as mk
+
 if TYPE_CHECKING:
     from fedspeech.config import RunConfig
 
@@ -131,14 +133,14 @@ def masked_input(sent: RecordDict, reply: RecordDict, cfg: RunConfig) -> RecordD
             deltas = [d * scale for d in deltas]
             weight = 1
         else:
-            weight = _capped_weight(metrics.get("num-examples", 0.0), cfg.secagg.secagg_max_weight)
+            weight = _capped_weight(metrics.get(mk.NUM_EXAMPLES, 0.0), cfg.secagg.secagg_max_weight)
         _warn_if_saturated(deltas, cfg.secagg.secagg_clipping_range)
     if user_level and cfg.privacy.adaptive_clipping:  # scaled to r: quantization clips at r
         deltas.append(np.array([unclipped * cfg.secagg.secagg_clipping_range]))
     fit_metrics: dict[str, bool | bytes | float | int | str] = dict(metrics)
     decline = reply.config_records.get("decline")
     if decline is not None:
-        fit_metrics["decline-reason"] = str(decline.get("reason", ""))
+        fit_metrics[mk.DECLINE_REASON] = str(decline.get("reason", ""))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(deltas), weight, fit_metrics)
     return fitres_to_recorddict(fitres, keep_input=False)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+import fedspeech.metric_keys as mk
 from fedspeech.privacy_ledger import PrivacyLedger
 from fedspeech.train_config import TrainConfig
 from fedspeech_client.proximal import add_proximal_step
@@ -20,10 +21,11 @@ class TrainResult:
 
     Attributes:
         state_dict: trained weights under the plain fused-RNN names, detached CPU tensors.
-        metrics: ``train_loss`` (mean per-utterance CTC loss of the last epoch, per label),
-            ``num_examples``, ``num_steps`` (optimizer steps, DP: accountant steps),
-            ``skipped_batches`` (DP: empty Poisson batches, stepped with noise only; non-DP:
-            batches with a non-finite loss, not stepped), ``seconds``.
+        metrics: under the reply's names (``fedspeech.metric_keys``): ``train-loss`` (mean
+            per-utterance CTC loss of the last epoch, per label), ``num-examples``, ``num-steps``
+            (optimizer steps, DP: accountant steps), ``skipped-batches`` (DP: empty Poisson
+            batches, stepped with noise only; non-DP: batches with a non-finite loss, not
+            stepped), ``seconds``.
         epsilon: total epsilon of this client so far (restored history included) at
             ``cfg.delta``; None without DP.
         noise_multiplier: the noise used (given or calibrated); None without DP.
@@ -60,11 +62,11 @@ def make_optimizer(
 
 
 def make_metrics(loss: float, n: int, steps: int, skipped: int, start: float) -> dict[str, float]:
-    """The metrics dict of ``TrainResult`` (stable keys: Flower and MLflow report them)."""
+    """The metrics dict of ``TrainResult``, keyed as a client's reply (``fedspeech.metric_keys``)."""
     return {
-        "train_loss": loss,
-        "num_examples": float(n),
-        "num_steps": float(steps),
-        "skipped_batches": float(skipped),
-        "seconds": time.perf_counter() - start,
+        mk.TRAIN_LOSS: loss,
+        mk.NUM_EXAMPLES: float(n),
+        mk.NUM_STEPS: float(steps),
+        mk.SKIPPED_BATCHES: float(skipped),
+        mk.SECONDS: time.perf_counter() - start,
     }

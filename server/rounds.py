@@ -25,6 +25,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+import fedspeech.metric_keys as mk
+
 ReplyStatus = Literal["ok", "declined", "failed", "rejected"]
 _STATUSES: tuple[ReplyStatus, ...] = get_args(ReplyStatus)
 
@@ -110,13 +112,15 @@ def summarize_round(
 ) -> RoundSummary:
     """Count the replies, average the loss over trained clients, collect epsilon."""
     ok = [r for r in reports if r.status == "ok"]
-    weights = [r.metrics.get("num-examples", 0.0) for r in ok]
-    losses = [r.metrics.get("train-loss", math.nan) for r in ok]
+    weights = [r.metrics.get(mk.NUM_EXAMPLES, 0.0) for r in ok]
+    losses = [r.metrics.get(mk.TRAIN_LOSS, math.nan) for r in ok]
     pairs = [(w, x) for w, x in zip(weights, losses, strict=True) if math.isfinite(x) and w > 0]
     total = sum(w for w, _ in pairs)
     loss = sum(w * x for w, x in pairs) / total if total else None
-    eps = [r.metrics["epsilon"] for r in reports if r.status != "failed" and "epsilon" in r.metrics]
-    seconds = [r.metrics["seconds"] for r in reports if "seconds" in r.metrics]
+    eps = [
+        r.metrics[mk.EPSILON] for r in reports if r.status != "failed" and mk.EPSILON in r.metrics
+    ]
+    seconds = [r.metrics[mk.SECONDS] for r in reports if mk.SECONDS in r.metrics]
     return RoundSummary(
         round=server_round,
         clients_ok=len(ok),
@@ -187,14 +191,14 @@ def update_clients(
         row = table.setdefault(r.client, {**{f"rounds_{s}": 0 for s in _STATUSES}, "epsilon": None})
         row[f"rounds_{r.status}"] = row.get(f"rounds_{r.status}", 0) + 1  # older rows lack some
         row["last_round"] = server_round
-        if "epsilon" in r.metrics:
-            row["epsilon"] = _finite(r.metrics["epsilon"])
-        if "epsilon-budget" in r.metrics:
-            row["epsilon_budget"] = _finite(r.metrics["epsilon-budget"])
-        if r.metrics.get("recharged"):
+        if mk.EPSILON in r.metrics:
+            row["epsilon"] = _finite(r.metrics[mk.EPSILON])
+        if mk.EPSILON_BUDGET in r.metrics:
+            row["epsilon_budget"] = _finite(r.metrics[mk.EPSILON_BUDGET])
+        if r.metrics.get(mk.RECHARGED):
             row["rounds_recharged"] = row.get("rounds_recharged", 0) + 1
-        if r.metrics.get("num-examples"):
-            row["num_examples"] = int(r.metrics["num-examples"])
+        if r.metrics.get(mk.NUM_EXAMPLES):
+            row["num_examples"] = int(r.metrics[mk.NUM_EXAMPLES])
         if r.reason:
             row["last_reason"] = r.reason
 

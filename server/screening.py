@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+import fedspeech.metric_keys as mk
 from fedspeech_server.rounds import ClientReport
 
-WEIGHT_KEY = "num-examples"  # Flower's default weight key; every training reply carries it
+WEIGHT_KEY = mk.NUM_EXAMPLES  # Flower's default weight key; every training reply carries it
 
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 """Names -> (shape, dtype) of the weights a round sent (``array_spec``)."""
@@ -69,9 +70,9 @@ def client_report(msg: Message, sent: ArraySpec | None = None) -> ClientReport:
         if isinstance(metrics_record, MetricRecord)
         else {}
     )
-    if "partition-id" in metrics:
-        name = f"partition-{int(metrics['partition-id'])}"
-    if metrics.get("declined"):
+    if mk.PARTITION_ID in metrics:
+        name = f"partition-{int(metrics[mk.PARTITION_ID])}"
+    if metrics.get(mk.DECLINED):
         decline = content.get("decline")
         reason = str(decline.get("reason", "")) if isinstance(decline, ConfigRecord) else ""
         return ClientReport(name, "declined", metrics, reason or "declined")

@@ -46,6 +46,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+import fedspeech.metric_keys as mk
 from fedspeech.config import RunConfig
 from fedspeech.secagg_config import MODULUS_RANGE
 from fedspeech_server.rounds import ClientReport
@@ -347,14 +348,14 @@ def _report(node: int, res: FitRes) -> ClientReport:
     metrics = {
         k: float(v)
         for k, v in res.metrics.items()
-        if isinstance(v, int | float) and k != "declined"
+        if isinstance(v, int | float) and k != mk.DECLINED
     }
-    metrics["declined"] = float(bool(res.metrics.get("declined")))
+    metrics[mk.DECLINED] = float(bool(res.metrics.get(mk.DECLINED)))
     name = f"node-{node}"
-    if "partition-id" in metrics:
-        name = f"partition-{int(metrics['partition-id'])}"
-    if metrics["declined"]:
-        reason = str(res.metrics.get("decline-reason", "")) or "declined"
+    if mk.PARTITION_ID in metrics:
+        name = f"partition-{int(metrics[mk.PARTITION_ID])}"
+    if metrics[mk.DECLINED]:
+        reason = str(res.metrics.get(mk.DECLINE_REASON, "")) or "declined"
         return ClientReport(name, "declined", metrics, reason)
     if res.num_examples <= 0:
         return ClientReport(name, "rejected", metrics, "masked input with aggregation weight 0")

@@ -49,11 +49,11 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strateg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.run import Run
 
+import fedspeech.metric_keys as mk
 from fedspeech.config import FedConfig
 from fedspeech_server.rounds import ClientReport
 from fedspeech_server.sampling import Cohort, PoissonSampler
 from fedspeech_server.screening import (
-    WEIGHT_KEY,
     ArraySpec,
     array_spec,
     reject_contributors,
@@ -307,7 +307,7 @@ def _make_strategy(cfg: FedConfig) -> ScreeningStrategy:
         "min_train_nodes": cfg.min_clients,
         "min_evaluate_nodes": cfg.min_clients,
         "min_available_nodes": cfg.min_clients,
-        "weighted_by_key": WEIGHT_KEY,
+        "weighted_by_key": mk.NUM_EXAMPLES,
     }
     if cfg.clients_per_round:
         # Flower samples max(int(connected x fraction_train), min_train_nodes) nodes, once at
@@ -332,7 +332,7 @@ def _aggregate_reply(arrays: Mapping[str, np.ndarray], server_round: int) -> Mes
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-            "metrics": MetricRecord({WEIGHT_KEY: 1.0}),
+            "metrics": MetricRecord({mk.NUM_EXAMPLES: 1.0}),
         }
     )
     metadata = Metadata(
@@ -410,7 +410,7 @@ def _weights_only(msg: Message) -> Message:
     content = RecordDict(
         {
             "arrays": msg.content.array_records["arrays"],
-            "metrics": MetricRecord({WEIGHT_KEY: metrics[WEIGHT_KEY]}),
+            "metrics": MetricRecord({mk.NUM_EXAMPLES: metrics[mk.NUM_EXAMPLES]}),
         }
     )
     # A reply with the original's metadata (sender, reply-to): Flower's make_message (see

@@ -270,7 +270,7 @@ def test_dp_training_follows_the_same_loss_curve_as_opacus_dpgru(
         for _ in range(4):  # four calls of one epoch: the ledger carries over, like FL rounds
             result = train_local(model, examples, cfg, privacy_state=state)
             load_plain_state_dict(model, result.state_dict)
-            losses.append(result.metrics["train_loss"])
+            losses.append(result.metrics["train-loss"])
             state = result.privacy_state
         return losses, result.state_dict
 

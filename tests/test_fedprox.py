@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from fedspeech.config import RunConfig
-from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
+from fedspeech.model import BiGRUCTC, plain_state_dict
 from fedspeech_client.local_round import run_round
 from fedspeech_client.proximal import add_proximal_step
 from fedspeech_client.train import TrainConfig, train_local
+from tests.conftest import TINY_NODE, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,11 +29,6 @@ def _examples(n: int) -> list[_Utt]:
             for _ in range(n)]  # fmt: skip
 
 
-def _model() -> BiGRUCTC:
-    torch.manual_seed(0)
-    return BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0))
-
-
 def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(float(torch.sum((a[k] - b[k]) ** 2)) for k in a) ** 0.5
 
@@ -40,7 +36,7 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
 def test_proximal_term_keeps_weights_closer_to_the_global_model(dp: bool) -> None:
     # Prepare: several steps with a large lr, so plain training wanders off
-    model = _model()
+    model = tiny_model()
     start = plain_state_dict(model)
     cfg = TrainConfig(epochs=4, batch_size=4, lr=0.05, dp=dp, noise_multiplier=0.5, dp_seed=7)
     # Execute
@@ -50,23 +46,23 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(dp: bool) -> Non
     far, near = _distance(free.state_dict, start), _distance(prox.state_dict, start)
     assert 0 < near < 0.8 * far, (near, far)
     assert prox.epsilon == free.epsilon  # the pull is post-processing: no privacy cost
-    assert prox.metrics["num_steps"] == free.metrics["num_steps"]
+    assert prox.metrics["num-steps"] == free.metrics["num-steps"]
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
 def test_zero_mu_is_bit_identical_to_no_proximal_term(dp: bool) -> None:
     cfg = TrainConfig(epochs=2, batch_size=4, lr=0.05, dp=dp, noise_multiplier=0.5, dp_seed=7)
-    without = train_local(_model(), _examples(8), cfg)
-    zero = train_local(_model(), _examples(8), cfg, proximal_mu=0.0)
+    without = train_local(tiny_model(), _examples(8), cfg)
+    zero = train_local(tiny_model(), _examples(8), cfg, proximal_mu=0.0)
     assert all(torch.equal(without.state_dict[k], v) for k, v in zero.state_dict.items())
 
 
 def test_dp_proximal_pull_runs_once_per_logical_step() -> None:
     # Physical batches of 2 accumulate into one DP step: the pull must not run per chunk.
     cfg = TrainConfig(epochs=2, batch_size=6, lr=0.05, noise_multiplier=1.0, dp_seed=3)
-    whole = train_local(_model(), _examples(12), cfg, proximal_mu=5.0)
+    whole = train_local(tiny_model(), _examples(12), cfg, proximal_mu=5.0)
     split = train_local(
-        _model(), _examples(12), replace(cfg, max_physical_batch_size=2), proximal_mu=5.0
+        tiny_model(), _examples(12), replace(cfg, max_physical_batch_size=2), proximal_mu=5.0
     )
     for name, value in whole.state_dict.items():
         torch.testing.assert_close(split.state_dict[name], value, rtol=0, atol=1e-6)
@@ -92,9 +88,8 @@ def test_proximal_step_is_a_gradient_step_on_the_proximal_term() -> None:
 
 def test_client_round_passes_the_servers_mu_to_training() -> None:
     cfg = RunConfig.from_flat(
-        {"n-mfcc": 6, "n-mels": 8, "stack": 1, "subsample": 1, "hidden-size": 8,
-         "num-layers": 1, "dropout": 0.0, "batch-size": 4, "dp-seed": 0, "lr": 0.05}
-    )  # fmt: skip
+        {**TINY_NODE, "hidden-size": 8, "batch-size": 4, "dp-seed": 0, "lr": 0.05}
+    )
     torch.manual_seed(0)
     start = plain_state_dict(BiGRUCTC(cfg.model.model_config(cfg.features.frame_dim, 29)))
     kwargs = {"server_round": 1, "prior": None, "budget": None}

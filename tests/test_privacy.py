@@ -21,6 +21,7 @@ from fedspeech.privacy_ledger import (
 )
 from fedspeech_client.batching import CTCBatch, as_ctc_batch, collate_ctc, ctc_loss
 from fedspeech_client.train import TrainConfig, train_local
+from tests.conftest import tiny_model
 
 DELTA = 1e-5
 # Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.
@@ -44,11 +45,6 @@ def _examples(n: int, *, seed: int = 0, dim: int = 6) -> list[_Utt]:
         labels = torch.randint(1, 29, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g)
         out.append(_Utt(torch.randn(frames, dim, generator=g), labels))
     return out
-
-
-def _tiny_model(seed: int = 0) -> BiGRUCTC:
-    torch.manual_seed(seed)
-    return BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0))
 
 
 # ---------------------------------------------------------------- PrivacyLedger
@@ -210,13 +206,13 @@ def test_two_one_epoch_calls_spend_as_much_as_one_two_epoch_call() -> None:
     examples = _examples(12)
     one = TrainConfig(epochs=1, batch_size=4, noise_multiplier=1.3, dp_seed=1)
     # Execute: epoch 1, serialise the ledger, epoch 2 from the restored ledger; vs. 2 epochs at once
-    first = train_local(_tiny_model(), examples, one)
+    first = train_local(tiny_model(), examples, one)
     assert first.privacy_state is not None
     restored = PrivacyLedger.from_json(first.privacy_state.to_json())
-    model = _tiny_model()
+    model = tiny_model()
     load_plain_state_dict(model, first.state_dict)
     second = train_local(model, examples, one, privacy_state=restored)
-    both = train_local(_tiny_model(), examples, TrainConfig(**{**one.__dict__, "epochs": 2}))
+    both = train_local(tiny_model(), examples, TrainConfig(**{**one.__dict__, "epochs": 2}))
     # Assert
     assert first.epsilon is not None and second.epsilon is not None
     assert 0 < first.epsilon < second.epsilon
@@ -228,9 +224,9 @@ def test_target_epsilon_is_met_over_planned_steps() -> None:
     examples = _examples(12)
     cfg = TrainConfig(epochs=1, batch_size=4, noise_multiplier=None, target_epsilon=2.0, dp_seed=0)
     planned = 2 * 3  # two calls of one epoch, 3 Poisson steps each (q = 1/3)
-    first = train_local(_tiny_model(), examples, cfg, planned_steps=planned)
+    first = train_local(tiny_model(), examples, cfg, planned_steps=planned)
     second = train_local(
-        _tiny_model(), examples, cfg, privacy_state=first.privacy_state, planned_steps=planned
+        tiny_model(), examples, cfg, privacy_state=first.privacy_state, planned_steps=planned
     )
     assert first.epsilon is not None and second.epsilon is not None
     assert first.epsilon < 2.0 - 0.1  # half the plan spent
@@ -238,7 +234,7 @@ def test_target_epsilon_is_met_over_planned_steps() -> None:
     assert 2.0 - 0.02 <= second.epsilon <= 2.0  # bisection tolerance 0.01
     with pytest.raises(ValueError, match="planned_steps"):
         train_local(
-            _tiny_model(), examples, cfg, privacy_state=second.privacy_state, planned_steps=6
+            tiny_model(), examples, cfg, privacy_state=second.privacy_state, planned_steps=6
         )
 
 
@@ -250,13 +246,13 @@ def test_dp_sgd_without_clipping_or_noise_equals_plain_sgd() -> None:
     examples = _examples(6)
     base = TrainConfig(epochs=1, batch_size=6, lr=0.1, optimizer="sgd", seed=0, grad_clip=None)
     private = train_local(
-        _tiny_model(),
+        tiny_model(),
         examples,
         TrainConfig(**{**base.__dict__, "noise_multiplier": 1e-10, "max_grad_norm": 100.0}),
     )
-    plain = train_local(_tiny_model(), examples, TrainConfig(**{**base.__dict__, "dp": False}))
-    assert private.sample_rate == 1.0 and private.metrics["num_steps"] == 1
-    start = _tiny_model().state_dict()
+    plain = train_local(tiny_model(), examples, TrainConfig(**{**base.__dict__, "dp": False}))
+    assert private.sample_rate == 1.0 and private.metrics["num-steps"] == 1
+    start = tiny_model().state_dict()
     for name, value in plain.state_dict.items():
         moved = (value - start[name]).abs().max()
         torch.testing.assert_close(private.state_dict[name], value, rtol=0, atol=1e-6)
@@ -274,8 +270,8 @@ def test_dp_sgd_step_with_clipping_is_mean_of_clipped_single_example_gradients()
     cfg = TrainConfig(
         epochs=1, batch_size=6, lr=lr, optimizer="sgd", noise_multiplier=1e-10, max_grad_norm=clip
     )
-    result = train_local(_tiny_model(), examples, cfg)
-    model = _tiny_model()
+    result = train_local(tiny_model(), examples, cfg)
+    model = tiny_model()
     step = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for ex in examples:
         single = as_ctc_batch(collate_ctc([(ex.feats, ex.labels)]))
@@ -287,7 +283,7 @@ def test_dp_sgd_step_with_clipping_is_mean_of_clipped_single_example_gradients()
         assert norm > clip  # really clipped
         for name, g in grads.items():
             step[name] += g * (clip / (norm + 1e-6))  # Opacus's flat clipping factor
-    start = _tiny_model().state_dict()
+    start = tiny_model().state_dict()
     for name, total in step.items():
         expected = start[name] - lr * total / len(examples)
         torch.testing.assert_close(result.state_dict[name], expected, rtol=0, atol=1e-7)

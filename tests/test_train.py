@@ -25,6 +25,7 @@ from fedspeech_features.dataset import Example, extract_manifest
 from fedspeech_features.manifest import read_manifest
 from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
 from fedspeech_features.text import CharTokenizer
+from tests.conftest import tiny_model
 
 DELTA = 1e-5
 # Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.
@@ -83,7 +84,7 @@ def test_model_overfits_eight_real_utterances(short_sentences: list[Example]) ->
     cer = jiwer.cer([ex.transcript for ex in short_sentences], hyps)
     assert cer < 0.05, f"CER {cer:.3f}: {hyps}"
     assert result.epsilon is None and result.privacy_state is None
-    assert result.metrics["num_steps"] == 60
+    assert result.metrics["num-steps"] == 60
 
 
 def test_dp_training_learns_and_reports_opacus_epsilon(short_sentences: list[Example]) -> None:
@@ -96,13 +97,13 @@ def test_dp_training_learns_and_reports_opacus_epsilon(short_sentences: list[Exa
     # Execute
     result = train_local(model, short_sentences, cfg)
     # Assert: it trained...
-    assert torch.isfinite(torch.tensor(result.metrics["train_loss"]))
+    assert torch.isfinite(torch.tensor(result.metrics["train-loss"]))
     assert any(not torch.equal(before[k], v) for k, v in result.state_dict.items())
     assert all(torch.equal(before[k], v) for k, v in plain_state_dict(model).items())  # untouched
     # ... with 2 epochs x 2 Poisson steps at q = 1/2, and epsilon is the accountant's
     reference = RDPAccountant()
     reference.history = [(0.8, 0.5, 4)]
-    assert result.metrics["num_steps"] == 4
+    assert result.metrics["num-steps"] == 4
     assert result.sample_rate == 0.5 and result.noise_multiplier == 0.8
     assert result.epsilon is not None and result.epsilon > 0
     assert result.epsilon == reference.get_epsilon(delta=cfg.delta)
@@ -133,8 +134,8 @@ def test_empty_poisson_batches_are_noise_steps_that_count() -> None:
         result = train_local(model, examples, cfg)
         assert result.privacy_state is not None
         assert result.privacy_state.history == ((1.0, 1 / 3, 6),)  # every draw is a step
-        assert result.metrics["num_steps"] == 6
-        skipped += int(result.metrics["skipped_batches"])
+        assert result.metrics["num-steps"] == 6
+        skipped += int(result.metrics["skipped-batches"])
     assert skipped > 0
 
 
@@ -152,8 +153,7 @@ def test_empty_batch_structures_from_opacus_are_recognised() -> None:
 
 
 def test_physical_batch_splitting_gives_the_same_update() -> None:
-    torch.manual_seed(0)
-    model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0))
+    model = tiny_model()
     cfg = TrainConfig(batch_size=6, noise_multiplier=1.0, dp_seed=3)
     whole = train_local(model, _examples(12), cfg)
     split = train_local(model, _examples(12), replace(cfg, max_physical_batch_size=2))
@@ -171,7 +171,7 @@ def test_plain_training_is_seeded_and_leaves_caller_rng_alone() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     b = train_local(model, _examples(9), cfg)
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
-    assert a.metrics["num_steps"] == 6 and a.metrics["num_examples"] == 9
+    assert a.metrics["num-steps"] == 6 and a.metrics["num-examples"] == 9
 
 
 def test_train_config_requires_one_noise_setting() -> None:

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedspeech import metric_keys as mk
 from fedspeech.app.cli_common import add_format_option, add_renamed, add_run_config_options
 
 log = logging.getLogger("fedspeech")
@@ -43,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
         "model_dir": str(result.model_dir),
         "utterances": result.examples,
         "skipped": result.skipped,
-        "train_loss": round(result.train.metrics["train-loss"], 4),
+        "train_loss": round(result.train.metrics[mk.TRAIN_LOSS], 4),
         "epsilon": result.train.epsilon,
         "delta": cfg.train.delta if cfg.train.dp else None,
     }
