@@ -44,11 +44,11 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 import fedspeech.metric_keys as mk
 from fedspeech.config import RunConfig
 from fedspeech.secagg_config import MODULUS_RANGE
+from fedspeech_server.grid import ForwardingGrid
 from fedspeech_server.rounds import ClientReport
 
 log = logging.getLogger("fedspeech.server")
@@ -231,41 +231,15 @@ class _Capture(LegacyStrategy):
         return None
 
 
-class _TracingGrid(Grid):
+class _TracingGrid(ForwardingGrid):
     """The ServerApp's grid, recording per protocol stage: time, bytes, each node's failure."""
 
     def __init__(self, inner: Grid) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.stage_seconds: dict[str, float] = {}
         self.bytes_sent: dict[str, int] = {}
         self.bytes_received: dict[str, int] = {}
         self.failures: dict[int, str] = {}  # node -> why it left the protocol (first failure)
-
-    def set_run(self, run: Run) -> None:
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -276,7 +250,7 @@ class _TracingGrid(Grid):
             payload_bytes(m.content) for m in messages
         )
         start = time.perf_counter()
-        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + (
             time.perf_counter() - start
         )

@@ -47,10 +47,10 @@ from flwr.app.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
-from flwr.supercore.run import Run
 
 import fedspeech.metric_keys as mk
 from fedspeech.config import FedConfig
+from fedspeech_server.grid import ForwardingGrid
 from fedspeech_server.rounds import ClientReport
 from fedspeech_server.sampling import Cohort, PoissonSampler
 from fedspeech_server.screening import (
@@ -351,52 +351,18 @@ def _aggregate_reply(arrays: Mapping[str, np.ndarray], server_round: int) -> Mes
     return make_message(metadata=metadata, content=content)
 
 
-class _CohortGrid(Grid):
+class _CohortGrid(ForwardingGrid):
     """The round's Grid as Flower's ``configure_train`` sees it: only the drawn cohort is
     connected, so Flower's sampler with fraction 1 and no minimum takes exactly those nodes.
     Everything else is the wrapped Grid's."""
 
     def __init__(self, grid: Grid, nodes: Iterable[int]) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._nodes = list(nodes)
 
     def get_node_ids(self) -> list[int]:
         """The cohort's node ids."""
         return list(self._nodes)
-
-    def set_run(self, run: Run) -> None:
-        """The wrapped Grid's."""
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """The wrapped Grid's."""
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """The wrapped Grid's."""
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """The wrapped Grid's."""
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """The wrapped Grid's."""
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """The wrapped Grid's."""
-        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def _weights_only(msg: Message) -> Message:
