@@ -1,8 +1,9 @@
-"""Atomic file writes: a reader (or a restart after a crash) sees the old file or the new one.
+"""Atomic writes: a reader (or a restart after a crash) sees the old file or folder or the new one.
 
 Every file fedspeech replaces in place (manifests, feature-cache entries, privacy ledgers, the
 tracking records, language models, build and split records) is written through
-:func:`atomic_write`. It lives in the bottom layer so that every layer can use the one helper.
+:func:`atomic_write`, every folder (model directories, checkpoints) through
+:func:`atomic_directory`. They live in the bottom layer so that every layer can use them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -98,3 +103,37 @@ def _fsync_folder(folder: Path) -> None:
         log.debug("cannot fsync %s: %s", folder, exc)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Build a folder that replaces ``final`` whole: yields an empty temporary folder beside it.
+
+    When the block ends normally the folder takes ``final``'s place (:func:`replace_directory`);
+    when it raises (Ctrl-C included) the temporary folder is removed and ``final`` is untouched.
+    Files written into the folder should be durable themselves (``atomic_write`` or an fsync).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        replace_directory(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_directory(new: Path, final: Path) -> None:
+    """Move the finished folder ``new`` to ``final``, replacing any folder there.
+
+    The old folder is moved aside first and removed only once the new one is in place, so a crash
+    leaves either the old or the new folder at ``final``, never a half-written one.
+    """
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)

@@ -21,9 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +47,7 @@ from fedspeech.modeldir_checks import (
     read_config_json,
     safetensors_header,
 )
+from fedspeech_features.files import atomic_directory, atomic_write
 from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 
@@ -146,19 +144,10 @@ def save_model_dir(
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     if directory.exists():
         _check_replaceable(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         text = json.dumps(config, indent=2, sort_keys=False, allow_nan=False) + "\n"
-        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        replace_directory(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write(tmp / CONFIG_FILE, text)
     log.info("saved model directory %s", directory)
     return directory
 
@@ -224,18 +213,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def replace_directory(new: Path, final: Path) -> None:
-    """Move the finished folder ``new`` to ``final``, replacing any folder there.
-
-    The old folder is moved aside first and removed only once the new one is in place, so a crash
-    leaves either the old or the new folder at ``final``, never a half-written one.
-    """
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-        os.replace(new, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, final)

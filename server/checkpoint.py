@@ -17,8 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,8 @@ import numpy as np
 from torch import Tensor
 
 from fedspeech.model import ModelConfig
-from fedspeech.modeldir import load_model_dir, replace_directory, save_model_dir
+from fedspeech.modeldir import load_model_dir, save_model_dir
+from fedspeech_features.files import atomic_directory, atomic_write
 from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 
@@ -115,8 +114,7 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / CHECKPOINT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.tmp-", dir=run_dir))
-    try:
+    with atomic_directory(final) as tmp:
         save_model_dir(
             tmp / "model", state_dict, model_config, feature_config, tokenizer, provenance
         )
@@ -127,19 +125,9 @@ def save_checkpoint(
                 {k: np.ascontiguousarray(v) for k, v in strategy_arrays.items()},
                 str(tmp / STRATEGY_FILE),
             )
-        with open(tmp / STATE_FILE, "w", encoding="utf-8") as fh:
-            fh.write(state.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
+        atomic_write(tmp / STATE_FILE, state.to_json())
         manifest = {"version": _MANIFEST_VERSION, "files": _describe_files(tmp)}
-        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        replace_directory(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.debug("checkpoint of round %d in %s", state.round, final)
     return final
 

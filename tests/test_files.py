@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedspeech_features import files
-from fedspeech_features.files import atomic_write
+from fedspeech_features.files import atomic_directory, atomic_write
 
 
 def test_writes_text_and_bytes_replacing_the_old_content(tmp_path: Path) -> None:
@@ -112,3 +112,22 @@ def test_mode_is_exact_and_the_default_follows_the_umask(tmp_path: Path) -> None
     assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "shared.tsv").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644  # 0o666 less the umask
+
+
+def test_atomic_directory_replaces_the_folder_whole_or_not_at_all(tmp_path: Path) -> None:
+    # Prepare: a finished folder
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "a.txt").write_text("old", encoding="utf-8")
+    # Execute: a build that fails half-way, then one that finishes
+    with pytest.raises(KeyboardInterrupt), atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("half", encoding="utf-8")
+        raise KeyboardInterrupt
+    after_failure = sorted(p.name for p in tmp_path.iterdir())
+    kept = (final / "a.txt").read_text(encoding="utf-8")
+    with atomic_directory(final) as tmp:
+        (tmp / "b.txt").write_text("new", encoding="utf-8")
+    # Assert: the failed build left the old folder and no temporary one; the next replaced it
+    assert after_failure == ["model"] and kept == "old"
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
