@@ -11,8 +11,12 @@ untrained model's flat posteriors prune badly (a trained model's beam is usually
 beam + LM row uses a bigram ARPA of the same set's transcripts as lexicon and LM.
 
 Columns: audio decoding (file -> waveform) is timed apart; "proc" = features + model + decode.
-The best of ``--repeats`` passes is shown per row. A last section times the recurrent stack alone
-at batch 1 and batched, to show where the model time goes.
+The best of ``--repeats`` passes is shown per row. A second section transcribes one long file
+(``--long-seconds``, default 10 minutes: the first three utterances tiled with 1 s of digital
+silence between them, as in tests/test_transcribe.py) through the same chunking, greedy, and
+compares its RTF with the short files' (ratio long / short: chunking a long file should cost
+about the same per audio second). A last section times the recurrent stack alone at batch 1 and
+batched, to show where the model time goes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -35,6 +41,7 @@ from fedspeech.lm import write_arpa
 from fedspeech.model import BiGRUCTC, ModelConfig, count_parameters
 from fedspeech.modeldir import LoadedModel
 from fedspeech.transcribe import Transcriber, TranscribeStats
+from fedspeech_features.audio import load_audio
 from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer, normalize_transcript
 
@@ -77,6 +84,16 @@ def _proc(s: TranscribeStats) -> float:
     return s.feature_s + s.model_s + s.decode_s
 
 
+def _long_file(paths: list[Path], seconds: float, out: Path) -> Path:
+    """A WAV of ``seconds``: ``paths`` with 1 s of silence after each, repeated (16 kHz)."""
+    rate = 16_000
+    gap = np.zeros(rate, dtype=np.float32)
+    unit = np.concatenate([part for p in paths for part in (load_audio(p, rate), gap)])
+    wave = np.tile(unit, int(np.ceil(seconds * rate / len(unit))))[: int(seconds * rate)]
+    sf.write(out, wave, rate, subtype="PCM_16")
+    return out
+
+
 def _rnn_only(model: BiGRUCTC, frames: int, batch: int) -> float:
     """Seconds per audio second of the whole model on random frames of ``batch`` utterances."""
     x = torch.randn(batch, frames, model.cfg.input_dim)
@@ -96,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=180.0, help="audio to transcribe")
     parser.add_argument("--beam", type=int, default=50, help="beam size of the beam rows")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--long-seconds", type=float, default=600.0, help="the long file's audio")
     args = parser.parse_args(argv)
 
     if not (_shared_data() / "librispeech_samples" / "manifest.tsv").is_file():
@@ -140,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{label:22} {s.audio_s:8.1f} {s.load_s:7.2f} {s.feature_s:7.2f} {s.model_s:8.2f} "
                 f"{s.decode_s:9.2f} {rtf[label]:9.4f} {1 / rtf[label]:10.0f}x"
             )
+        long_path = _long_file(paths[:3], args.long_seconds, Path(tmp) / "long.wav")
+        greedy = Transcriber(loaded, decoders["greedy"])
+        long = _run(greedy, [long_path], args.repeats)
+        long_rtf = _proc(long) / long.audio_s
+        print(
+            f"\none {long.audio_s / 60:.0f}-minute file, greedy: wall {long.load_s + _proc(long):.2f} s "
+            f"(load {long.load_s:.2f} s), proc RTF {long_rtf:.4f}, {1 / long_rtf:.0f}x real time; "
+            f"ratio long / short files: {long_rtf / rtf['greedy']:.2f}"
+        )
         print("\nmodel alone on random frames (seconds per audio second):")
         for frames, batch in ((667, 1), (667, 8), (6667, 1)):
             print(

@@ -1,12 +1,22 @@
-"""Shared fixtures: where the real-speech data sets live (../shared/data beside the repo)."""
+"""Shared fixtures and helpers: the real-speech data sets (../shared/data beside the repo), tiny
+run configs and models, free ports, processes left running.
+
+Constants and helper functions are imported by the test modules (``from tests.conftest import
+TINY_SIMULATION``; pytest imports this file under that name too, so it is loaded once).
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from fedspeech.model import BiGRUCTC
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +53,74 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ tiny configurations
+# Shared by several modules: change them here, and every test using them sees the same run.
+
+TINY_SIMULATION: dict[str, Any] = {
+    **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
+    **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
+    **{"batch-size": 8, "epochs": 1, "noise-multiplier": 1.0, "delta": 1e-5, "dp-seed": 0},
+}
+"""Run config of a tiny DP simulation: 96 synthetic utterances (16 voices), a 1-layer GRU-16."""
+
+TINY_NODE: dict[str, Any] = {
+    **{"n-mfcc": 6, "n-mels": 8, "stack": 1, "subsample": 1},
+    **{"hidden-size": 4, "num-layers": 1, "dropout": 0.0},
+}
+"""Run config of a tiny client model on 6-dim frames (examples made of random features)."""
+
+
+def tiny_model(seed: int = 0) -> BiGRUCTC:
+    """A 1-layer BiGRU-8 on 6-dim frames, no dropout, seeded with ``torch.manual_seed(seed)``."""
+    import torch
+
+    from fedspeech.model import BiGRUCTC, ModelConfig
+
+    torch.manual_seed(seed)
+    return BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0))
+
+
+# ------------------------------------------------------------------ ports and processes
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def processes_with_env(needle: str) -> list[int]:
+    """Pids of live processes (not this one) whose environment holds ``needle`` (``NAME=value``).
+
+    ``fedspeech.app.flower_launch.tagged_processes`` is this for ``FEDSPEECH_LAUNCH_ID=<id>``;
+    use it where the launch id is known. Tests that only know the run folder (``FLWR_HOME``) or
+    tag a process tree themselves use this.
+    """
+    wanted = needle.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie is already dead; its parent reaps it
+                    found.append(int(entry.name))
+        except (OSError, IndexError):  # gone, or not ours
+            continue
+    return found
+
+
+def run_processes(run_dir: Path) -> list[str]:
+    """Command lines of the live processes of a simulation in ``run_dir`` (its ``FLWR_HOME``)."""
+    return [_cmdline(pid)[:100] for pid in processes_with_env(f"FLWR_HOME={run_dir / '.flwr'}")]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return f"{pid} (gone)"

@@ -19,11 +19,6 @@ from fedspeech.audit_bound import audit_p_value, epsilon_lower_bound
 from fedspeech_client.audit import AuditSettings, guess_membership
 from fedspeech_server.tracking import read_rounds
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Optimal order is the"),
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
-]
-
 DELTA = 1e-5
 
 # ---------------------------------------------------------------- the bound

@@ -23,13 +23,11 @@ from fedspeech_client.node_state import (
 )
 from fedspeech_features.errors import FedspeechDataError
 from fedspeech_features.manifest import Utterance, read_manifest, write_manifest
+from tests.conftest import TINY_NODE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    **{"n-mfcc": 6, "n-mels": 8, "stack": 1, "subsample": 1},
-    **{"hidden-size": 4, "num-layers": 1, "dropout": 0.0, "batch-size": 4, "dp-seed": 0},
-}
+TINY = {**TINY_NODE, "batch-size": 4, "dp-seed": 0}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ The same commands as docs/deployment.md, with certificates from scripts/make_cer
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,20 +29,10 @@ from fedspeech.app.flower_launch import (
 )
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest
+from tests.conftest import TINY_SIMULATION, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY: dict[str, Any] = {
-    **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
-    **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
-    **{"batch-size": 8, "epochs": 1, "noise-multiplier": 1.0, "delta": 1e-5, "dp-seed": 0},
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Deployment:
@@ -53,7 +41,7 @@ class Deployment:
     def __init__(self, root: Path, certs: Path) -> None:
         self.root = root
         self.certs = certs
-        self.port = _free_port()
+        self.port = free_port()
         self.launch_id = uuid.uuid4().hex
         home = root / "flwr-home"
         home.mkdir(parents=True)
@@ -111,7 +99,7 @@ class Deployment:
         command = [
             "flower-supernode",
             *("--root-certificates", str(self.certs / "ca.crt")),
-            *("--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port())),
+            *("--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())),
             *("--auth-supernode-private-key", str(self.certs / key)),
         ]
         if node_config:
@@ -157,12 +145,13 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         assert not tagged_processes(dep.launch_id), "Flower processes left running"
 
 
+@pytest.mark.timeout(900)  # ~70 s here; its `flwr run` may wait 480 s and reports that itself
 def test_tls_superlink_admits_registered_nodes_only_and_trains(
     tmp_path: Path, deployment: Deployment
 ) -> None:
     # Prepare: a tiny synthetic corpus split into two node data folders
     data = tmp_path / "data"
-    cfg = RunConfig.from_flat({**TINY, "data-dir": str(data), "num-partitions": 2})
+    cfg = RunConfig.from_flat({**TINY_SIMULATION, "data-dir": str(data), "num-partitions": 2})
     corpus_manifest(cfg, data)
     manifests = [client_manifest(cfg, data, i, 2) for i in range(2)]
     deployment.start_superlink()
@@ -183,13 +172,13 @@ def test_tls_superlink_admits_registered_nodes_only_and_trains(
         [
             "flower-supernode",
             *("--root-certificates", str(deployment.certs / "ca.crt")),
-            *("--superlink", f"127.0.0.1:{deployment.port}", "--port", str(_free_port())),
+            *("--superlink", f"127.0.0.1:{deployment.port}", "--port", str(free_port())),
         ],
     )
     run_config = write_run_config(
         tmp_path / "run_config.toml",
         {
-            **TINY,
+            **TINY_SIMULATION,
             **{"data-dir": str(data), "num-partitions": 2, "out-dir": str(tmp_path / "run")},
             **{"num-server-rounds": 2, "min-clients": 3, "round-timeout": 300.0},
             "tracking-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",

@@ -36,7 +36,9 @@ from fedspeech_server.tracking import read_rounds, read_tracking_info
 from tests.conftest import TINY_SIMULATION, processes_with_env
 from tests.test_deployment import ROOT, Deployment
 
-pytestmark = pytest.mark.slow
+# ~50-110 s each here; their own waits (round 1 of the killed run, `flwr run`) allow up to 400-480
+# s, so the per-test limit sits above them and reports a hang only they did not catch.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 BIN = Path(sys.executable).parent
 
@@ -130,7 +132,15 @@ def test_killed_server_resumes_from_the_last_complete_round(data_dir: Path, tmp_
         "num-server-rounds": 3,
     }
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-    args = ["simulate", "--num-supernodes", "3", "--run-dir", str(run_dir), "--run-config", run_config]
+    args = [
+        "simulate",
+        "--num-supernodes",
+        "3",
+        "--run-dir",
+        str(run_dir),
+        "--run-config",
+        run_config,
+    ]
     tag = f"FEDSPEECH_TEST_KILL={uuid.uuid4().hex}"
     env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
     with open(tmp_path / "first.log", "wb") as out:

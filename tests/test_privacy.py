@@ -24,11 +24,6 @@ from fedspeech_client.train import TrainConfig, train_local
 from tests.conftest import tiny_model
 
 DELTA = 1e-5
-# Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Optimal order is the"),
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
-]
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,7 @@ def test_a_failed_run_exits_non_zero_and_ends_failed_in_mlflow(
 
 
 @pytest.mark.slow  # 10 tiny simulations, each interrupted: about 4 min
+@pytest.mark.timeout(900)
 def test_sigint_and_sigterm_at_random_points_leave_no_process_and_end_killed(
     data_dir: Path, tmp_path: Path
 ) -> None:

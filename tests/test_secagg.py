@@ -43,6 +43,7 @@ from fedspeech_server.sampling import Cohort, PoissonSampler
 from fedspeech_server.secagg import run_secure_round
 from fedspeech_server.strategy import make_strategy
 from fedspeech_server.user_dp import UserLevelDP
+from tests.conftest import TINY_SIMULATION
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")
 
@@ -441,9 +442,7 @@ def test_simulation_with_secagg_completes_when_a_client_crashes_mid_protocol(
     monkeypatch.setenv("FEDSPEECH_FAULT", "3:raise@2")
     run_dir = tmp_path / "run"
     overrides: dict[str, Any] = {
-        **{"synthetic-utterances": 96, "holdout-speakers": 2, "eval-max-utterances": 8},
-        **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "dropout": 0.0},
-        **{"batch-size": 8, "epochs": 1, "noise-multiplier": 1.0, "dp-seed": 0},
+        **TINY_SIMULATION,
         **{"data-dir": str(tmp_path / "data"), "num-server-rounds": 2, "round-retries": 0},
         **{"secure-aggregation": True, "min-successful-clients": 3},
         "tracking-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",

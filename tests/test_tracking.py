@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from mlflow import MlflowClient
 from fedspeech_server.mlflow_ops import flatten_params
 from fedspeech_server.mlflow_tracking import MlflowTracker
 from fedspeech_server.tracking_buffer import BUFFER_FILE
+from tests.conftest import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROUND_METRICS = {
@@ -177,18 +177,17 @@ def test_unknown_resume_id_starts_a_new_run(tmp_path: Path) -> None:
 
 def test_outage_never_raises_and_buffers_to_disk(tmp_path: Path) -> None:
     # Prepare: an http tracking URI on a closed loopback port
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     run_folder = tmp_path / "run"
-    start = time.monotonic()
 
-    # Execute: everything the server loop calls
+    # Execute: everything the server loop calls (how long an outage holds each call:
+    # benchmarks/fast_paths.py)
     tracker = MlflowTracker(uri, "fed", "r", run_folder, retry_interval_s=0)
     tracker.log_params({"num-rounds": 2})
     for rnd, metrics in ROUND_METRICS.items():
         tracker.log_round(rnd, metrics)
     tracker.log_artifacts(_report_dir(tmp_path))
     tracker.finish(_model_dir(tmp_path))
-    elapsed = time.monotonic() - start
 
     # Assert
     assert tracker.run_id.startswith("pending-")
@@ -196,7 +195,6 @@ def test_outage_never_raises_and_buffers_to_disk(tmp_path: Path) -> None:
     ops = [x["op"] for x in lines]
     assert ops.count("metrics") == 2 and "params" in ops and ops[-1] == "terminate"
     assert (run_folder / "plots" / "wer_cer.png").read_bytes().startswith(PNG_MAGIC)
-    assert elapsed < 15, f"an outage stalled the tracker for {elapsed:.1f} s"
 
 
 def test_buffer_flushed_when_store_returns_and_replayed_by_next_tracker(tmp_path: Path) -> None:
@@ -248,12 +246,6 @@ def test_placeholder_id_resumes_the_run_created_later(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- real mlflow server
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -326,7 +318,7 @@ def test_server_down_then_up_receives_buffered_metrics(
     tmp_path: Path, mlflow_servers: MlflowServers
 ) -> None:
     # Prepare: no server yet at the tracking URI
-    port = _free_port()
+    port = free_port()
     tracker = MlflowTracker(
         f"http://127.0.0.1:{port}", "fed", "r", tmp_path / "run", retry_interval_s=0
     )
@@ -354,7 +346,7 @@ def test_server_going_down_mid_run_loses_nothing(
     tmp_path: Path, mlflow_servers: MlflowServers
 ) -> None:
     # Prepare: a tracking server that is up for round 1
-    port = _free_port()
+    port = free_port()
     url = mlflow_servers.start(port)
     tracker = MlflowTracker(url, "fed", "r", tmp_path / "run", retry_interval_s=0)
     tracker.log_params({"num-rounds": 3})
@@ -363,9 +355,7 @@ def test_server_going_down_mid_run_loses_nothing(
 
     # Execute: the server dies; round 2 is logged during the outage; the server comes back
     mlflow_servers.stop_all()
-    start = time.monotonic()
     tracker.log_round(2, ROUND_METRICS[2])
-    outage_call = time.monotonic() - start
     buffered = (tmp_path / "run" / BUFFER_FILE).read_text()
     mlflow_servers.start(port)  # the same store
     tracker.log_round(3, {"wer": 0.7})
@@ -373,7 +363,6 @@ def test_server_going_down_mid_run_loses_nothing(
 
     # Assert: round 2 waited in the run folder, then reached MLflow; every round is there once
     assert '"step": 2' in buffered
-    assert outage_call < 15, f"the outage stalled the round for {outage_call:.1f} s"
     client = MlflowClient(tracking_uri=url)
     assert _steps(client, tracker.run_id, "wer") == {1: 0.95, 2: 0.80, 3: 0.7}
     assert len(client.get_metric_history(tracker.run_id, "wer")) == 3

@@ -28,7 +28,6 @@ from fedspeech_features.text import CharTokenizer
 from tests.conftest import tiny_model
 
 DELTA = 1e-5
-# Known-harmless Opacus chatter: RDP order-range hints and hooks firing on input-less layers.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

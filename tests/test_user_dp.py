@@ -37,6 +37,7 @@ from fedspeech_server.user_dp import (
     flat_norm,
     update_noise_multiplier,
 )
+from tests.conftest import TINY_NODE
 
 pytestmark = pytest.mark.usefixtures("one_thread", "flower_server_identity")
 
@@ -228,8 +229,8 @@ def _server_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     write_manifest(eval_manifest, [])  # no central evaluation: accounting is the point here
     return RunConfig.from_flat(
         {
-            **{"n-mfcc": 6, "n-mels": 8, "stack": 1, "subsample": 1, "hidden-size": 4},
-            **{"num-layers": 1, "dropout": 0.0, "server-threads": 1},
+            **TINY_NODE,
+            "server-threads": 1,
             "eval-manifest": str(eval_manifest),
             "out-dir": str(tmp_path / "run"),
             "data-dir": str(tmp_path / "data"),
@@ -299,6 +300,7 @@ class _DroppingGrid(_FakeGrid):
 
 
 @pytest.mark.slow  # about 2.5 min: 2000 rounds through the ServerApp, checkpoints included
+@pytest.mark.timeout(900)
 def test_poisson_cohorts_are_binomial_and_user_epsilon_is_exact_over_2000_rounds(
     tmp_path: Path,
 ) -> None:
@@ -440,8 +442,8 @@ def test_user_level_clients_train_without_dp_sgd() -> None:
     # Prepare: privacy-unit "user": the client's DP-SGD is off, whatever dp says
     cfg = RunConfig.from_flat(
         {
-            **{"n-mfcc": 6, "n-mels": 8, "stack": 1, "subsample": 1, "hidden-size": 4},
-            **{"num-layers": 1, "dropout": 0.0, "batch-size": 2, "privacy-unit": "user"},
+            **TINY_NODE,
+            **{"batch-size": 2, "privacy-unit": "user"},
         }
     )
     model = BiGRUCTC(cfg.model.model_config(cfg.features.frame_dim, CharTokenizer().vocab_size))

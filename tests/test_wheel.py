@@ -107,6 +107,15 @@ def test_the_installed_wheel_simulates_and_transcribes(venv: Path) -> None:
     work.mkdir()
     fedspeech = str(venv / "bin" / "fedspeech")
     assert "usage: fedspeech" in _run([fedspeech, "--help"], work, _env(venv))
+    shown = json.loads(
+        _run(
+            [fedspeech, "config", "show", "--preset", "fed-smoke", "--format", "json"],
+            work,
+            _env(venv),
+        )
+    )
+    assert shown["num-partitions"] == {"value": 4, "source": "preset"}  # package-data preset
+    assert shown["corpus"]["source"] == "default"  # no checkout: no pyproject layer
     # Execute: the smallest simulation, then transcribe one of its corpus's recordings
     _run(
         [fedspeech, "simulate", "--run-config", SMALLEST, "--run-dir", str(work / "run")],
