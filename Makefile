@@ -38,6 +38,8 @@ bench: install
 	$(BIN)/python benchmarks/synthetic_build.py
 	$(BIN)/python benchmarks/transcribe_rtf.py
 	$(BIN)/python benchmarks/fed_overhead.py
+	$(BIN)/python benchmarks/fast_paths.py
+	$(BIN)/python benchmarks/pause_levels.py
 
 clean:
 	rm -rf $(VENV) .fedspeech .pytest_cache .mypy_cache .ruff_cache

@@ -8,12 +8,13 @@ TINY_SIMULATION``; pytest imports this file under that name too, so it is loaded
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from fedspeech.app.flower_launch import processes_with_env
 
 if TYPE_CHECKING:
     from fedspeech.model import BiGRUCTC
@@ -83,35 +84,6 @@ def tiny_model(seed: int = 0) -> BiGRUCTC:
 
 
 # ------------------------------------------------------------------ ports and processes
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def processes_with_env(needle: str) -> list[int]:
-    """Pids of live processes (not this one) whose environment holds ``needle`` (``NAME=value``).
-
-    ``fedspeech.app.flower_launch.tagged_processes`` is this for ``FEDSPEECH_LAUNCH_ID=<id>``;
-    use it where the launch id is known. Tests that only know the run folder (``FLWR_HOME``) or
-    tag a process tree themselves use this.
-    """
-    wanted = needle.encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":  # a zombie is already dead; its parent reaps it
-                    found.append(int(entry.name))
-        except (OSError, IndexError):  # gone, or not ours
-            continue
-    return found
 
 
 def run_processes(run_dir: Path) -> list[str]:

@@ -23,13 +23,14 @@ import pytest
 
 from fedspeech.app.flower_launch import (
     flower_env,
+    free_port,
     stop_launched,
     tagged_processes,
     write_run_config,
 )
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest
-from tests.conftest import TINY_SIMULATION, free_port
+from tests.conftest import TINY_SIMULATION
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

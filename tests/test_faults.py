@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 
 from fedspeech.app.cli import main as cli_main
-from fedspeech.app.flower_launch import tagged_processes, write_run_config
+from fedspeech.app.flower_launch import processes_with_env, tagged_processes, write_run_config
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest
 from fedspeech.modeldir import load_model_dir
 from fedspeech_client.node_state import LEDGER_DIR, load_ledger
 from fedspeech_server.tracking import read_rounds, read_tracking_info
-from tests.conftest import TINY_SIMULATION, processes_with_env
+from tests.conftest import TINY_SIMULATION
 from tests.test_deployment import ROOT, Deployment
 
 # ~50-110 s each here; their own waits (round 1 of the killed run, `flwr run`) allow up to 400-480

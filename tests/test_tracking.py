@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from fedspeech.app.flower_launch import free_port
 from fedspeech_server.mlflow_ops import flatten_params
 from fedspeech_server.mlflow_tracking import MlflowTracker
 from fedspeech_server.tracking_buffer import BUFFER_FILE
-from tests.conftest import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROUND_METRICS = {

@@ -96,7 +96,7 @@ def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
     flwr_home.mkdir(parents=True, exist_ok=True)
     launch_id = uuid.uuid4().hex
     env = flower_env(flwr_home, launch_id)
-    port, control = _free_port(), _free_port()
+    port, control = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
@@ -340,13 +340,18 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 def tagged_processes(launch_id: str) -> list[int]:
     """Pids of live processes whose environment holds ``FEDSPEECH_LAUNCH_ID=launch_id``."""
-    needle = f"{LAUNCH_ID_VAR}={launch_id}".encode()
+    return processes_with_env(f"{LAUNCH_ID_VAR}={launch_id}")
+
+
+def processes_with_env(needle: str) -> list[int]:
+    """Pids of live processes (not this one) whose environment holds ``needle`` (``NAME=value``)."""
+    wanted = needle.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+            if wanted in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
                 found.append(int(entry.name))
         except OSError:  # gone, or not ours
             continue
@@ -370,7 +375,8 @@ def _toml_value(value: object) -> str:
     return f'"{text}"'
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
