@@ -146,7 +146,8 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         assert not tagged_processes(dep.launch_id), "Flower processes left running"
 
 
-@pytest.mark.timeout(900)  # ~70 s here; its `flwr run` may wait 480 s and reports that itself
+@pytest.mark.slow  # ~70 s: TLS + node auth with real SuperNodes (the default suite keeps the simulations)
+@pytest.mark.timeout(900)  # its `flwr run` may wait 480 s and reports that itself
 def test_tls_superlink_admits_registered_nodes_only_and_trains(
     tmp_path: Path, deployment: Deployment
 ) -> None:

@@ -101,7 +101,7 @@ def test_the_installed_wheel_has_unique_top_level_names_and_no_checkout(venv: Pa
         assert gone.returncode != 0, name
 
 
-def test_the_installed_wheel_simulates_and_transcribes(venv: Path) -> None:
+def test_the_installed_wheel_simulates_demos_and_transcribes(venv: Path) -> None:
     # Prepare: a work folder outside the checkout; the shipped preset names are listed
     work = venv.parent / "work"
     work.mkdir()
@@ -116,12 +116,11 @@ def test_the_installed_wheel_simulates_and_transcribes(venv: Path) -> None:
     )
     assert shown["num-partitions"] == {"value": 4, "source": "preset"}  # package-data preset
     assert shown["corpus"]["source"] == "default"  # no checkout: no pyproject layer
-    # Execute: the smallest simulation, then transcribe one of its corpus's recordings
-    _run(
-        [fedspeech, "simulate", "--run-config", SMALLEST, "--run-dir", str(work / "run")],
-        work,
-        _env(venv),
-    )
+    # Execute: the smallest simulation (a shipped preset under the overrides), the demo on the
+    # same data, then transcribe one of the corpus's recordings
+    smallest = ["--preset", "smoke", "--run-config", SMALLEST]
+    _run([fedspeech, "simulate", *smallest, "--run-dir", str(work / "run")], work, _env(venv))
+    demo = _run([fedspeech, "demo", *smallest, "--run-dir", str(work / "demo")], work, _env(venv))
     model = work / "run" / "model"
     audio = sorted((work / ".fedspeech" / "data").rglob("*.wav"))[0]
     text = _run(
@@ -133,6 +132,7 @@ def test_the_installed_wheel_simulates_and_transcribes(venv: Path) -> None:
     assert (model / "config.json").is_file()
     rows = json.loads(text)
     assert len(rows) == 1 and rows[0]["path"] == str(audio) and "text" in rows[0]
+    assert (work / "demo" / "model" / "config.json").is_file() and "WER" in demo.upper()
     # the Flower app the simulation packed holds no code: the components came from the wheel
     app = work / "run" / ".flwr" / "app"
     assert [p.name for p in app.iterdir()] == ["pyproject.toml"]
