@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -137,3 +137,13 @@ def replace_directory(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, final)
+
+
+def remove_paths(folder: Path, names: Iterable[str]) -> None:
+    """Remove each of ``names`` under ``folder``: a folder with all it holds, a file; absent: nothing."""
+    for name in names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +45,7 @@ from fedspeech.fed_data import heldout_utterances
 from fedspeech.model import ModelConfig
 from fedspeech.modeldir import save_model_dir
 from fedspeech.pipeline import initial_weights
+from fedspeech_features.files import remove_paths
 from fedspeech_features.manifest import write_manifest
 from fedspeech_features.text import CharTokenizer
 from fedspeech_server.checkpoint import CHECKPOINT_DIR, RunState, load_checkpoint, save_checkpoint
@@ -412,12 +412,7 @@ def _clear_previous_run(run_dir: Path) -> None:
     found += [p.name for p in run_dir.glob(f".{CHECKPOINT_DIR}.*")]
     if found:
         log.warning("fresh run in %s: replacing the previous run's %s", run_dir, sorted(found))
-    for name in found:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    remove_paths(run_dir, found)
 
 
 def _log_untracked_rounds(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,14 +128,10 @@ def _record(
     manifest: Path,
 ) -> str:
     """Write ``report/audit.json`` and track params and metrics; returns the tracking run id."""
+    from fedspeech_features.files import remove_paths
     from fedspeech_server.tracking import open_tracker
 
-    for name in _AUDIT_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    remove_paths(out, _AUDIT_OUTPUTS)
     report = out / "report"
     report.mkdir(parents=True)
     record = {"settings": settings.__dict__, "manifest": str(manifest), **result.summary()}
