@@ -143,7 +143,7 @@ def flwr_run(
 
     Args:
         link: the SuperLink.
-        app_dir: the Flower app (the repo root with pyproject.toml).
+        app_dir: the Flower app (``write_app``'s folder, or a checkout with pyproject.toml).
         run_config: TOML file of run-config overrides.
         federation_config: e.g. ``{"num-supernodes": 4, "client-resources-num-cpus": 1}``.
         output: file for the streamed logs (None: this process's stdout).

@@ -143,12 +143,13 @@ def simulate(
         write_run_config,
     )
     from fedspeech.app.preflight import check_run
+    from fedspeech.config import project_dir
 
-    app_dir = _project_dir()
+    project = project_dir()
     if resume:
-        cfg, n, run_dir = _resumed_config(app_dir, preset, overrides, out, num_supernodes)
+        cfg, n, run_dir = _resumed_config(project, preset, overrides, out, num_supernodes)
     else:
-        cfg, n, run_dir = _fresh_config(app_dir, preset, overrides, out, num_supernodes)
+        cfg, n, run_dir = _fresh_config(project, preset, overrides, out, num_supernodes)
     check_run(cfg, n).raise_for_problems()
     flat = cfg.to_flat()
     if cfg.fed.pretrain_utterances and not cfg.fed.resume:
@@ -185,7 +186,7 @@ def simulate(
 
 
 def _fresh_config(
-    app_dir: Path,
+    project: Path,
     preset: str | None,
     overrides: str | dict[str, Any],
     out: Path | None,
@@ -194,7 +195,7 @@ def _fresh_config(
     """A new run's config: layered, with absolute paths and the simulation's sizes."""
     from fedspeech.config import resolve_run_config
 
-    cfg = resolve_run_config(preset, overrides, cwd=app_dir)
+    cfg = resolve_run_config(preset, overrides, cwd=project)
     if cfg.fed.resume:
         raise ConfigError("resume = true in the run config: use `fedspeech simulate --resume`")
     n = num_supernodes or cfg.data.num_partitions
@@ -218,7 +219,7 @@ def _fresh_config(
 
 
 def _resumed_config(
-    app_dir: Path,
+    project: Path,
     preset: str | None,
     overrides: str | dict[str, Any],
     out: Path | None,
@@ -237,7 +238,7 @@ def _resumed_config(
         )
     requested = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
     if out is None:  # the run folder the overrides or the project name
-        out = Path(str(requested.get("out-dir") or resolve_run_config(cwd=app_dir).fed.out_dir))
+        out = Path(str(requested.get("out-dir") or resolve_run_config(cwd=project).fed.out_dir))
     run_dir = out.resolve()
     saved_file = run_dir / "run_config.toml"
     if not saved_file.is_file():
@@ -386,13 +387,6 @@ def _outcome(run_dir: Path, returncode: int, seconds: float) -> SimulationOutcom
         error=tracking.get("error"),
         clients=state.clients,
     )
-
-
-def _project_dir() -> Path:
-    """Where the pyproject layer of the run config is read (``fedspeech.config.project_dir``)."""
-    from fedspeech.config import project_dir
-
-    return project_dir()
 
 
 def _fmt(value: Any) -> str:
