@@ -208,6 +208,8 @@ class FederatedRun:
         Raises:
             RoundFailedError: a round stayed short of the updates it needs (the run is aborted).
         """
+        if self.state.round == 0:
+            self.evaluate_start()
         weights: Mapping[str, Tensor] = self.global_state
         for server_round in self.pending_rounds:
             started = time.perf_counter()
@@ -226,6 +228,23 @@ class FederatedRun:
                 user_dp=attempt.user_dp,
                 clients_sampled=attempt.clients_sampled,
             )
+
+    def evaluate_start(self) -> tuple[float, float] | None:
+        """Round 0: the starting model's WER and CER on the evaluation set, tracked at step 0.
+
+        What the federation gains is then always on record next to where it began (rounds.jsonl
+        row ``round`` 0, MLflow step 0). Only the server's evaluation set and the starting weights
+        (fresh or ``init-model``) are involved: no client data, no privacy cost. None (nothing
+        tracked) without an evaluation set.
+        """
+        if not self.evaluator.utterances:
+            return None
+        start = time.perf_counter()
+        wer, cer = self.evaluator(self.global_state)
+        seconds = time.perf_counter() - start
+        self.tracker.log_round(0, {"wer": wer, "cer": cer, "eval_seconds": seconds})
+        log.info("round 0 (the starting model): WER %.2f%%, CER %.2f%%", 100 * wer, 100 * cer)
+        return wer, cer
 
     def _send_until_enough(
         self, server_round: int, weights: Mapping[str, Tensor], send: SendRound

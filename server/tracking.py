@@ -269,7 +269,16 @@ def read_tracking_info(run_dir: str | Path) -> dict[str, Any]:
 
 
 def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows a ``LocalTracker`` appended to ``rounds.jsonl`` (empty if none)."""
+    """The training rounds' rows a ``LocalTracker`` appended to ``rounds.jsonl`` (round >= 1)."""
+    return [row for row in _read_round_rows(run_dir) if row.get("round", 0) >= 1]
+
+
+def read_start(run_dir: str | Path) -> dict[str, Any] | None:
+    """The row of round 0, the starting model's evaluation (None: not evaluated)."""
+    return next((row for row in _read_round_rows(run_dir) if row.get("round") == 0), None)
+
+
+def _read_round_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / ROUNDS_FILE
     if not path.is_file():
         return []

@@ -20,6 +20,7 @@ from fedspeech.app.cli_common import verbosity
 from fedspeech.app.demo import mlflow_ui_command
 from fedspeech.config import flat_keys
 from fedspeech_features.manifest import read_manifest
+from fedspeech_server.tracking import read_start
 
 
 def test_help_lists_the_commands() -> None:
@@ -108,7 +109,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     # Assert: it trained privately, transcribed a held-out file and reported the figures
     assert rc == 0
     assert "reference:" in out and "recognised:" in out
-    assert re.search(r"WER \d+\.\d%, CER \d+\.\d% on the held-out voices", out)
+    figures = re.search(r"WER (\d+\.\d)% -> (\d+\.\d)%, CER (\d+\.\d)% -> (\d+\.\d)%", out)
+    assert figures is not None, out  # the starting model (round 0) and the final one
+    start = read_start(tmp_path / "run")
+    assert start is not None and f"{100 * start['cer']:.1f}" == figures.group(3)
     epsilon = float(re.search(r"epsilon max (\d+\.\d+)", out).group(1))  # type: ignore[union-attr]
     assert 0 < epsilon <= 8.0  # the demo preset's target epsilon
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

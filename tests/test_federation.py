@@ -24,7 +24,7 @@ from fedspeech.modeldir import load_model_dir
 from fedspeech.pipeline import load_examples
 from fedspeech_client.local_round import round_steps
 from fedspeech_client.node_state import load_ledger
-from fedspeech_server.tracking import read_rounds
+from fedspeech_server.tracking import read_rounds, read_start
 from tests.conftest import TINY_SIMULATION, run_processes
 
 NOISE: float = TINY_SIMULATION["noise-multiplier"]
@@ -120,7 +120,7 @@ def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
     )
     # Assert: MLflow has the run with WER and epsilon per round
     wer, eps = _mlflow_history(overrides["tracking-uri"], run_dir, ("wer", "epsilon_max"))
-    assert [m.step for m in wer] == [1, 2] and [m.step for m in eps] == [1, 2]
+    assert [m.step for m in wer] == [0, 1, 2] and [m.step for m in eps] == [1, 2]
     assert eps[1].value == pytest.approx(second["epsilon_max"], rel=1e-9)
     print(f"\nsimulation 4 clients x 2 rounds: {wall:.1f} s wall; rounds {_round_times(outcome)}")
 
@@ -155,7 +155,7 @@ def test_resume_continues_the_run_and_the_privacy_ledgers(
         assert ledger is not None and ledger.num_steps == 2 * steps[i]
     # Assert: the MLflow run (the same one) holds both rounds once each
     (wer,) = _mlflow_history(uri, run_dir, ("wer",))
-    assert [m.step for m in wer] == [1, 2]
+    assert [m.step for m in wer] == [0, 1, 2]  # round 0 once, before the first round
     print(f"\nrun of 1 round + resume to 2 rounds (3 clients): {wall:.1f} s wall")
 
 
@@ -230,10 +230,14 @@ def test_both_privacy_units_report_user_and_sample_epsilon_per_round(
     assert rows[1]["user_epsilon"] > rows[0]["user_epsilon"]
     # Assert: MLflow holds the user-level epsilon per round but no client's epsilon; the model
     # records the configured sample-level guarantee and the user-level epsilon
-    user, sample = _mlflow_history(
-        overrides["tracking-uri"], run_dir, ("user_epsilon", "epsilon_max")
+    user, sample, wer = _mlflow_history(
+        overrides["tracking-uri"], run_dir, ("user_epsilon", "epsilon_max", "wer")
     )
     assert [m.step for m in user] == [1, 2] and sample == []
+    # ... and the starting model's evaluation as round 0 (step 0), before any client trained
+    start = read_start(run_dir)
+    assert start is not None and set(start) == {"round", "wer", "cer", "eval_seconds"}
+    assert [m.step for m in wer] == [0, 1, 2] and wer[0].value == pytest.approx(start["wer"])
     assert [m.value for m in user] == pytest.approx([row["user_epsilon"] for row in rows])
     assert outcome.model_dir is not None
     provenance = load_model_dir(outcome.model_dir).provenance

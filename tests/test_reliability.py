@@ -53,7 +53,7 @@ from fedspeech_server.rounds import ClientReport, clients_tsv, update_clients
 from fedspeech_server.run import FederatedRun, RoundAttempt, RoundFailedError
 from fedspeech_server.screening import array_spec, client_report
 from fedspeech_server.strategy import ScreenedFedAvg, make_strategy
-from fedspeech_server.tracking import read_rounds, read_tracking_info
+from fedspeech_server.tracking import read_rounds, read_start, read_tracking_info
 
 pytestmark = pytest.mark.usefixtures("one_thread", "flower_server_identity")
 
@@ -370,10 +370,42 @@ def test_the_round_loop_retries_and_carries_the_aggregate_without_flower(tmp_pat
         torch.testing.assert_close(sent[2][1][key], value + 1.0)
         torch.testing.assert_close(run.global_state[key], value + 2.0)
     rows = read_rounds(tmp_path / "run")
+    assert read_start(tmp_path / "run") is None  # no evaluation set: no round 0
     assert [(r["round"], r["retries"], r["clients_sampled"]) for r in rows] == [
         (1, 1, 5),
         (2, 0, 5),
     ]
+
+
+def test_round_0_evaluates_the_starting_model_once_before_any_round(tmp_path: Path) -> None:
+    # Prepare: a 1-round run whose only round moves the weights; an evaluation set of 2 files
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(2):
+        sf.write(tmp_path / f"{i}.wav", 0.1 * rng.standard_normal(16000), 16000)
+        rows.append(Utterance(tmp_path / f"{i}.wav", "hello world", "spk", 1.0))
+    write_manifest(tmp_path / "heldout.tsv", rows)
+    flat = _server_config(tmp_path, **{"num-server-rounds": 1})
+    flat["eval-manifest"] = str(tmp_path / "heldout.tsv")
+    run = FederatedRun.open(RunConfig.from_flat(flat))
+    at_start = run.evaluator(run.global_state)
+
+    def send(server_round: int, weights: Any) -> RoundAttempt:
+        new = {k: v + 0.5 for k, v in weights.items()}
+        return RoundAttempt([ClientReport("a", "ok", {"num-examples": 3.0})], 1, new_state=new)
+
+    # Execute: the run, then a resume to 2 rounds (no second round 0)
+    run.run_rounds(send)
+    resumed = FederatedRun.open(
+        RunConfig.from_flat({**flat, "num-server-rounds": 2, "resume": True})
+    )
+    resumed.run_rounds(send)
+    # Assert: one round-0 row with the starting model's figures, then the training rounds
+    start = read_start(tmp_path / "run")
+    assert start is not None and (start["wer"], start["cer"]) == pytest.approx(at_start)
+    lines = (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
+    assert [r["round"] for r in read_rounds(tmp_path / "run")] == [1, 2]
 
 
 def test_resume_tracks_a_round_checkpointed_just_before_a_crash(tmp_path: Path) -> None:

@@ -27,6 +27,8 @@ class DemoResult:
     model_dir: Path
     wer: float | None
     cer: float | None
+    start_wer: float | None  # round 0: the starting model on the same held-out voices
+    start_cer: float | None
     epsilon_max: float | None
     transcript: str
     reference: str
@@ -46,6 +48,7 @@ def run_demo(
     from fedspeech.fed_data import heldout_utterances
     from fedspeech.modeldir import load_model_dir
     from fedspeech.transcribe import Transcriber
+    from fedspeech_server.tracking import read_start
 
     outcome = simulate(preset=preset, overrides=overrides, out=out)
     if not outcome.finished or outcome.model_dir is None:
@@ -57,11 +60,13 @@ def run_demo(
     utterance = heldout_utterances(cfg, cfg.fed.data_dir)[0]
     (result,) = Transcriber(load_model_dir(outcome.model_dir)).transcribe_files([utterance.path])
     text = result.hypothesis.text if result.hypothesis is not None else f"<{result.error}>"
-    last = outcome.history[-1]
+    last, start = outcome.history[-1], read_start(outcome.run_dir) or {}
     demo = DemoResult(
         model_dir=outcome.model_dir,
         wer=last.get("wer"),
         cer=last.get("cer"),
+        start_wer=start.get("wer"),
+        start_cer=start.get("cer"),
         epsilon_max=last.get("epsilon_max"),
         transcript=text,
         reference=utterance.transcript,
@@ -70,8 +75,9 @@ def run_demo(
     print(
         f"\nheld-out voice {utterance.speaker}, {utterance.path.name}:\n"
         f"  reference:  {demo.reference}\n  recognised: {demo.transcript}\n"
-        f"after {outcome.rounds} rounds on {cfg.data.num_partitions} clients: "
-        f"WER {_pct(demo.wer)}, CER {_pct(demo.cer)} on the held-out voices; "
+        f"held-out voices, start -> after {outcome.rounds} rounds on "
+        f"{cfg.data.num_partitions} clients: WER {_pct(demo.start_wer)} -> {_pct(demo.wer)}, "
+        f"CER {_pct(demo.start_cer)} -> {_pct(demo.cer)}; "
         f"epsilon max {_num(demo.epsilon_max)} (delta {cfg.train.delta:g})\n"
         f"{_start(cfg.fed.pretrain_utterances, cfg.fed.init_model)}"
         f"model: {demo.model_dir}\n"
