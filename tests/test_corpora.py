@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from fedspeech_features.audio import load_audio
+from fedspeech_features.corpora.an4 import build_an4
 from fedspeech_features.corpora.common import CorpusError, check_utterance, validate_utterance
 from fedspeech_features.corpora.commonvoice import build_commonvoice
 from fedspeech_features.corpora.folder import build_folder
@@ -407,3 +408,58 @@ def test_data_folder_cli_writes_relative_paths_beside_the_audio(
     # Assert: ROOT/manifest.tsv with paths relative to it (the README's layout)
     lines = (tmp_path / "manifest.tsv").read_text().splitlines()
     assert rc == 0 and lines[1].startswith("two.wav\ttwo\t")
+
+
+def _an4_tree(shared_data: Path, root: Path) -> dict[str, list[Utterance]]:
+    """The CMU AN4 layout (etc/*.transcription, wav/*/<speaker>/<id>.wav) holding real AN4
+    audio: 2 utterances of 2 train speakers and of 1 test speaker, from the shared copy."""
+    rows = read_manifest(shared_data / "an4" / "manifest.tsv")
+    chosen: dict[str, list[Utterance]] = {"train": [], "test": []}
+    for split, speakers in (("train", ("fash", "fbbh")), ("test", ("fcaw",))):
+        for speaker in speakers:
+            chosen[split] += [r for r in rows if r.speaker == speaker][:2]
+    for split, (name, folder) in (
+        ("train", ("an4_train.transcription", "an4_clstk")),
+        ("test", ("an4_test.transcription", "an4test_clstk")),
+    ):
+        lines = []
+        for row in chosen[split]:
+            utt_id = row.path.name.removesuffix(".opus")
+            target = root / "wav" / folder / row.speaker / f"{utt_id}.wav"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            wave, rate = sf.read(row.path)
+            sf.write(target, wave, rate)
+            lines.append(f"<s> {row.transcript.upper()} </s> ({utt_id})")
+        (root / "etc").mkdir(exist_ok=True)
+        (root / "etc" / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return chosen
+
+
+def test_build_an4_keeps_the_official_split_and_names_bad_lines(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    from fedspeech.app.cli import main
+
+    # Prepare: real AN4 audio in the CMU layout, plus a line without audio and a malformed one
+    root = tmp_path / "an4"
+    chosen = _an4_tree(shared_data, root)
+    train_file = root / "etc" / "an4_train.transcription"
+    with train_file.open("a", encoding="utf-8") as fh:
+        fh.write("<s> ERASE C Q </s> (an999-fash-b)\nNO PARENTHESES HERE\n")
+    # Execute: the CLI, once per split
+    rc_train = main(["data", "an4", str(root), "--manifest", str(tmp_path / "train.tsv")])
+    rc_test = main(
+        ["data", "an4", str(root), "--split", "test", "--manifest", str(tmp_path / "test.tsv")]
+    )
+    train, test = read_manifest(tmp_path / "train.tsv"), read_manifest(tmp_path / "test.tsv")
+    # Assert: the official split, speakers from the ids, lower-case transcripts
+    assert rc_train == 0 and rc_test == 0
+    assert {u.speaker for u in train} == {"fash", "fbbh"} and {u.speaker for u in test} == {"fcaw"}
+    assert sorted(u.transcript for u in train) == sorted(r.transcript for r in chosen["train"])
+    assert all(u.path.suffix == ".wav" and u.duration_s > 0.5 for u in train + test)
+    report = build_an4(root, tmp_path / "again.tsv")
+    reasons = " ".join(s.reason for s in report.skipped)
+    assert report.kept == 4 and len(report.skipped) == 2
+    assert "an999-fash-b" in reasons and "NO PARENTHESES HERE" in reasons
+    with pytest.raises(CorpusError, match=r"an4_train\.transcription"):
+        build_an4(tmp_path, tmp_path / "x.tsv")

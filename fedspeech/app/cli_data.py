@@ -44,6 +44,14 @@ def register(sub: Any) -> None:
     _manifest_out(p)
     p.set_defaults(handler=_librispeech)
 
+    p = dsub.add_parser(
+        "an4", help="the CMU AN4 census database (etc/, wav/): one official split per manifest"
+    )
+    p.add_argument("root", type=Path)
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    _manifest_out(p)
+    p.set_defaults(handler=_an4)
+
     p = dsub.add_parser("commonvoice", help="a Common Voice *.tsv and its clips folder")
     p.add_argument("tsv", type=Path, help="e.g. cv-corpus/en/validated.tsv")
     p.add_argument("--clips", type=Path, help="clips folder (default: clips/ beside the tsv)")
@@ -154,6 +162,12 @@ def _librispeech(args: argparse.Namespace) -> int:
     from fedspeech_features.corpora.librispeech import build_librispeech
 
     return _report_exit(build_librispeech(args.root, args.manifest))
+
+
+def _an4(args: argparse.Namespace) -> int:
+    from fedspeech_features.corpora.an4 import build_an4
+
+    return _report_exit(build_an4(args.root, args.manifest, split=args.split))
 
 
 def _commonvoice(args: argparse.Namespace) -> int:
