@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,24 +120,42 @@ def _train_plain(
     optimizer = make_optimizer(trainable, cfg, proximal_mu=proximal_mu)
     loss, steps, skipped = math.nan, 0, 0
     for epoch in range(cfg.epochs):
-        total, count = 0.0, 0
-        for raw in loader:
-            batch = as_ctc_batch(raw)
-            assert batch is not None  # the bucket sampler never yields an empty batch
-            batch = batch.to(device)
-            optimizer.zero_grad()
-            batch_loss = ctc_loss(net(batch.feats, batch.feat_lens), batch)
-            if not torch.isfinite(batch_loss):
-                skipped += 1
-                continue
-            batch_loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            steps += 1
-            total += batch_loss.item() * batch.size
-            count += batch.size
-        loss = total / count if count else math.nan
+        loss, epoch_steps, epoch_skipped = run_plain_epoch(
+            net, loader, optimizer, trainable, cfg.grad_clip, device
+        )
+        steps, skipped = steps + epoch_steps, skipped + epoch_skipped
         log.info("epoch %d/%d: loss %.4f, %d steps", epoch + 1, cfg.epochs, loss, steps)
     metrics = make_metrics(loss, len(dataset), steps, skipped, start)
     return TrainResult(state_dict=plain_state_dict(net), metrics=metrics)
+
+
+def run_plain_epoch(
+    net: nn.Module,
+    loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer,
+    trainable: Sequence[nn.Parameter],
+    grad_clip: float | None,
+    device: torch.device,
+) -> tuple[float, int, int]:
+    """One non-private pass over ``loader``: ``(mean per-utterance loss, steps, skipped batches)``.
+
+    A batch whose loss is not finite (an utterance CTC cannot align) is skipped, not stepped.
+    """
+    total, count, steps, skipped = 0.0, 0, 0, 0
+    for raw in loader:
+        batch = as_ctc_batch(raw)
+        assert batch is not None  # the bucket sampler never yields an empty batch
+        batch = batch.to(device)
+        optimizer.zero_grad()
+        batch_loss = ctc_loss(net(batch.feats, batch.feat_lens), batch)
+        if not torch.isfinite(batch_loss):
+            skipped += 1
+            continue
+        batch_loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(trainable, grad_clip)
+        optimizer.step()
+        steps += 1
+        total += batch_loss.item() * batch.size
+        count += batch.size
+    return (total / count if count else math.nan), steps, skipped

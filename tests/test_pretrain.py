@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from fedspeech.app.pretrain import public_pretrained_model
 from fedspeech.config import ConfigError, resolve_run_config
@@ -46,3 +48,108 @@ def test_pretraining_settings_are_validated(tmp_path: Path) -> None:
         resolve_run_config(None, "pretrain-epochs=0", cwd=tmp_path)
     with pytest.raises(ConfigError, match="pretrain-utterances must be >= 1"):
         public_pretrained_model(resolve_run_config(None, "", cwd=tmp_path), tmp_path)
+
+
+PRETRAIN = "n-mfcc=13 n-mels=40 hidden-size=16 num-layers=1 batch-size=8 spec-augment=true"
+
+
+@pytest.fixture(scope="module")
+def public_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small public manifest: 24 synthetic utterances (built once)."""
+    from fedspeech_features.corpora.synthetic import build_synthetic_corpus
+
+    manifest, _ = build_synthetic_corpus(
+        tmp_path_factory.mktemp("public") / "corpus", num_utterances=24, seed=5
+    )
+    return manifest
+
+
+def _weights(model_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_pretrain_resumed_after_an_interruption_equals_the_uninterrupted_run(
+    public_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedspeech.app import pretrain as module
+    from fedspeech_client import epochs as epochs_module
+
+    cfg = resolve_run_config(None, PRETRAIN + " dp=false", cwd=tmp_path)
+    dev = {"public": public_manifest}
+    # Execute: 3 epochs at once; 3 epochs interrupted (Ctrl-C) after the 2nd checkpoint, resumed
+    whole = module.pretrain([public_manifest], dev, cfg, tmp_path / "whole", epochs=3)
+    saved = epochs_module.save_epoch_state
+
+    def save_then_stop(folder: Path, state: epochs_module.EpochState) -> Path:
+        out = saved(folder, state)
+        if state.epochs_done == 2:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(epochs_module, "save_epoch_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        module.pretrain([public_manifest], dev, cfg, tmp_path / "split", epochs=3)
+    monkeypatch.setattr(epochs_module, "save_epoch_state", saved)
+    with pytest.raises(ConfigError, match="--resume"):  # a fresh start would lose the epochs
+        module.pretrain([public_manifest], dev, cfg, tmp_path / "split", epochs=3)
+    resumed = module.pretrain(
+        [public_manifest], dev, cfg, tmp_path / "split", epochs=3, resume=True
+    )
+    # Assert: the same weights to the bit, the same per-epoch losses and dev scores
+    a, b = _weights(whole.model_dir), _weights(resumed.model_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["loss"] for e in whole.record["epochs"]] == [
+        e["loss"] for e in resumed.record["epochs"]
+    ]
+    assert (
+        whole.record["dev"] == resumed.record["dev"] and whole.record["dev"]["public"]["cer"] >= 0
+    )
+    lrs = [e["lr"] for e in whole.record["epochs"]]
+    assert lrs[0] < lrs[1] > lrs[2]  # warm-up, then the cosine
+    # ... and the record the model card is made of names the data
+    (data,) = whole.record["data"]
+    assert data["utterances"] == 24 and data["hours"] > 0
+    assert load_model_dir(whole.model_dir).provenance["mode"] == "pretrain"
+
+
+@pytest.mark.slow  # two 8-epoch pre-trainings in subprocesses: ~20-25 s
+def test_pretrain_cli_stopped_by_sigterm_resumes_to_the_same_model(
+    public_manifest: Path, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fedspeech = str(Path(sys.executable).parent / "fedspeech")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(run_dir: Path, *extra: str) -> list[str]:
+        return [
+            fedspeech, "pretrain", "--train", str(public_manifest), "--dev",
+            f"public={public_manifest}", "--run-dir", str(run_dir), "--epochs", "8",
+            "--run-config", PRETRAIN, *extra,
+        ]  # fmt: skip
+
+    # Execute: an uninterrupted run; a run stopped by SIGTERM after its first checkpoint
+    subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True)
+    state = tmp_path / "split" / "checkpoint" / "state.json"
+    proc = subprocess.Popen(command(tmp_path / "split"), env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    done = json.loads(state.read_text())["epochs_done"]
+    resumed = subprocess.run(
+        command(tmp_path / "split", "--resume"), env=env, capture_output=True, text=True
+    )
+    # Assert: stopped cleanly part-way with a hint, resumed to the same weights (to the bit)
+    assert proc.returncode == 130 and "--resume" in stderr and 1 <= done < 8
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "split" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)

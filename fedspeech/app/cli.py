@@ -55,7 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from fedspeech.app import cli_audit, cli_config, cli_data, cli_infer, cli_train, simulate
+    from fedspeech.app import (
+        cli_audit,
+        cli_config,
+        cli_data,
+        cli_infer,
+        cli_pretrain,
+        cli_train,
+        simulate,
+    )
 
     parser = Parser(
         prog="fedspeech",
@@ -69,6 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cli_data.register(sub)
     cli_infer.register(sub)
     cli_train.register(sub)
+    cli_pretrain.register(sub)
     simulate.register(sub)
     cli_audit.register(sub)
     cli_config.register(sub)

@@ -1,5 +1,9 @@
 """Public pre-training: a starting model that costs the clients no privacy.
 
+Two ways: ``fedspeech pretrain`` (``pretrain``) trains one from public manifests, checkpointed
+every epoch and resumable; ``public_pretrained_model`` is what ``simulate`` does with
+``pretrain-utterances``, described next.
+
 DP-SGD from random weights on a few hundred utterances per client learns next to nothing at a
 useful epsilon (docs/results.md). Weights trained on *public* data are free to use: the server
 trains them before round 1 and sends them as round 1's global model. With ``pretrain-utterances``
@@ -14,8 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import replace
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from fedspeech.config import RunConfig
 
@@ -67,3 +76,161 @@ def public_pretrained_model(cfg: RunConfig, data_dir: str | Path) -> Path:
     central = replace(cfg, train=train, fed=replace(fed, init_model=""))
     train_central(manifest, central, model_dir)
     return model_dir
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """A finished ``fedspeech pretrain``: the model directory and the record the card is made of."""
+
+    model_dir: Path
+    record_file: Path
+    record: dict[str, Any]
+
+
+def pretrain(
+    train_manifests: Sequence[Path],
+    dev_manifests: Mapping[str, Path],
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    epochs: int,
+    resume: bool = False,
+) -> PretrainResult:
+    """Train a public model on ``train_manifests`` (non-private, FastGRU), epoch by epoch.
+
+    After every epoch the dev sets are scored (greedy CER/WER) and the state is checkpointed in
+    ``run_dir/checkpoint`` (replaced whole); ``resume`` continues after the last finished epoch
+    exactly as the uninterrupted run would have (``fedspeech_client.epochs``). The end writes
+    ``run_dir/model`` and ``run_dir/pretrain.json``: data (utterances, speakers, hours per
+    manifest), configuration, every epoch's loss and dev scores, the command and its seconds.
+
+    Raises:
+        ConfigError: a fresh run in a folder that holds one, a resume with other settings or
+            without a checkpoint, dp = true (public pre-training spends no privacy), epochs < 1.
+        FedspeechDataError: a training manifest without a usable utterance.
+    """
+    from fedspeech.config import ConfigError
+    from fedspeech.model import BiGRUCTC
+    from fedspeech.modeldir import save_model_dir
+    from fedspeech.pipeline import initial_weights, load_examples
+    from fedspeech_client.epochs import load_epoch_state, save_epoch_state, train_epochs
+    from fedspeech_features.errors import FedspeechDataError
+    from fedspeech_features.files import atomic_write
+    from fedspeech_features.manifest import read_manifest
+    from fedspeech_features.text import CharTokenizer
+
+    if cfg.train.dp:
+        raise ConfigError("pretrain trains on public data without DP: set dp = false")
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    settings = {
+        "train": [str(p.resolve()) for p in train_manifests],
+        "dev": {k: str(v.resolve()) for k, v in dev_manifests.items()},
+        "epochs": epochs,
+        "run_config": cfg.to_flat(),
+    }
+    checkpoint, settings_file = run_dir / "checkpoint", run_dir / "pretrain_settings.json"
+    state = load_epoch_state(checkpoint)
+    if resume:
+        if state is None:
+            raise ConfigError(f"{run_dir}: no pre-training checkpoint to resume")
+        saved = json.loads(settings_file.read_text(encoding="utf-8"))
+        changed = sorted(k for k in settings if k != "epochs" and saved.get(k) != settings[k])
+        if changed:
+            raise ConfigError(f"--resume with other {', '.join(changed)} than {settings_file}")
+        log.info("resuming the pre-training in %s after epoch %d", run_dir, state.epochs_done)
+    elif state is not None:
+        raise ConfigError(f"{run_dir} holds a pre-training: --resume it or use another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(settings_file, json.dumps(settings, indent=2) + "\n")
+
+    start = time.perf_counter()
+    examples: list[Any] = []
+    data: list[dict[str, Any]] = []
+    for manifest in train_manifests:
+        found, report, summary = load_examples(manifest, cfg.features)
+        log.info("%s", summary)
+        if not found:
+            raise FedspeechDataError(
+                f"{manifest}: no usable utterances ({len(report.skipped)} skipped)"
+            )
+        examples += found
+        data.append(
+            {
+                "manifest": str(manifest),
+                "utterances": len(found),
+                "speakers": len({e.speaker for e in found}),
+                "hours": round(summary.audio_minutes / 60, 3),
+            }
+        )
+    dev_rows = {name: read_manifest(path) for name, path in dev_manifests.items()}
+    tokenizer = CharTokenizer()
+    model_config = cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    model = BiGRUCTC(model_config)
+    model.load_state_dict(initial_weights(cfg, model_config))
+    log.info(
+        "pre-training %s parameters on %d utterances (%.2f h) for %d epochs, no DP",
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        len(examples),
+        sum(d["hours"] for d in data),
+        epochs,
+    )
+    for epoch_state in train_epochs(model, examples, cfg.train, epochs, resume=state):
+        scores = _dev_scores(epoch_state.weights, model_config, cfg, tokenizer, dev_rows)
+        epoch_state.history[-1]["dev"] = scores
+        save_epoch_state(checkpoint, epoch_state)
+        log.info(
+            "epoch %d/%d saved%s",
+            epoch_state.epochs_done,
+            epochs,
+            "".join(f"; {k} CER {100 * v['cer']:.1f}%" for k, v in scores.items()),
+        )
+        state = epoch_state
+    assert state is not None
+    record = {
+        "data": data,
+        "hours": round(sum(d["hours"] for d in data), 3),
+        "speakers": sum(d["speakers"] for d in data),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "epochs": state.history,
+        "dev": state.history[-1].get("dev", {}),
+        "settings": settings,
+        "seconds_this_session": round(time.perf_counter() - start, 1),
+    }
+    model.load_state_dict(state.weights)
+    provenance = {
+        "mode": "pretrain",
+        "dp": False,
+        **{k: record[k] for k in ("data", "hours", "dev")},
+    }
+    model_dir = save_model_dir(
+        run_dir / "model", state.weights, model_config, cfg.features, tokenizer, provenance
+    )
+    record_file = run_dir / "pretrain.json"
+    atomic_write(record_file, json.dumps(record, indent=2) + "\n")
+    return PretrainResult(model_dir, record_file, record)
+
+
+def _dev_scores(
+    weights: Mapping[str, Any],
+    model_config: Any,
+    cfg: RunConfig,
+    tokenizer: Any,
+    dev_rows: Mapping[str, Sequence[Any]],
+) -> dict[str, dict[str, float]]:
+    """Greedy WER/CER of ``weights`` on each dev set (in memory: no model directory)."""
+    from fedspeech.evaluate import evaluate_manifest
+    from fedspeech.model import BiGRUCTC
+    from fedspeech.modeldir import LoadedModel
+
+    if not dev_rows:
+        return {}
+    model = BiGRUCTC(model_config).eval()
+    model.load_state_dict(dict(weights))
+    loaded = LoadedModel(model, model_config, cfg.features, tokenizer)
+    out = {}
+    for name, rows in dev_rows.items():
+        result = evaluate_manifest(loaded, rows, progress=False)
+        out[name] = {"wer": result.wer, "cer": result.cer, "utterances": result.scored}
+    return out

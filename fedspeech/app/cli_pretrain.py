@@ -1,0 +1,92 @@
+"""``fedspeech pretrain``: a public starting model from public manifests, resumable epoch by epoch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fedspeech.app.cli_common import add_format_option, add_run_config_options
+
+log = logging.getLogger("fedspeech")
+
+
+def register(sub: Any) -> None:
+    """Add the ``pretrain`` command to the top-level subparsers."""
+    p = sub.add_parser(
+        "pretrain",
+        help="train a public starting model (no DP), checkpointed every epoch",
+        description="Train the run config's model on public manifests without DP (public data "
+        "costs no privacy), with SpecAugment if spec-augment = true and a warm-up + cosine "
+        "learning rate. Every epoch scores the --dev sets and checkpoints RUN_DIR/checkpoint; "
+        "an interrupted pre-training (Ctrl-C, SIGTERM, a crash) continues with --resume exactly "
+        "where the uninterrupted one would be. The end writes RUN_DIR/model and "
+        "RUN_DIR/pretrain.json (data, configuration, per-epoch loss and dev scores).",
+    )
+    p.add_argument(
+        "--train",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="TSV",
+        help="a public training manifest (repeat for several)",
+    )
+    p.add_argument(
+        "--dev",
+        action="append",
+        default=[],
+        metavar="NAME=TSV",
+        help="a dev manifest scored after every epoch (repeat for several)",
+    )
+    p.add_argument(
+        "--run-dir", type=Path, required=True, metavar="DIR", help="the pre-training's folder"
+    )
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--resume", action="store_true", help="continue the pre-training in --run-dir")
+    add_run_config_options(p, example="hidden-size=256 num-layers=3 spec-augment=true lr=0.002")
+    add_format_option(p)
+    p.set_defaults(handler=_pretrain)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fedspeech.app.pretrain import pretrain
+    from fedspeech.app.simulate import stop_on_sigterm
+    from fedspeech.config import ConfigError, resolve_run_config
+
+    dev = {}
+    for item in args.dev:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--dev {item!r}: expected NAME=manifest.tsv")
+        dev[name] = Path(path)
+    cfg = resolve_run_config(args.preset, args.run_config)
+    cfg = replace(
+        cfg, train=replace(cfg.train, dp=False, noise_multiplier=None, target_epsilon=None)
+    )
+    stop_on_sigterm()
+    try:
+        result = pretrain(
+            args.train, dev, cfg, args.run_dir, epochs=args.epochs, resume=args.resume
+        )
+    except KeyboardInterrupt:
+        log.error(
+            "interrupted: continue with `fedspeech pretrain ... --run-dir %s --resume`",
+            args.run_dir,
+        )
+        raise
+    summary = {
+        "model_dir": str(result.model_dir),
+        "record": str(result.record_file),
+        "hours": result.record["hours"],
+        "epochs": len(result.record["epochs"]),
+        **{f"dev_{k}_cer": v["cer"] for k, v in result.record["dev"].items()},
+    }
+    if args.format == "json":
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key}: {value}")
+    return 0
