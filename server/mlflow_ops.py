@@ -193,7 +193,7 @@ def apply_op(client: MlflowClient, run_id: str, op: Op) -> None:
             return
         client.log_artifacts(run_id, str(local_dir), op["artifact_path"])
     elif kind == "register":
-        register_model(client, run_id, op["name"])
+        register_model(client, run_id, op["name"], op.get("model_dir"))
     elif kind == "terminate":
         client.set_terminated(run_id, op["status"])
     else:
@@ -211,28 +211,60 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) ->
         client.log_batch(run_id, params=new[start : start + PARAMS_PER_BATCH], synchronous=True)
 
 
-def register_model(client: MlflowClient, run_id: str, name: str) -> str:
-    """Register the run's ``model/`` artifacts as a new version of ``name``; returns the version.
+# provenance keys (model directory config.json) that become tags of the logged model and version
+PRIVACY_TAGS = ("privacy_unit", "epsilon", "delta", "accountant", "user_epsilon", "user_delta")
+PRIVATE_ALIAS, PLAIN_ALIAS = "latest-private", "latest"
 
-    The source is ``runs:/<run_id>/model``: a plain model directory (safetensors + config.json),
-    no MLmodel flavor, so MLflow never tries to load (or unpickle) it.
+
+def register_model(
+    client: MlflowClient, run_id: str, name: str, model_dir: str | Path | None = None
+) -> str:
+    """Register the run's final model as a new version of ``name``; returns the version.
+
+    With ``model_dir`` (the model directory: safetensors + config.json, no pickle, no MLmodel
+    flavor, so MLflow never loads it) the model is an MLflow 3 LoggedModel of the run, tagged
+    with the privacy it was trained under (``PRIVACY_TAGS`` of its provenance, and
+    ``data_hours`` where known), and the version gets the alias ``latest-private`` (a DP model)
+    or ``latest``. Without it (an operation buffered by an older version) the source is the
+    run's ``model/`` artifacts, as then.
     """
     try:
         client.create_registered_model(name, description="fedspeech acoustic model (BiGRU-CTC)")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    tags = {"format": "fedspeech-model", "files": "model.safetensors,config.json"}
+    source, model_id, alias = f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}", None, None
+    if model_dir is not None and Path(model_dir, "config.json").is_file():
+        provenance = json.loads(Path(model_dir, "config.json").read_text(encoding="utf-8"))
+        provenance = provenance.get("provenance") or {}
+        tags |= {k: str(provenance[k]) for k in PRIVACY_TAGS if provenance.get(k) is not None}
+        if provenance.get("hours") is not None:
+            tags["data_hours"] = str(provenance["hours"])
+        experiment_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(
+            experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="bigru-ctc"
+        )
+        client.log_model_artifacts(logged.model_id, str(model_dir))
+        client.finalize_logged_model(logged.model_id, "READY")
+        # the logged model's own artifact location: a models:/<id> source makes the registry
+        # store look the model up through the global tracking URI, not this client's
+        source, model_id = logged.artifact_location, logged.model_id
+        alias = PRIVATE_ALIAS if provenance.get("dp") else PLAIN_ALIAS
     version = client.create_model_version(
         name,
-        source=f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}",
+        source=source,
         run_id=run_id,
-        tags={"format": "fedspeech-model", "files": "model.safetensors,config.json"},
+        tags=tags,
         description=(
             "Model directory (safetensors + config.json, no pickle). Fetch with "
             f"`mlflow artifacts download -u models:/{name}/<version> -d DIR`, then "
             "`fedspeech transcribe --model DIR AUDIO`."
         ),
         await_creation_for=0,  # local registries are READY at once; never poll a server
+        model_id=model_id,
     )
-    log.info("MLflow: registered model %s version %s", name, version.version)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version.version)
+    log.info("MLflow: registered model %s version %s (%s)", name, version.version, source)
     return str(version.version)

@@ -166,7 +166,13 @@ class MlflowTracker:
         if model_dir is not None:
             ops.append({"op": "artifacts", "local_dir": str(model_dir), "artifact_path": "model"})
             if self.registered_model_name:
-                ops.append({"op": "register", "name": self.registered_model_name})
+                ops.append(
+                    {
+                        "op": "register",
+                        "name": self.registered_model_name,
+                        "model_dir": str(model_dir),
+                    }
+                )
         try:
             plot_dir = self.run_folder / "plots"
             if plot_round_metrics(self._history, plot_dir):

@@ -44,7 +44,9 @@ def _model_dir(root: Path) -> Path:
     model = root / "model"
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"not-really-safetensors")
-    (model / "config.json").write_text('{"format": "fedspeech-model"}', encoding="utf-8")
+    provenance = {"dp": True, "privacy_unit": "sample", "epsilon": 7.9, "accountant": "rdp"}
+    config = {"format": "fedspeech-model", "provenance": provenance}
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return model
 
 
@@ -107,7 +109,15 @@ def test_run_records_params_metrics_artifacts_and_registered_model(tmp_path: Pat
     assert Path(plot).read_bytes().startswith(PNG_MAGIC)
     version = client.get_model_version("asr", "1")
     assert version.run_id == tracker.run_id
-    assert version.source == f"runs:/{tracker.run_id}/model"
+    # ... as an MLflow 3 LoggedModel of the run, tagged with its privacy, aliased private
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert version.source == logged.artifact_location  # (sqlite's registry keeps no model_id)
+    assert logged.source_run_id == tracker.run_id and logged.status == "READY"
+    files = client.list_logged_model_artifacts(logged.model_id)
+    assert {f.path for f in files} == {"model.safetensors", "config.json"}
+    assert version.tags["epsilon"] == "7.9" and version.tags["privacy_unit"] == "sample"
+    assert logged.tags["accountant"] == "rdp"
+    assert str(client.get_model_version_by_alias("asr", "latest-private").version) == "1"
     assert not (tmp_path / "run" / BUFFER_FILE).exists()
     assert not (tmp_path / "cwd" / "mlflow.db").exists()
     assert not (tmp_path / "cwd" / "mlruns").exists()
