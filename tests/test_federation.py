@@ -125,6 +125,7 @@ def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
     print(f"\nsimulation 4 clients x 2 rounds: {wall:.1f} s wall; rounds {_round_times(outcome)}")
 
 
+@pytest.mark.slow  # ~50 s: two simulations (the default suite keeps the 2-round DP one)
 def test_resume_continues_the_run_and_the_privacy_ledgers(
     data_dir: Path, no_leftovers: Path
 ) -> None:
