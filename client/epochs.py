@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +84,15 @@ def train_epochs(
     *,
     resume: EpochState | None = None,
     device: torch.device | None = None,
+    variants: Sequence[Sequence[LabelledFeatures]] = (),
 ) -> Iterator[EpochState]:
     """Train ``model`` (non-private) up to ``epochs`` epochs; yield the state after each one.
 
     ``resume`` continues from a saved state (its weights replace ``model``'s). The caller saves,
     evaluates or stops between epochs; what it adds to the last history record is kept.
+    ``variants[i]``, if given, are other versions of ``examples[i]`` (speed-perturbed copies):
+    every epoch trains on one of ``(examples[i], *variants[i])`` per utterance, drawn uniformly
+    from the epoch's seed, so an epoch costs the same as one without them.
 
     Raises:
         ValueError: no examples, DP settings (this path is non-private), or ``resume`` already
@@ -97,6 +102,8 @@ def train_epochs(
         raise ValueError("no training examples")
     if cfg.dp:
         raise ValueError("train_epochs is the non-private path: set dp = false")
+    if variants and len(variants) != len(examples):
+        raise ValueError(f"{len(variants)} variant lists for {len(examples)} examples")
     device = device or torch.device("cpu")
     if resume is not None:
         if resume.epochs_done > epochs:
@@ -114,18 +121,38 @@ def train_epochs(
         for group in optimizer.param_groups:
             group["lr"] = lr
         seed = cfg.seed + epoch * _EPOCH_SEED_STRIDE
+        began = time.perf_counter()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # dropout
+            chosen = _choose_variants(examples, variants, seed)
             loss, steps, skipped = run_plain_epoch(
-                net, _loader(examples, cfg, seed), optimizer, trainable, cfg.grad_clip, device
+                net, _loader(chosen, cfg, seed), optimizer, trainable, cfg.grad_clip, device
             )
+        seconds = round(time.perf_counter() - began, 1)
         history.append(
-            {"epoch": epoch + 1, "loss": loss, "steps": steps, "skipped": skipped, "lr": lr}
-        )
+            {"epoch": epoch + 1, "loss": loss, "steps": steps, "skipped": skipped, "lr": lr,
+             "seconds": seconds}
+        )  # fmt: skip
         log.info("epoch %d/%d: loss %.4f, %d steps, lr %.2e", epoch + 1, epochs, loss, steps, lr)
         state = EpochState(epoch + 1, plain_state_dict(net), optimizer.state_dict(), history)
         yield state
         history = state.history  # the caller may have added to the last record
+
+
+def _choose_variants(
+    examples: Sequence[LabelledFeatures],
+    variants: Sequence[Sequence[LabelledFeatures]],
+    seed: int,
+) -> Sequence[LabelledFeatures]:
+    """One version of every example for the epoch seeded ``seed`` (the examples if no variants)."""
+    if not variants:
+        return examples
+    generator = torch.Generator().manual_seed(seed ^ 0x5EED)
+    draws = torch.rand(len(examples), generator=generator).tolist()
+    return [
+        (ex, *others)[int(u * (len(others) + 1))]
+        for ex, others, u in zip(examples, variants, draws, strict=True)
+    ]
 
 
 def _loader(examples: Sequence[LabelledFeatures], cfg: TrainConfig, seed: int) -> DataLoader[Any]:

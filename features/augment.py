@@ -1,9 +1,17 @@
-"""SpecAugment for training: random frequency and time masks on features (identity in eval)."""
+"""Training-time augmentation: SpecAugment (random frequency and time masks on features,
+identity in eval) and speed perturbation of the audio (``SpeedPerturbed``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import soxr
 import torch
 from torch import Tensor, nn
+
+from fedspeech_features.audio import MIN_DURATION_S, load_audio
+from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
 
 
 class SpecAugment(nn.Module):
@@ -127,3 +135,38 @@ def _covered(spans: tuple[Tensor, Tensor], positions: Tensor) -> Tensor:
     start, stop = spans  # (B, count) each
     pos = positions[None, None, :]  # (1, 1, P)
     return ((pos >= start[:, :, None]) & (pos < stop[:, :, None])).any(dim=1)  # (B, P)
+
+
+class SpeedPerturbed(FeatureExtractor):
+    """A feature extractor that first changes the speed of the audio by ``factor`` (Ko et al.,
+    2015; Kaldi's ``sox speed``): tempo and pitch together, ``factor`` > 1 is faster and shorter.
+
+    The waveform is resampled from ``sample_rate`` to ``sample_rate / factor`` with soxr and
+    then read as if it were still at ``sample_rate``. A fixed factor per extractor keeps the
+    features cacheable (``fedspeech.pipeline.load_examples(speed=...)``); training draws one of
+    the factors per utterance and epoch (``fedspeech_client.epochs.train_epochs``).
+
+    >>> import numpy as np
+    >>> from fedspeech_features.mfcc import FeatureConfig
+    >>> slow, fast = SpeedPerturbed(FeatureConfig(), 0.9), SpeedPerturbed(FeatureConfig(), 1.1)
+    >>> wave = np.zeros(16_000, dtype=np.float32)
+    >>> len(slow.perturb(wave)), len(fast.perturb(wave))
+    (17778, 14545)
+    """
+
+    def __init__(self, cfg: FeatureConfig, factor: float) -> None:
+        if not 0.5 <= factor <= 2.0:
+            raise ValueError(f"speed factor {factor} outside [0.5, 2]")
+        super().__init__(cfg)
+        self.factor = factor
+
+    def perturb(self, wave: np.ndarray) -> np.ndarray:
+        """``wave`` ``(N,)`` played ``factor`` times faster: ``(round(N / factor),)`` float32."""
+        rate = self.cfg.sample_rate
+        return soxr.resample(wave, rate, rate / self.factor, quality="HQ").astype(np.float32)
+
+    def from_file(self, path: str | Path) -> Tensor:
+        """Model frames of the speed-changed audio file (``AudioError`` names a bad file)."""
+        shortest = max(MIN_DURATION_S, (self.cfg.n_fft // 2 + 1) / self.cfg.sample_rate)
+        wave = load_audio(path, self.cfg.sample_rate, min_duration_s=shortest)  # (N,)
+        return self(self.perturb(wave))  # (T', D)

@@ -161,7 +161,7 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
     """
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = resolve_model(directory)
     check_directory(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     config = read_config_json(config_path)
@@ -169,9 +169,10 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
     expected = expected_shapes(model_cfg, config_path)
     check_tensor_names(safetensors_header(weights_path), expected, str(weights_path))
     try:
-        state = load_file(str(weights_path))  # parses the header and copies raw float32 bytes
+        state = load_file(str(weights_path))  # parses the header and copies the raw bytes
     except Exception as exc:  # SafetensorError, OSError
         raise ModelDirError(f"{weights_path}: cannot read weights ({exc})") from exc
+    state = {k: v.float() for k, v in state.items()}  # float16 (shipped models) -> float32
     bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise ModelDirError(f"{weights_path}: non-finite (NaN/inf) values in {bad[:5]}")
@@ -179,6 +180,35 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
     model.load_state_dict(state, strict=True)
     model.eval()
     return LoadedModel(model, model_cfg, feature_cfg, tokenizer, config["provenance"], directory)
+
+
+SHIPPED_PREFIX = "@"
+
+
+def shipped_models() -> dict[str, Path]:
+    """The models shipped inside the package (``fedspeech/shipped/<name>/``), by name."""
+    root = Path(__file__).resolve().parent / "shipped"
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()}
+
+
+def resolve_model(ref: str | Path) -> Path:
+    """The model directory ``ref`` names: ``@name`` (or a bare ``name`` that is no path here)
+    is a shipped model, anything else a path.
+
+    Raises:
+        ModelDirError: ``@name`` of no shipped model (the message lists the shipped ones).
+    """
+    text = str(ref)
+    name = text.removeprefix(SHIPPED_PREFIX)
+    shipped = shipped_models()
+    if text.startswith(SHIPPED_PREFIX) or (not Path(text).exists() and name in shipped):
+        if name not in shipped:
+            have = ", ".join(f"@{n}" for n in shipped) or "none"
+            raise ModelDirError(f"{text}: no shipped model of that name (shipped: {have})")
+        return shipped[name]
+    return Path(ref)
 
 
 def _check_replaceable(directory: Path) -> None:

@@ -44,6 +44,7 @@ LIMITS: dict[str, int] = {
     "stack": 32,
     "subsample": 32,
 }
+WEIGHT_DTYPES = ("F32", "F16")  # safetensors dtype names a model directory may hold
 MAX_PARAMETERS = 200_000_000  # 800 MB of float32 weights
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: a config is a few KB, provenance included
 _MAX_SAFETENSORS_HEADER = 1 << 20  # 28 tensor entries need ~3 KB
@@ -196,7 +197,8 @@ def safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header (read with ``safe_open``; no tensor is loaded).
 
     Raises:
-        ModelDirError: not a safetensors file, or a tensor that is not float32.
+        ModelDirError: not a safetensors file, or a tensor that is not float32 or float16
+            (shipped models are stored in float16 and widened on load).
     """
     from safetensors import safe_open
 
@@ -213,8 +215,10 @@ def safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as fh:
             for name in fh.keys():  # noqa: SIM118 (a safe_open handle is no dict)
                 tensor = fh.get_slice(name)
-                if tensor.get_dtype() != "F32":
-                    raise ModelDirError(f"{path}: {name} is {tensor.get_dtype()}, expected F32")
+                if tensor.get_dtype() not in WEIGHT_DTYPES:
+                    raise ModelDirError(
+                        f"{path}: {name} is {tensor.get_dtype()}, expected F32 (or F16)"
+                    )
                 shapes[name] = tuple(tensor.get_shape())
     except ModelDirError:
         raise

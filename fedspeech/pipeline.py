@@ -13,7 +13,8 @@ from torch import Tensor
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
 from fedspeech.modeldir import load_model_dir
-from fedspeech_features.cache import FeatureCache
+from fedspeech_features.augment import SpeedPerturbed
+from fedspeech_features.cache import FeatureCache, default_cache_root
 from fedspeech_features.dataset import Example, extract_manifest
 from fedspeech_features.errors import SkipReport
 from fedspeech_features.manifest import read_manifest
@@ -53,6 +54,7 @@ def load_examples(
     *,
     cache_root: str | Path | None = None,
     tokenizer: CharTokenizer | None = None,
+    speed: float = 1.0,
 ) -> tuple[list[Example], SkipReport, FeatureSummary]:
     """Read a manifest and extract (cached) features and labels of every usable utterance.
 
@@ -61,18 +63,18 @@ def load_examples(
         cfg: feature settings.
         cache_root: feature cache folder; default ``.fedspeech-cache/`` beside the manifest.
         tokenizer: transcript -> ids; default the character tokenizer.
+        speed: speed-perturbation factor of the audio (``SpeedPerturbed``); its features are
+            cached in a ``speed-<factor>`` folder of their own.
     """
     manifest = Path(manifest)
     start = time.perf_counter()
     utterances = read_manifest(manifest)
-    cache = (
-        FeatureCache(cache_root, cfg)
-        if cache_root is not None
-        else FeatureCache.for_manifest(manifest, cfg)
-    )
-    examples, report = extract_manifest(
-        utterances, FeatureExtractor(cfg), cache, tokenizer or CharTokenizer()
-    )
+    root = Path(cache_root) if cache_root is not None else default_cache_root(manifest)
+    extractor = FeatureExtractor(cfg)
+    if speed != 1.0:
+        root, extractor = root / f"speed-{speed:g}", SpeedPerturbed(cfg, speed)
+    cache = FeatureCache(root, cfg)
+    examples, report = extract_manifest(utterances, extractor, cache, tokenizer or CharTokenizer())
     summary = FeatureSummary(
         manifest=manifest,
         examples=len(examples),

@@ -241,6 +241,8 @@ def register_model(
         tags |= {k: str(provenance[k]) for k in PRIVACY_TAGS if provenance.get(k) is not None}
         if provenance.get("hours") is not None:
             tags["data_hours"] = str(provenance["hours"])
+        if (provenance.get("run_config") or {}).get("init-model"):
+            tags["init_model"] = str(provenance["run_config"]["init-model"])
         experiment_id = client.get_run(run_id).info.experiment_id
         logged = client.create_logged_model(
             experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="bigru-ctc"

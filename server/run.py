@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from fedspeech import __version__
 from fedspeech.config import RunConfig, check_resume_changes
 from fedspeech.fed_data import heldout_utterances
 from fedspeech.model import ModelConfig
-from fedspeech.modeldir import save_model_dir
+from fedspeech.modeldir import resolve_model, save_model_dir
 from fedspeech.pipeline import initial_weights
 from fedspeech_features.files import remove_paths
 from fedspeech_features.manifest import write_manifest
@@ -385,6 +386,10 @@ class FederatedRun:
             log.info("privacy per client (report/privacy.tsv):\n%s", summary.rstrip())
         history = json.dumps(self.state.history, indent=2, allow_nan=False)
         (report / "history.json").write_text(history + "\n", encoding="utf-8")
+        if self.cfg.fed.init_model:  # the starting model's card (shipped models have one)
+            card = resolve_model(self.cfg.fed.init_model) / "card.md"
+            if card.is_file():
+                shutil.copyfile(card, report / "init_model_card.md")
         self.tracker.log_artifacts(report)
         self.tracker.finish(model_dir)
         log.info("final model: %s (tracking run %s)", model_dir, self.tracker.run_id)

@@ -95,11 +95,10 @@ def test_missing_manifest_is_a_clear_error(
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare: the demo preset shrunk to seconds (tiny corpus, model and one round)
+    # Prepare: the demo preset shrunk to seconds (tiny corpus, one round; the shipped model)
     tiny = {
-        **{"synthetic-utterances": 96, "num-partitions": 2, "eval-max-utterances": 8},
-        **{"n-mfcc": 13, "n-mels": 40, "hidden-size": 16, "num-layers": 1, "num-server-rounds": 1},
-        **{"pretrain-utterances": 24, "pretrain-epochs": 1},
+        **{"synthetic-utterances": 72, "num-partitions": 2, "eval-max-utterances": 4},
+        **{"num-server-rounds": 1, "holdout-speakers": 1},
         **{"data-dir": str(tmp_path / "data"), "tracking-uri": f"sqlite:///{tmp_path}/mlflow.db"},
     }
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in tiny.items())
@@ -117,10 +116,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     assert 0 < epsilon <= 8.0  # the demo preset's target epsilon
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert "MLflow run" in out and (tmp_path / "mlflow.db").is_file()
-    # ... and round 1 started from the public pre-trained model (the demo's recipe)
-    assert "pre-trained without DP on 24 public synthetic utterances" in out
+    # ... and round 1 started from the shipped public model (the demo's recipe): round 0 scored it
+    assert "started from the shipped public model @en-public-small" in out
     provenance = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["provenance"]
-    assert Path(provenance["run_config"]["init-model"]).name.startswith("pretrained-")
+    assert provenance["run_config"]["init-model"] == "@en-public-small"
 
 
 # ---------------------------------------------------------------- flag conventions

@@ -153,3 +153,62 @@ def test_pretrain_cli_stopped_by_sigterm_resumes_to_the_same_model(
     assert resumed.returncode == 0, resumed.stderr
     a, b = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "split" / "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_with_speed_perturbation_keeps_the_best_dev_epoch_and_exports_a_card(
+    public_manifest: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from fedspeech.app.model_card import CARD_FILE, RECORD_FILE, export_model, render_card
+    from fedspeech.app.pretrain import pretrain
+    from fedspeech_features.cache import default_cache_root
+
+    cfg = resolve_run_config(None, PRETRAIN + " dp=false lr=0.02", cwd=tmp_path)
+    # Execute: 3 epochs with two speed-perturbed copies, a dev set and an eval set
+    result = pretrain(
+        [public_manifest],
+        {"public": public_manifest},
+        cfg,
+        tmp_path / "run",
+        epochs=3,
+        speeds=(0.9, 1.1),
+        eval_manifests={"heldout": public_manifest},
+        command="fedspeech pretrain ...",
+    )
+    # Assert: the perturbed features were made (and cached apart), the model is the best dev epoch
+    record = result.record
+    assert record["settings"]["speeds"] == [0.9, 1.1]
+    for factor in ("0.9", "1.1"):
+        assert any((default_cache_root(public_manifest) / f"speed-{factor}").rglob("*.safetensors"))
+    cers = [e["dev"]["public"]["cer"] for e in record["epochs"]]
+    assert record["chosen_epoch"] == cers.index(min(cers)) + 1
+    assert record["dev"]["public"]["cer"] == min(cers)
+    # the eval set is scored once, on the chosen weights (the same utterances: the same CER)
+    assert record["eval"]["heldout"]["cer"] == pytest.approx(min(cers))
+    assert all(e["seconds"] > 0 for e in record["epochs"]) and record["machine"]
+
+    # Export: float16 on disk, float32 loaded, a card rendered from the record
+    with pytest.raises(ValueError, match="licence"):
+        export_model(tmp_path / "run", tmp_path / "shipped", name="tiny", sources={})
+    stem = public_manifest.stem
+    out = export_model(
+        tmp_path / "run",
+        tmp_path / "shipped",
+        name="tiny",
+        sources={stem: {"licence": "CC0 1.0", "source": "synthetic"}},
+        recipe="python experiments/public_model.py",
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F16"}  # noqa: SIM118
+    shipped, trained = load_model_dir(out), _weights(result.model_dir)
+    for name, tensor in shipped.model.state_dict().items():
+        assert tensor.dtype == torch.float32
+        assert torch.allclose(tensor, trained[name], atol=1e-3, rtol=1e-3)
+    exported = json.loads((out / RECORD_FILE).read_text())
+    card = (out / CARD_FILE).read_text()
+    assert card == render_card(exported) and "CC0 1.0" in card
+    assert f"{100 * exported['eval']['heldout']['cer']:.1f}%" in card
+    assert f"epoch {record['chosen_epoch']}" in card

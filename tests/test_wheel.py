@@ -120,11 +120,23 @@ def test_the_installed_wheel_simulates_demos_and_transcribes(venv: Path) -> None
     # same data, then transcribe one of the corpus's recordings
     smallest = ["--preset", "smoke", "--run-config", SMALLEST]
     _run([fedspeech, "simulate", *smallest, "--run-dir", str(work / "run")], work, _env(venv))
-    demo = _run([fedspeech, "demo", *smallest, "--run-dir", str(work / "demo")], work, _env(venv))
+    # the demo's own model shape: it starts from the shipped model
+    tiny_demo = "synthetic-utterances=48 holdout-speakers=1 num-partitions=2 num-server-rounds=1 "
+    tiny_demo += "eval-max-utterances=2 tracking-uri=sqlite:///mlflow.db"
+    demo = _run(
+        [fedspeech, "demo", "--run-config", tiny_demo, "--run-dir", str(work / "demo")],
+        work,
+        _env(venv),
+    )
     model = work / "run" / "model"
     audio = sorted((work / ".fedspeech" / "data").rglob("*.wav"))[0]
     text = _run(
         [fedspeech, "transcribe", "--model", str(model), "--format", "json", str(audio)],
+        work,
+        _env(venv),
+    )
+    shipped = _run(
+        [fedspeech, "transcribe", "--model", "en-public-small", "--format", "json", str(audio)],
         work,
         _env(venv),
     )
@@ -133,6 +145,10 @@ def test_the_installed_wheel_simulates_demos_and_transcribes(venv: Path) -> None
     rows = json.loads(text)
     assert len(rows) == 1 and rows[0]["path"] == str(audio) and "text" in rows[0]
     assert (work / "demo" / "model" / "config.json").is_file() and "WER" in demo.upper()
+    # the shipped model is package data: it transcribes with no data and no network
+    (row,) = json.loads(shipped)
+    assert row["path"] == str(audio) and row["text"].strip()
+    assert "started from the shipped public model @en-public-small" in demo
     # the Flower app the simulation packed holds no code: the components came from the wheel
     app = work / "run" / ".flwr" / "app"
     assert [p.name for p in app.iterdir()] == ["pyproject.toml"]

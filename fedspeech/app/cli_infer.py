@@ -31,10 +31,13 @@ from fedspeech.app.cli_common import add_format_option, add_renamed
 log = logging.getLogger("fedspeech")
 
 
+MODEL_HELP = "a model directory, or a shipped model's name (en-public-small or @en-public-small)"
+
+
 def register(sub: Any) -> None:
     """Add the ``transcribe`` and ``evaluate`` commands to the top-level subparsers."""
     p = sub.add_parser("transcribe", help="transcribe audio files or folders with a model")
-    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--model", type=Path, required=True, help=MODEL_HELP)
     p.add_argument("audio", nargs="+", type=Path, metavar="AUDIO", help="audio files or folders")
     p.add_argument(
         "--format",
@@ -60,7 +63,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=_transcribe)
 
     p = sub.add_parser("evaluate", help="WER and CER of a model on a manifest")
-    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--model", type=Path, required=True, help=MODEL_HELP)
     p.add_argument("--manifest", type=Path, required=True, help="manifest.tsv with references")
     add_format_option(p, json_flag=True)
     _decoder_options(p)

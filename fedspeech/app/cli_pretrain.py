@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ def register(sub: Any) -> None:
         description="Train the run config's model on public manifests without DP (public data "
         "costs no privacy), with SpecAugment if spec-augment = true and a warm-up + cosine "
         "learning rate. Every epoch scores the --dev sets and checkpoints RUN_DIR/checkpoint; "
+        "the model is the epoch best on the first --dev set, scored once on the --eval sets; "
         "an interrupted pre-training (Ctrl-C, SIGTERM, a crash) continues with --resume exactly "
         "where the uninterrupted one would be. The end writes RUN_DIR/model and "
         "RUN_DIR/pretrain.json (data, configuration, per-epoch loss and dev scores).",
@@ -42,6 +45,21 @@ def register(sub: Any) -> None:
         help="a dev manifest scored after every epoch (repeat for several)",
     )
     p.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="NAME=TSV",
+        help="an evaluation manifest scored once, on the final model (repeat for several)",
+    )
+    p.add_argument(
+        "--speed",
+        type=float,
+        action="append",
+        default=[],
+        metavar="FACTOR",
+        help="add speed-perturbed copies of the training audio (repeat: --speed 0.9 --speed 1.1)",
+    )
+    p.add_argument(
         "--run-dir", type=Path, required=True, metavar="DIR", help="the pre-training's folder"
     )
     p.add_argument("--epochs", type=int, default=20)
@@ -54,14 +72,9 @@ def register(sub: Any) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from fedspeech.app.pretrain import pretrain
     from fedspeech.app.simulate import stop_on_sigterm
-    from fedspeech.config import ConfigError, resolve_run_config
+    from fedspeech.config import resolve_run_config
 
-    dev = {}
-    for item in args.dev:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--dev {item!r}: expected NAME=manifest.tsv")
-        dev[name] = Path(path)
+    dev, evaluation = _named(args.dev, "--dev"), _named(args.eval, "--eval")
     cfg = resolve_run_config(args.preset, args.run_config)
     cfg = replace(
         cfg, train=replace(cfg.train, dp=False, noise_multiplier=None, target_epsilon=None)
@@ -69,7 +82,15 @@ def _pretrain(args: argparse.Namespace) -> int:
     stop_on_sigterm()
     try:
         result = pretrain(
-            args.train, dev, cfg, args.run_dir, epochs=args.epochs, resume=args.resume
+            args.train,
+            dev,
+            cfg,
+            args.run_dir,
+            epochs=args.epochs,
+            resume=args.resume,
+            speeds=args.speed,
+            eval_manifests=evaluation,
+            command=shlex.join(["fedspeech", *sys.argv[1:]]),
         )
     except KeyboardInterrupt:
         log.error(
@@ -82,7 +103,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         "record": str(result.record_file),
         "hours": result.record["hours"],
         "epochs": len(result.record["epochs"]),
+        "chosen_epoch": result.record["chosen_epoch"],
         **{f"dev_{k}_cer": v["cer"] for k, v in result.record["dev"].items()},
+        **{f"eval_{k}_cer": v["cer"] for k, v in result.record["eval"].items()},
     }
     if args.format == "json":
         print(json.dumps(summary, indent=2))
@@ -90,3 +113,16 @@ def _pretrain(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key}: {value}")
     return 0
+
+
+def _named(items: list[str], option: str) -> dict[str, Path]:
+    """``NAME=TSV`` options as a mapping (``ConfigError`` for a malformed or repeated one)."""
+    from fedspeech.config import ConfigError
+
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in out:
+            raise ConfigError(f"{option} {item!r}: expected NAME=manifest.tsv, one per NAME")
+        out[name] = Path(path)
+    return out

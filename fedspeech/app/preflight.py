@@ -84,10 +84,15 @@ def _check_manifest(key: str, path: str, problems: list[str]) -> None:
 
 
 def _check_init_model(cfg: RunConfig, problems: list[str]) -> None:
+    from fedspeech.modeldir import ModelDirError, resolve_model
     from fedspeech.pipeline import initial_weights  # lazy: torch
     from fedspeech_features.text import CharTokenizer
 
-    path = Path(cfg.fed.init_model)
+    try:
+        path = resolve_model(cfg.fed.init_model)
+    except ModelDirError as exc:
+        problems.append(f"init-model: {exc}")
+        return
     if not (path / "config.json").is_file():
         problems.append(f"init-model: {path}: not a model directory (no config.json in it)")
         return

@@ -95,14 +95,22 @@ def pretrain(
     *,
     epochs: int,
     resume: bool = False,
+    speeds: Sequence[float] = (),
+    eval_manifests: Mapping[str, Path] | None = None,
+    command: str = "",
 ) -> PretrainResult:
     """Train a public model on ``train_manifests`` (non-private, FastGRU), epoch by epoch.
 
-    After every epoch the dev sets are scored (greedy CER/WER) and the state is checkpointed in
-    ``run_dir/checkpoint`` (replaced whole); ``resume`` continues after the last finished epoch
-    exactly as the uninterrupted run would have (``fedspeech_client.epochs``). The end writes
-    ``run_dir/model`` and ``run_dir/pretrain.json``: data (utterances, speakers, hours per
-    manifest), configuration, every epoch's loss and dev scores, the command and its seconds.
+    ``speeds`` (e.g. 0.9, 1.1) adds speed-perturbed copies of every training utterance; each
+    epoch trains on one version per utterance. After every epoch the dev sets are scored
+    (greedy CER/WER) and the state is checkpointed in ``run_dir/checkpoint`` (replaced whole);
+    the epoch with the lowest CER on the *first* dev set so far is kept in ``run_dir/best``.
+    ``resume`` continues after the last finished epoch exactly as the uninterrupted run would
+    have (``fedspeech_client.epochs``). The end writes ``run_dir/model`` (the best dev epoch,
+    else the last), scores it once on ``eval_manifests`` (never used to choose anything), and
+    writes ``run_dir/pretrain.json``: data (utterances, speakers, hours per manifest),
+    configuration, every epoch's loss and dev scores, the chosen epoch, its eval scores, the
+    command and its seconds.
 
     Raises:
         ConfigError: a fresh run in a folder that holds one, a resume with other settings or
@@ -110,8 +118,8 @@ def pretrain(
         FedspeechDataError: a training manifest without a usable utterance.
     """
     from fedspeech.config import ConfigError
-    from fedspeech.model import BiGRUCTC
-    from fedspeech.modeldir import save_model_dir
+    from fedspeech.model import BiGRUCTC, plain_state_dict
+    from fedspeech.modeldir import load_model_dir, save_model_dir
     from fedspeech.pipeline import initial_weights, load_examples
     from fedspeech_client.epochs import load_epoch_state, save_epoch_state, train_epochs
     from fedspeech_features.errors import FedspeechDataError
@@ -123,10 +131,14 @@ def pretrain(
         raise ConfigError("pretrain trains on public data without DP: set dp = false")
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    if any(not 0.5 <= f <= 2.0 or f == 1.0 for f in speeds):
+        raise ConfigError(f"speed factors must be in [0.5, 2] and not 1, got {list(speeds)}")
+    eval_manifests = dict(eval_manifests or {})
     settings = {
         "train": [str(p.resolve()) for p in train_manifests],
         "dev": {k: str(v.resolve()) for k, v in dev_manifests.items()},
         "epochs": epochs,
+        "speeds": sorted(speeds),
         "run_config": cfg.to_flat(),
     }
     checkpoint, settings_file = run_dir / "checkpoint", run_dir / "pretrain_settings.json"
@@ -146,6 +158,7 @@ def pretrain(
 
     start = time.perf_counter()
     examples: list[Any] = []
+    variants: list[list[Any]] = []
     data: list[dict[str, Any]] = []
     for manifest in train_manifests:
         found, report, summary = load_examples(manifest, cfg.features)
@@ -155,6 +168,8 @@ def pretrain(
                 f"{manifest}: no usable utterances ({len(report.skipped)} skipped)"
             )
         examples += found
+        if speeds:
+            variants += _speed_variants(manifest, found, cfg, speeds)
         data.append(
             {
                 "manifest": str(manifest),
@@ -170,16 +185,22 @@ def pretrain(
     model = BiGRUCTC(model_config)
     model.load_state_dict(initial_weights(cfg, model_config))
     log.info(
-        "pre-training %s parameters on %d utterances (%.2f h) for %d epochs, no DP",
+        "pre-training %s parameters on %d utterances (%.2f h%s) for %d epochs, no DP",
         f"{sum(p.numel() for p in model.parameters()):,}",
         len(examples),
         sum(d["hours"] for d in data),
+        f", speeds 1 and {', '.join(f'{f:g}' for f in speeds)}" if speeds else "",
         epochs,
     )
-    for epoch_state in train_epochs(model, examples, cfg.train, epochs, resume=state):
+    best_dir = run_dir / "best"
+    for epoch_state in train_epochs(
+        model, examples, cfg.train, epochs, resume=state, variants=variants
+    ):
         scores = _dev_scores(epoch_state.weights, model_config, cfg, tokenizer, dev_rows)
         epoch_state.history[-1]["dev"] = scores
-        save_epoch_state(checkpoint, epoch_state)
+        if _best_epoch(epoch_state.history) == epoch_state.epochs_done:
+            save_model_dir(best_dir, epoch_state.weights, model_config, cfg.features, tokenizer)
+        save_epoch_state(checkpoint, epoch_state)  # after best/: a resume never lacks its best
         log.info(
             "epoch %d/%d saved%s",
             epoch_state.epochs_done,
@@ -188,28 +209,74 @@ def pretrain(
         )
         state = epoch_state
     assert state is not None
+    chosen = _best_epoch(state.history)
+    weights = state.weights
+    if chosen != state.epochs_done:
+        weights = plain_state_dict(load_model_dir(best_dir).model)
+    log.info("the model is epoch %d (%s)", chosen, "best on dev" if dev_rows else "the last")
+    evaluated = {name: read_manifest(path) for name, path in eval_manifests.items()}
     record = {
         "data": data,
         "hours": round(sum(d["hours"] for d in data), 3),
         "speakers": sum(d["speakers"] for d in data),
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": state.history,
-        "dev": state.history[-1].get("dev", {}),
+        "chosen_epoch": chosen,
+        "dev": state.history[chosen - 1].get("dev", {}),
+        "eval": _dev_scores(weights, model_config, cfg, tokenizer, evaluated),
         "settings": settings,
+        "command": command,
+        "machine": _machine(),
         "seconds_this_session": round(time.perf_counter() - start, 1),
+        "seconds_training": round(sum(h.get("seconds", 0.0) for h in state.history), 1),
     }
-    model.load_state_dict(state.weights)
     provenance = {
         "mode": "pretrain",
         "dp": False,
-        **{k: record[k] for k in ("data", "hours", "dev")},
+        **{k: record[k] for k in ("data", "hours", "chosen_epoch", "dev", "eval")},
     }
     model_dir = save_model_dir(
-        run_dir / "model", state.weights, model_config, cfg.features, tokenizer, provenance
+        run_dir / "model", weights, model_config, cfg.features, tokenizer, provenance
     )
     record_file = run_dir / "pretrain.json"
     atomic_write(record_file, json.dumps(record, indent=2) + "\n")
     return PretrainResult(model_dir, record_file, record)
+
+
+def _speed_variants(
+    manifest: Path, examples: Sequence[Any], cfg: RunConfig, speeds: Sequence[float]
+) -> list[list[Any]]:
+    """Speed-perturbed versions of ``examples`` (one list per example, in their order).
+
+    A version that was skipped (a copy too short for its transcript at a fast speed) is left
+    out of that example's list: the example then trains on its other versions.
+    """
+    from fedspeech.pipeline import load_examples
+
+    by_speed = []
+    for factor in speeds:
+        found, _, summary = load_examples(manifest, cfg.features, speed=factor)
+        log.info("speed %g: %s", factor, summary)
+        by_speed.append({e.path: e for e in found})
+    return [[v[e.path] for v in by_speed if e.path in v] for e in examples]
+
+
+def _machine() -> str:
+    """Where the training ran, in words (CPU threads or the GPU's name)."""
+    import os
+    import platform
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def _best_epoch(history: Sequence[Mapping[str, Any]]) -> int:
+    """The 1-based epoch with the lowest CER on the first dev set (the last epoch if none)."""
+    scored = [
+        (h["dev"][next(iter(h["dev"]))]["cer"], i) for i, h in enumerate(history) if h.get("dev")
+    ]
+    return min(scored)[1] + 1 if scored else len(history)
 
 
 def _dev_scores(

@@ -209,8 +209,10 @@ def _fresh_config(
             "data-dir": str(Path(cfg.fed.data_dir).resolve()),
         }
     )
+    from fedspeech.modeldir import SHIPPED_PREFIX
+
     for key in ("eval-manifest", "init-model"):
-        if flat[key]:
+        if flat[key] and not str(flat[key]).startswith(SHIPPED_PREFIX):  # @name: shipped model
             flat[key] = str(Path(flat[key]).resolve())
     if cfg.data.corpus != "synthetic":
         flat["corpus"] = str(Path(cfg.data.corpus).resolve())
