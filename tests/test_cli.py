@@ -120,6 +120,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "started from the shipped public model @en-public-small" in out
     provenance = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["provenance"]
     assert provenance["run_config"]["init-model"] == "@en-public-small"
+    card = (tmp_path / "run" / "report" / "init_model_card.md").read_text()  # logged to MLflow
+    assert card.startswith("# en-public-small")
 
 
 # ---------------------------------------------------------------- flag conventions
