@@ -331,7 +331,12 @@ def _utterance_records(result: SetResult) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """Print the comparison table; 0 on success, 1 on bad inputs, 2 without faster-whisper."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="our model directory")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="our model directory or a shipped model name (en-public-small)",
+    )
     parser.add_argument(
         "--set",
         type=_parse_set,
