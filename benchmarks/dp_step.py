@@ -1,6 +1,7 @@
 """Cost of one training step: non-private fused nn.GRU vs. Opacus DPGRU DP-SGD vs. FastGRU DP-SGD.
 
     python benchmarks/dp_step.py [--configs small,large] [--threads 1,all] [--repeats 3]
+                                 [--device auto|cpu|cuda]
 
 Every variant trains the same ``BiGRUCTC`` (120-dim input, vocabulary 29, LayerNorm + linear head,
 CTC loss, Adam, dropout 0.1) from the same weights on the same batch, whose utterance lengths are
@@ -15,6 +16,11 @@ spread evenly from T down to 0.6 T (sorted, as ``collate_ctc`` delivers them):
 
 DP steps use noise 1.0, clipping 1.0 and Poisson-sampling mode; the step itself (forward, loss,
 backward, clip + noise + Adam) runs on the fixed batch.
+
+Device: ``--device`` (the run-config key's values: ``auto`` = CUDA when available, else CPU)
+puts the models, the batch and the DP noise there; on CUDA every timed step ends with
+``torch.cuda.synchronize`` and memory is the CUDA allocator's peak (``max_memory_allocated``
+above what was allocated before the first step), one column, not the process RSS.
 
 Time: seconds per step; rounds interleave the variants (a, b, c, ... a, b, c) in one process per
 thread count; best and median of ``--repeats`` rounds after one warm-up step each.
@@ -49,6 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
+from fedspeech.devices import DeviceError, resolve_device
 from fedspeech.model import BiGRUCTC, ModelConfig, convert_model
 from fedspeech_client.batching import CTCBatch, ctc_loss
 
@@ -69,12 +76,13 @@ def _batch(config: str) -> CTCBatch:
     return CTCBatch(torch.randn(batch, frames, 120, generator=g), lengths, labels, label_lens)
 
 
-def _step_fn(variant: str, config: str) -> Step:
-    """A closure running one training step of ``variant`` (model, optimizer, batch built here)."""
+def _step_fn(variant: str, config: str, device: torch.device) -> Step:
+    """A closure running one training step of ``variant`` on ``device`` (model, optimizer, batch
+    built here); on CUDA it returns once the GPU has finished the step."""
     batch_size, _, hidden, layers = CONFIGS[config]
     torch.manual_seed(0)
-    base = BiGRUCTC(ModelConfig(input_dim=120, hidden_size=hidden, num_layers=layers))
-    batch = _batch(config)
+    base = BiGRUCTC(ModelConfig(input_dim=120, hidden_size=hidden, num_layers=layers)).to(device)
+    batch = _batch(config).to(device)
     if variant in ("a", "a-unpacked", "c-nodp"):
         net = convert_model(base, dp=variant == "c-nodp").train()
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -87,6 +95,7 @@ def _step_fn(variant: str, config: str) -> Step:
                 net.parameters(), 5.0
             )  # as fedspeech_client.train's plain path
             optimizer.step()
+            _sync(device)
 
         return plain_step
     from opacus import PrivacyEngine  # lazy: the plain variants' processes never import it
@@ -109,8 +118,15 @@ def _step_fn(variant: str, config: str) -> Step:
         dp_optimizer.zero_grad()
         ctc_loss(gsm(batch.feats, batch.feat_lens), batch).backward()
         dp_optimizer.step()
+        _sync(device)
 
     return dp_step
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _unpacked_forward(net: BiGRUCTC) -> Callable[[Tensor, Tensor], Tensor]:
@@ -133,11 +149,19 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB -> MiB
 
 
-def _child(variant: str, config: str, threads: int) -> None:
+def _child(variant: str, config: str, threads: int, device: torch.device) -> None:
     """Fresh-process memory probe: prints ``{"peak_mib": ...}`` as one JSON line."""
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    step = _step_fn(variant, config)
+    step = _step_fn(variant, config, device)
+    if device.type == "cuda":  # the allocator's own peak: the process RSS does not hold it
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        for _ in range(1 + MEMORY_STEPS):
+            step()
+        peak = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        print(json.dumps({"peak_mib": peak}))
+        return
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0): setup's peak drops out
     before = _status_mib("VmRSS")
@@ -146,19 +170,19 @@ def _child(variant: str, config: str, threads: int) -> None:
     print(json.dumps({"peak_mib": _status_mib("VmHWM") - before}))
 
 
-def _memory(variant: str, config: str, threads: int, *, live: bool) -> float:
+def _memory(variant: str, config: str, threads: int, device: str, *, live: bool) -> float:
     env = {**os.environ, **(LIVE_ENV if live else {})}
-    args = [sys.executable, __file__, "--child", variant, "--configs", config]
+    args = [sys.executable, __file__, "--child", variant, "--configs", config, "--device", device]
     out = subprocess.run(
         [*args, "--threads", str(threads)], env=env, check=True, capture_output=True, text=True
     ).stdout
     return float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
 
 
-def _times(config: str, threads: int, repeats: int) -> dict[str, list[float]]:
+def _times(config: str, threads: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
     """Seconds per step of every variant, interleaved rounds, after one warm-up step each."""
     torch.set_num_threads(threads)
-    steps = {v: _step_fn(v, config) for v in VARIANTS}
+    steps = {v: _step_fn(v, config, device) for v in VARIANTS}
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -176,25 +200,43 @@ def main() -> None:
     parser.add_argument("--threads", default="1,all", help="comma list; 'all' = os.cpu_count()")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the steps run: auto = CUDA when available, else CPU",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     cpus = os.cpu_count() or 1
     threads = [cpus if t == "all" else int(t) for t in args.threads.split(",")]
+    try:
+        device = resolve_device(args.device, key="--device")
+    except DeviceError as exc:
+        parser.error(str(exc))  # exit 2 with the reason, no traceback
     if args.child:
-        _child(args.child, args.configs, threads[0])
+        _child(args.child, args.configs, threads[0], device)
         return
-    print(f"torch {torch.__version__}, {cpus} CPUs, repeats {args.repeats}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"torch {torch.__version__}, {cpus} CPUs, device {device} ({where}), repeats {args.repeats}"
+    )
     for config in args.configs.split(","):
         b, t, h, n = CONFIGS[config]
         print(f"\n### B={b}, T={t}, H={h}, {n} layers, bidirectional ({config})\n")
-        times = {n_thr: _times(config, n_thr, args.repeats) for n_thr in threads}
+        times = {n_thr: _times(config, n_thr, args.repeats, device) for n_thr in threads}
         peaks: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
         if not args.skip_memory:
             for v in VARIANTS:
+                if device.type == "cuda":
+                    peaks[v]["CUDA peak MiB"] = _memory(v, config, 1, args.device, live=False)
+                    continue
                 for n_thr in threads:
-                    peaks[v][f"peak MiB, {n_thr} thr"] = _memory(v, config, n_thr, live=False)
-                peaks[v]["live MiB, 1 thr"] = _memory(v, config, 1, live=True)
+                    peaks[v][f"peak MiB, {n_thr} thr"] = _memory(
+                        v, config, n_thr, args.device, live=False
+                    )
+                peaks[v]["live MiB, 1 thr"] = _memory(v, config, 1, args.device, live=True)
         _print_table(times, peaks)
 
 

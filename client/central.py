@@ -17,6 +17,7 @@ import torch
 import fedspeech.metric_keys as mk
 from fedspeech import __version__
 from fedspeech.config import RunConfig
+from fedspeech.devices import resolve_device
 from fedspeech.model import BiGRUCTC, count_parameters
 from fedspeech.modeldir import save_model_dir
 from fedspeech.pipeline import initial_weights, load_examples
@@ -45,7 +46,9 @@ def train_central(
 
     Raises:
         FedspeechDataError: the manifest has no usable utterance.
+        DeviceError: the run config's ``device`` is not on this machine (before any data is read).
     """
+    device = resolve_device(cfg.train.device)
     manifest = Path(manifest)
     examples, report, summary = load_examples(manifest, cfg.features, cache_root=cache_root)
     log.info("%s", summary)
@@ -59,13 +62,14 @@ def train_central(
     model = BiGRUCTC(model_cfg)
     model.load_state_dict(initial_weights(cfg, model_cfg))  # ``init-model`` or fresh
     log.info(
-        "training %s parameters on %d utterances for %d epochs (%s)",
+        "training %s parameters on %d utterances for %d epochs (%s) on %s",
         f"{count_parameters(model):,}",
         len(examples),
         cfg.train.epochs,
         "DP-SGD" if cfg.train.dp else "non-private",
+        device,
     )
-    result = train_local(model, examples, cfg.train)
+    result = train_local(model, examples, cfg.train, device=device)
     provenance: dict[str, Any] = {
         "mode": "central",
         "init_model": cfg.fed.init_model or None,

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from fedspeech.devices import resolve_device
 from fedspeech.model import BiGRUCTC, convert_model, freeze_lower_layers, plain_state_dict
 from fedspeech_client.batching import (
     FeatureDataset,
@@ -90,6 +91,9 @@ def train_epochs(
 
     ``resume`` continues from a saved state (its weights replace ``model``'s). The caller saves,
     evaluates or stops between epochs; what it adds to the last history record is kept.
+    ``device``: where to train (default: ``cfg.device`` resolved here); the yielded weights are
+    CPU tensors and ``save_epoch_state`` writes the optimizer state from the CPU, so a state saved
+    on a GPU resumes on a CPU and vice versa (the optimizer moves it to its parameters' device).
     ``variants[i]``, if given, are other versions of ``examples[i]`` (speed-perturbed copies):
     every epoch trains on one of ``(examples[i], *variants[i])`` per utterance, drawn uniformly
     from the epoch's seed, so an epoch costs the same as one without them.
@@ -97,6 +101,7 @@ def train_epochs(
     Raises:
         ValueError: no examples, DP settings (this path is non-private), or ``resume`` already
             past ``epochs``.
+        DeviceError: ``cfg.device`` names a device this machine does not have.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -104,7 +109,7 @@ def train_epochs(
         raise ValueError("train_epochs is the non-private path: set dp = false")
     if variants and len(variants) != len(examples):
         raise ValueError(f"{len(variants)} variant lists for {len(examples)} examples")
-    device = device or torch.device("cpu")
+    device = device or resolve_device(cfg.device)
     if resume is not None:
         if resume.epochs_done > epochs:
             raise ValueError(f"the saved training has {resume.epochs_done} epochs, > {epochs}")

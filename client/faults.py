@@ -14,6 +14,12 @@ first, as in a real crash after training):
 * ``hang=SECONDS``: the ClientApp sleeps that long before replying (past ``round-timeout``);
 * ``nan`` / ``inf``: the first weight of the update becomes NaN / +Inf;
 * ``shape``: the first tensor of the update loses its last row.
+
+``FEDSPEECH_FAULT_MARKER=PATH`` (node-local too, optional) makes a fault announce itself before it
+is acted out: one line ``PID KIND`` (PID: the ClientApp's process) is appended to ``PATH``. A test
+then knows that the fault fired and where the node stands, e.g. that a node hanging in a secure
+aggregation round has shared its keys and not sent its masked update, and can kill it there
+(``tests/test_secagg_deployment.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import Tensor
 log = logging.getLogger("fedspeech.client")
 
 FAULT_ENV = "FEDSPEECH_FAULT"
+MARKER_ENV = "FEDSPEECH_FAULT_MARKER"
 KINDS = ("raise", "hang", "nan", "inf", "shape")
 
 
@@ -102,6 +109,7 @@ def apply_faults(
     out = None if state_dict is None else {k: v.clone() for k, v in state_dict.items()}
     for fault in faults:
         log.warning("injected fault (%s): %s", FAULT_ENV, fault)
+        _announce(fault)
         if fault.kind == "raise":
             raise InjectedFault(f"injected fault ({FAULT_ENV}): the ClientApp crashes")
         if fault.kind == "hang":
@@ -116,4 +124,23 @@ def apply_faults(
     return out
 
 
-__all__ = ["FAULT_ENV", "Fault", "InjectedFault", "active_faults", "apply_faults", "parse_faults"]
+def _announce(fault: Fault) -> None:
+    """Append ``PID KIND`` to ``$FEDSPEECH_FAULT_MARKER`` (if set), flushed to disk."""
+    path = os.environ.get(MARKER_ENV, "")
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{os.getpid()} {fault.kind}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+__all__ = [
+    "FAULT_ENV",
+    "MARKER_ENV",
+    "Fault",
+    "InjectedFault",
+    "active_faults",
+    "apply_faults",
+    "parse_faults",
+]

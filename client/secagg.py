@@ -23,13 +23,21 @@ secure aggregation: then the client refuses to send its weights in the clear.
 
 The reply keeps the client's metrics in the clear (``fitres.metrics``: loss, epsilon,
 ``num-examples``, ...), as without secure aggregation; only the weights are masked.
+
+Testing aid: ``FEDSPEECH_SECAGG_DUMP=DIR`` in a node's own environment (never in the run config:
+the server cannot turn it on) saves what the node is about to mask, in the clear, to
+``DIR/node-<node id>-round-<round>.npz`` (``dump_plain_input``), so that a test can compare the
+server's unmasked aggregate with plain FedAvg of the very same inputs. It writes the node's update
+unprotected to the node's disk: never set it outside tests.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,6 +55,7 @@ log = logging.getLogger("fedspeech.client")
 SECAGG_CONFIGS = "secaggplus_configs"
 CLIP_NORM_KEY = "user-clip-norm"  # the round's user-level clipping norm, sent by the server
 INDICATOR = "unclipped"  # name of the appended indicator (adaptive clipping)
+DUMP_ENV = "FEDSPEECH_SECAGG_DUMP"  # testing aid (see the module docstring)
 
 Handler = Callable[[Message, Context], Message]
 
@@ -85,6 +94,9 @@ def _masked_input_handler(call_next: Handler) -> Handler:
         reply = call_next(msg, context)
         cfg = RunConfig.from_flat(context.run_config)
         content = masked_input(msg.content, reply.content, cfg)
+        dump_dir = os.environ.get(DUMP_ENV, "")
+        if dump_dir:  # testing aid, off unless the node's own environment sets it
+            dump_plain_input(Path(dump_dir), context.node_id, msg.content, content)
         return Message(content, reply_to=msg)
 
     return handler
@@ -143,6 +155,46 @@ def masked_input(sent: RecordDict, reply: RecordDict, cfg: RunConfig) -> RecordD
         fit_metrics[mk.DECLINE_REASON] = str(decline.get("reason", ""))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(deltas), weight, fit_metrics)
     return fitres_to_recorddict(fitres, keep_input=False)
+
+
+def dump_plain_input(directory: Path, node_id: int, sent: RecordDict, content: RecordDict) -> Path:
+    """Save the input ``secaggplus_mod`` is about to mask, in the clear (testing aid only).
+
+    Args:
+        directory: where to write ``node-<node_id>-round-<round>.npz`` (created if missing).
+        node_id: this node's id (the server's reports name a deployed node ``node-<id>``).
+        sent: the train message's content (``arrays``: the global weights; ``config``).
+        content: ``masked_input``'s result.
+
+    The file holds ``names`` (the float tensors, in the order of the vector), ``global/<name>``
+    (the global weights as sent, float64), ``input/<i>`` (the vector's arrays, before
+    quantization) and ``weight`` (the aggregation weight). Written to a temporary name first, so
+    a reader never sees half a file.
+    """
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+    fitres = recorddict_to_fitres(content, keep_input=True)
+    base = float_arrays({k: v.numpy() for k, v in sent.array_records["arrays"].items()})
+    names = sorted(base)
+    arrays: dict[str, np.ndarray] = {
+        "names": np.array(names),
+        "weight": np.array(fitres.num_examples),
+    }
+    arrays.update({f"global/{k}": base[k] for k in names})
+    vectors = parameters_to_ndarrays(fitres.parameters)
+    arrays.update({f"input/{i:04d}": v for i, v in enumerate(vectors)})
+    server_round = int(str(sent.config_records["config"].get("server-round", 0)))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"node-{node_id}-round-{server_round}.npz"
+    partial = directory / f".{path.name}.partial"
+    with open(partial, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+    os.replace(partial, path)
+    log.warning(
+        "%s is set: saved this node's secure-aggregation input in the clear to %s", DUMP_ENV, path
+    )
+    return path
 
 
 def float_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -220,9 +272,11 @@ def _warn_if_saturated(deltas: list[np.ndarray], clipping_range: float) -> None:
 
 __all__ = [
     "CLIP_NORM_KEY",
+    "DUMP_ENV",
     "SECAGG_CONFIGS",
     "NonFiniteUpdate",
     "SecureAggregationRequired",
+    "dump_plain_input",
     "float_arrays",
     "masked_input",
     "quantization_safe_norm",

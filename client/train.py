@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedspeech.devices import resolve_device
 from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict, unwrap
 from fedspeech.privacy_ledger import PrivacyLedger
 from fedspeech_client.batching import (
@@ -59,7 +60,8 @@ def train_local(
             Default: the recorded steps plus this call's.
         augment: ``(T, D) -> (T, D)`` training-feature transform; default with
             ``cfg.spec_augment``: ``SpecAugment(seed=cfg.seed)``.
-        device: where to train (default CPU).
+        device: where to train (default: ``cfg.device`` resolved on this machine, ``auto``: CUDA
+            when available, else CPU). The returned weights are CPU tensors either way.
         proximal_mu: FedProx's proximal weight: after every optimizer step the weights are pulled
             back towards ``model``'s (the round's global weights) by ``lr * proximal_mu`` of the
             gap, outside DP clipping and noise (see ``fedspeech_client.proximal``). 0: plain training.
@@ -69,11 +71,12 @@ def train_local(
 
     Raises:
         ValueError: no examples, or ``planned_steps`` smaller than the steps this call needs.
+        DeviceError: ``cfg.device`` names a device this machine does not have.
         PrivacyBudgetError: ``cfg.target_epsilon`` cannot be met with the recorded history.
     """
     if not examples:
         raise ValueError("no training examples")
-    device = device or torch.device("cpu")
+    device = device or resolve_device(cfg.device)
     if augment is None and cfg.spec_augment:
         from fedspeech_features.augment import SpecAugment  # lazy: only runs that augment need it
 

@@ -291,9 +291,9 @@ def flat_keys() -> set[str]:
 
 
 # What ``--resume`` may change in a run's saved configuration: how long it runs, where it is
-# tracked, how long it waits, how many threads it uses. Everything else (data, model, privacy,
-# sampling, partitions) defines the run: changing it mid-run would train another model or break
-# the privacy accounting, so it is refused.
+# tracked, how long it waits, how many threads and which device it uses. Everything else (data,
+# model, privacy, sampling, partitions) defines the run: changing it mid-run would train another
+# model or break the privacy accounting, so it is refused.
 RESUME_CHANGEABLE_KEYS = frozenset(
     {
         "num-server-rounds",
@@ -304,6 +304,7 @@ RESUME_CHANGEABLE_KEYS = frozenset(
         "round-retries",
         "client-threads",
         "server-threads",
+        "device",
     }
 )
 # Read only when a run starts (its first model) or saying that it resumes: ignored on resume.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jiwer
+import torch
 
 from fedspeech.decoding import Decoder
 from fedspeech.modeldir import LoadedModel
@@ -91,6 +92,7 @@ def evaluate_manifest(
     *,
     decoder: Decoder | None = None,
     progress: bool | None = None,
+    device: torch.device | None = None,
 ) -> EvalResult:
     """Transcribe a manifest's utterances and score them against their transcripts.
 
@@ -99,6 +101,7 @@ def evaluate_manifest(
         manifest: a manifest.tsv path, or its rows.
         decoder: greedy by default (see ``fedspeech.decoding.make_decoder``).
         progress: progress bar on stderr (``None``: for 2+ files on a terminal).
+        device: where the model runs (moved there, see ``Transcriber``); None: where it is.
 
     Raises:
         ManifestError: the manifest file is missing or malformed.
@@ -117,7 +120,8 @@ def evaluate_manifest(
         references.append(reference)
         audio.append(utt.path)
     scored: list[ScoredUtterance] = []
-    transcripts = Transcriber(loaded, decoder).transcribe_files(audio, progress=progress)
+    transcriber = Transcriber(loaded, decoder, device=device)
+    transcripts = transcriber.transcribe_files(audio, progress=progress)
     for ref, transcript in zip(references, transcripts, strict=True):  # one per file, in order
         if transcript.hypothesis is None:
             report.skip(transcript.path, transcript.error or "cannot transcribe")

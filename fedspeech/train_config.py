@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from fedspeech.devices import DeviceError, check_device_name
 from fedspeech.privacy_ledger import AccountantName
 
 
@@ -37,6 +38,10 @@ class TrainConfig:
             (0: train everything; the model's ``num_layers``: only the output LayerNorm and head
             train). Under DP-SGD fewer trainable weights means less noise in total for the
             same clipping norm: the lever for fine-tuning a public model on little private data.
+        device: where training and evaluation run (``fedspeech.devices``): ``auto`` (CUDA when
+            available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. Every process of a run that
+            trains or evaluates resolves it on its own machine (clients, the server's central
+            evaluation); weights that leave a process are on the CPU.
     """
 
     epochs: int = 1
@@ -57,6 +62,7 @@ class TrainConfig:
     max_physical_batch_size: int | None = None
     max_frames_per_batch: int | None = None
     freeze_layers: int = 0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         # One message per key, under its run-config (kebab-case) name, with the value given.
@@ -93,6 +99,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f'{_key(name)} must be >= 1 or "" (off), got {value}')
+        try:
+            check_device_name(self.device)  # the spelling; availability: resolve_device
+        except DeviceError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -159,11 +159,22 @@ class Transcriber:
         loaded: the model, its feature config and tokenizer.
         decoder: greedy by default (see ``fedspeech.decoding.make_decoder``).
         max_chunk_s: longest stretch of audio given to the model at once.
+        device: where the model runs (``loaded.model`` is moved there, in place); None: where its
+            weights are. Features are made and hypotheses decoded on the CPU.
     """
 
     def __init__(
-        self, loaded: LoadedModel, decoder: Decoder | None = None, *, max_chunk_s: float = 20.0
+        self,
+        loaded: LoadedModel,
+        decoder: Decoder | None = None,
+        *,
+        max_chunk_s: float = 20.0,
+        device: torch.device | None = None,
     ) -> None:
+        if device is None:
+            device = next(loaded.model.parameters()).device
+        self.device = device
+        loaded.model.to(device)
         self.loaded = loaded
         self.feature_config = loaded.feature_config
         self.extractor = FeatureExtractor(loaded.feature_config)
@@ -253,7 +264,7 @@ class Transcriber:
             x = pad_sequence([feats[k] for k in batch], batch_first=True)  # (B, T, D)
             lengths = torch.tensor([feats[k].shape[0] for k in batch])  # (B,)
             with torch.inference_mode():
-                log_probs = self.loaded.model(x, lengths)  # (B, T, V)
+                log_probs = self.loaded.model(x.to(self.device), lengths).cpu()  # (B, T, V)
             self.stats.model_s += time.perf_counter() - start
             start = time.perf_counter()
             for k, hyp in zip(batch, self.decoder.decode_batch(log_probs, lengths), strict=True):

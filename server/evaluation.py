@@ -31,6 +31,8 @@ class CentralEvaluator:
         model_config: the global model's shape.
         feature_config: its features.
         tokenizer: its output symbols.
+        device: where the model runs (the run config's ``device``, resolved by the caller);
+            the weights it is given may be anywhere (CPU arrays from the aggregation).
     """
 
     def __init__(
@@ -39,11 +41,12 @@ class CentralEvaluator:
         model_config: ModelConfig,
         feature_config: FeatureConfig,
         tokenizer: CharTokenizer,
+        *,
+        device: torch.device | None = None,
     ) -> None:
         self.utterances = list(utterances)
-        self.loaded = LoadedModel(
-            BiGRUCTC(model_config).eval(), model_config, feature_config, tokenizer
-        )
+        model = BiGRUCTC(model_config).eval().to(device or torch.device("cpu"))
+        self.loaded = LoadedModel(model, model_config, feature_config, tokenizer)
 
     def __call__(self, state_dict: Mapping[str, Tensor]) -> tuple[float, float]:
         """``(WER, CER)`` of the weights; NaN, NaN without utterances."""

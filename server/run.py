@@ -42,6 +42,7 @@ from torch import Tensor
 
 from fedspeech import __version__
 from fedspeech.config import RunConfig, check_resume_changes
+from fedspeech.devices import resolve_device
 from fedspeech.fed_data import heldout_utterances
 from fedspeech.model import ModelConfig
 from fedspeech.modeldir import resolve_model, save_model_dir
@@ -140,12 +141,14 @@ class FederatedRun:
 
         Raises:
             FileNotFoundError: resume asked for but the run folder has no checkpoint.
+            DeviceError: the run config's ``device`` is not on this machine (central evaluation).
             ConfigError: ``init-model`` has another shape than the run config's model, or a
                 resume changes a setting that defines the run (``check_resume_changes``).
         """
         run_dir = Path(cfg.fed.out_dir)
         tokenizer = CharTokenizer()
         model_config = cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size)
+        device = resolve_device(cfg.train.device)  # central evaluation; before any tracking run
         if cfg.fed.resume:
             checkpoint = load_checkpoint(run_dir)
             if checkpoint is None:
@@ -181,7 +184,9 @@ class FederatedRun:
             write_manifest(run_dir / "eval_manifest.tsv", utterances)
         else:
             log.warning("no central evaluation set: set eval-manifest or holdout-speakers > 0")
-        evaluator = CentralEvaluator(utterances, model_config, cfg.features, tokenizer)
+        evaluator = CentralEvaluator(
+            utterances, model_config, cfg.features, tokenizer, device=device
+        )
         return cls(
             cfg,
             state=state,

@@ -73,6 +73,19 @@ TINY_NODE: dict[str, Any] = {
 """Run config of a tiny client model on 6-dim frames (examples made of random features)."""
 
 
+def _devices() -> list[Any]:
+    import torch
+
+    no_cuda = pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
+    )
+    return ["cpu", pytest.param("cuda", marks=no_cuda)]
+
+
+DEVICES = _devices()
+"""The ``device`` values device-dependent tests run on: ``cpu`` always, ``cuda`` where present."""
+
+
 def tiny_model(seed: int = 0) -> BiGRUCTC:
     """A 1-layer BiGRU-8 on 6-dim frames, no dropout, seeded with ``torch.manual_seed(seed)``."""
     import torch

@@ -308,3 +308,16 @@ def test_the_mlflow_ui_hint_names_the_mlflow_beside_this_python(
     assert mlflow_ui_command("sqlite:///m.db") == (
         f"{bin_dir / 'python'} -m mlflow ui --backend-store-uri sqlite:///m.db"
     )
+
+
+def test_client_cpus_takes_whole_numbers_only(capsys: pytest.CaptureFixture[str]) -> None:
+    # Flower 1.42's client-resources-num-cpus is an int >= 1: "1.0" made `flwr run` fail.
+    parse = _build_parser().parse_args
+    # Execute + Assert: a whole number parses to an int
+    assert parse(["simulate", "--client-cpus", "2"]).client_cpus == 2
+    assert isinstance(parse(["simulate"]).client_cpus, int)
+    # Execute + Assert: a fraction or zero is a usage error naming the option
+    for bad in ("1.5", "0"):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["simulate", "--client-cpus", bad])
+        assert exit_.value.code == 2 and "--client-cpus" in capsys.readouterr().err

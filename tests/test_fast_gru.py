@@ -1,4 +1,8 @@
-"""FastGRU: same function as nn.GRU, exact per-sample gradients through Opacus, same DP training."""
+"""FastGRU: same function as nn.GRU, exact per-sample gradients through Opacus, same DP training.
+
+The exactness tests run on every device present (``tests.conftest.DEVICES``: the CPU, and CUDA
+where there is one), in float64 so that the tolerances hold for the GPU kernels too.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from fedspeech.fast_gru_grad_sampler import FastGRU
 from fedspeech.model import BiGRUCTC, ModelConfig, convert_model, load_plain_state_dict
 from fedspeech_client.batching import CTCBatch, ctc_loss
 from fedspeech_client.train import TrainConfig, train_local
+from tests.conftest import DEVICES
 
 # Opacus's PrivacyEngine without secure_mode (no torchcsprng here; these tests add no noise).
 # The Opacus / torch warnings every module sees are filtered in pyproject.toml.
@@ -37,18 +42,24 @@ def _reference_gru(gru: FastGRU) -> nn.GRU:
         bidirectional=gru.bidirectional,
     )
     ref.load_state_dict(gru.state_dict())  # same keys: strict load
-    return ref.to(next(gru.parameters()).dtype)
+    param = next(gru.parameters())
+    return ref.to(device=param.device, dtype=param.dtype)
 
 
 def _ctc_batch(
-    lengths: list[int], dim: int, *, seed: int = 0, dtype: torch.dtype = torch.float64
+    lengths: list[int],
+    dim: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
 ) -> CTCBatch:
-    """Random frames (padding filled with noise too) and one-or-two-symbol labels."""
+    """Random frames (padding filled with noise too) and one-or-two-symbol labels, on ``device``."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(len(lengths), max(lengths), dim, generator=g, dtype=dtype)  # (B, T, D)
     label_lens = torch.tensor([min(2, n) for n in lengths])  # (B,): CTC needs L <= T
     labels = torch.randint(1, 29, (len(lengths), 2), generator=g)  # (B, 2)
-    return CTCBatch(feats, torch.tensor(lengths), labels, label_lens)
+    return CTCBatch(feats, torch.tensor(lengths), labels, label_lens).to(torch.device(device))
 
 
 def _worst_per_sample_error(dp_model: BiGRUCTC, batch: CTCBatch) -> float:
@@ -77,16 +88,19 @@ def _worst_per_sample_error(dp_model: BiGRUCTC, batch: CTCBatch) -> float:
     return worst
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_forward_and_gradients_equal_packed_nn_gru(bidirectional: bool, num_layers: int) -> None:
+def test_forward_and_gradients_equal_packed_nn_gru(
+    bidirectional: bool, num_layers: int, device: str
+) -> None:
     # Prepare: ragged, unsorted lengths; padding frames hold noise
     torch.manual_seed(0)
-    gru = FastGRU(5, 4, num_layers, bidirectional=bidirectional).double()
+    gru = FastGRU(5, 4, num_layers, bidirectional=bidirectional).double().to(device)
     ref = _reference_gru(gru)
-    lengths = torch.tensor([5, 9, 1, 7])
-    x = torch.randn(4, 9, 5, dtype=torch.float64)
-    weights = torch.randn(4, 9, 4 * (2 if bidirectional else 1), dtype=torch.float64)
+    lengths = torch.tensor([5, 9, 1, 7])  # CPU, as pack_padded_sequence wants them
+    x = torch.randn(4, 9, 5, dtype=torch.float64).to(device)
+    weights = torch.randn(4, 9, 4 * (2 if bidirectional else 1), dtype=torch.float64).to(device)
     # Execute
     y, h_n = gru(x, lengths)
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -95,6 +109,8 @@ def test_forward_and_gradients_equal_packed_nn_gru(bidirectional: bool, num_laye
     ((y * weights).sum() + h_n.square().sum()).backward()
     ((y_ref * weights).sum() + h_ref.square().sum()).backward()
     # Assert: outputs (zero on padding), final states and summed gradients agree (float64)
+    assert y.device.type == device
+    assert all(p.grad is not None and p.grad.device.type == device for p in gru.parameters())
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(h_n, h_ref, rtol=0, atol=1e-12)
     for (name, p), (ref_name, q) in zip(
@@ -115,11 +131,12 @@ def test_state_dict_is_that_of_nn_gru() -> None:
     assert sum(p.numel() for p in gru.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("frontend_dim", [0, 4])
 def test_per_sample_gradients_equal_single_example_backward(
-    bidirectional: bool, num_layers: int, frontend_dim: int
+    bidirectional: bool, num_layers: int, frontend_dim: int, device: str
 ) -> None:
     """Opacus's grad_sample (FastGRU) == every utterance's own gradient; float64, < 1e-9.
 
@@ -135,9 +152,10 @@ def test_per_sample_gradients_equal_single_example_backward(
         dropout=0.0,
         frontend_dim=frontend_dim,
     )
-    model = BiGRUCTC(cfg, dp=True).double()
+    model = BiGRUCTC(cfg, dp=True).double().to(device)
     assert isinstance(model.rnn, FastGRU)
-    worst = _worst_per_sample_error(model, _ctc_batch([4, 8, 1, 6, 8], 5))  # unsorted
+    batch = _ctc_batch([4, 8, 1, 6, 8], 5, device=device)  # unsorted
+    worst = _worst_per_sample_error(model, batch)
     assert worst < 1e-9, f"max relative per-sample gradient error {worst:.3g}"
 
 
@@ -173,12 +191,13 @@ def test_per_sample_gradients_randomized(
     assert _worst_per_sample_error(model, batch) < 1e-9
 
 
-def test_padding_values_never_matter() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_values_never_matter(device: str) -> None:
     torch.manual_seed(2)
-    gru = FastGRU(3, 4, 2, bidirectional=True).double()
+    gru = FastGRU(3, 4, 2, bidirectional=True).double().to(device)
     gsm = GradSampleModule(gru, batch_first=True, loss_reduction="sum")
     lengths = torch.tensor([2, 5])
-    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    x = torch.randn(2, 5, 3, dtype=torch.float64).to(device)
     results = []
     for fill in (0.0, float("nan"), 1e30):
         x_pad = x.clone()
@@ -193,7 +212,8 @@ def test_padding_values_never_matter() -> None:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_privacy_engine_clips_per_sample_gradients_from_fast_gru() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_privacy_engine_clips_per_sample_gradients_from_fast_gru(device: str) -> None:
     """End to end: make_private (hooks), no noise, every utterance clipped.
 
     The step must be ``-lr/B * sum_i clip(g_i)`` with ``g_i`` each utterance's gradient in the
@@ -201,9 +221,9 @@ def test_privacy_engine_clips_per_sample_gradients_from_fast_gru() -> None:
     """
     torch.manual_seed(3)
     cfg = ModelConfig(input_dim=5, hidden_size=4, num_layers=2, dropout=0.0)
-    model = BiGRUCTC(cfg, dp=True).double()
-    plain = convert_model(model, dp=False)
-    batch = _ctc_batch([6, 3, 8], 5, seed=4)
+    model = BiGRUCTC(cfg, dp=True).double().to(device)
+    plain = convert_model(model, dp=False)  # on the same device
+    batch = _ctc_batch([6, 3, 8], 5, seed=4, device=device)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(3, 1)), 3)
     lr, clip = 0.5, 1e-3
     gsm, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
@@ -212,6 +232,7 @@ def test_privacy_engine_clips_per_sample_gradients_from_fast_gru() -> None:
         data_loader=loader,
         noise_multiplier=0.0,
         max_grad_norm=clip,
+        noise_generator=torch.Generator(device=device),  # as fedspeech_client.dp_sgd passes it
     )
     assert isinstance(optimizer, DPOptimizer)
     before = {name: p.detach().clone() for name, p in plain.named_parameters()}

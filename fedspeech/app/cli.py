@@ -45,10 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:  # the CLI's last line of defence: a clear message, not a traceback
         from fedspeech.config import ConfigError
+        from fedspeech.devices import DeviceError
         from fedspeech_features.errors import FedspeechDataError
         from fedspeech_server.checkpoint import CheckpointError
 
-        if isinstance(exc, FedspeechDataError | ConfigError | FileNotFoundError | CheckpointError):
+        usage = FedspeechDataError | ConfigError | DeviceError | FileNotFoundError | CheckpointError
+        if isinstance(exc, usage):
             log.error("%s", exc)
             return 2
         raise

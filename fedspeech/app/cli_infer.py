@@ -88,18 +88,38 @@ def _decoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-weight", type=float, default=2.0, help="LM weight in beam search")
     p.add_argument("--word-score", type=float, default=0.0, help="score added per word")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument(
+        "--device",
+        type=_device_name,
+        default="auto",
+        help="where the model runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
+    )
+
+
+def _device_name(text: str) -> str:
+    """``--device``: a device's spelling (whether it exists is checked once the command runs)."""
+    from fedspeech.devices import DeviceError, check_device_name
+
+    try:
+        return check_device_name(text, key="--device")
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setup(args: argparse.Namespace) -> Any:
-    """Load the model dir and build the decoder; returns (loaded, decoder)."""
+    """Load the model dir onto ``--device`` and build the decoder; returns (loaded, decoder)."""
     import torch
 
     from fedspeech.decoding import make_decoder
+    from fedspeech.devices import resolve_device
     from fedspeech.modeldir import load_model_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, key="--device")  # DeviceError: exit 2, before loading
     loaded = load_model_dir(args.model)
+    loaded.model.to(device)
+    log.debug("model on %s", device)
     try:
         decoder = make_decoder(
             loaded.tokenizer,

@@ -49,10 +49,12 @@ def _train(args: argparse.Namespace) -> int:
         "delta": cfg.train.delta if cfg.train.dp else None,
     }
     if args.dev:
+        from fedspeech.devices import resolve_device
         from fedspeech.evaluate import evaluate_manifest
         from fedspeech.modeldir import load_model_dir
 
-        scores = evaluate_manifest(load_model_dir(result.model_dir), args.dev)
+        device = resolve_device(cfg.train.device)
+        scores = evaluate_manifest(load_model_dir(result.model_dir), args.dev, device=device)
         summary.update({"dev_" + k: v for k, v in scores.to_dict().items()})
     if args.format == "json":
         print(json.dumps(summary, indent=2))

@@ -10,7 +10,7 @@ several simulations, and tests, can run side by side)::
     # $FLWR_HOME/config.toml: [superlink] default = "fedspeech";
     #                         [superlink.fedspeech] address = "127.0.0.1:P", insecure = true
     flwr run <out>/.flwr/app --stream --run-config <out>/run_config.toml \\
-        --federation-config "num-supernodes=N client-resources-num-cpus=1"
+        --federation-config "num-supernodes=N client-resources-num-cpus=1 client-resources-num-gpus=0.0"
     kill %1   # and what it started: SuperExec, the simulation process, Ray
 
 The SuperLink and everything it spawns detach into their own sessions, so the cleanup cannot
@@ -62,9 +62,19 @@ class LocalSuperLink:
     launch_id: str
 
 
+RAY_ADDRESS_VAR = "RAY_ADDRESS"
+
+
 def flower_env(flwr_home: Path, launch_id: str) -> dict[str, str]:
-    """The environment every Flower process of a simulation gets (see the module docstring)."""
+    """The environment every Flower process of a simulation gets (see the module docstring).
+
+    Without ``RAY_ADDRESS`` the simulation gets a private Ray instance (``RAY_ADDRESS=local``):
+    Flower's engine calls ``ray.init()`` with no address, which would otherwise join any cluster
+    a ``ray start`` left on this machine, sized for something else. To run on a cluster, set
+    ``RAY_ADDRESS`` to it (docs/deployment.md, section 9).
+    """
     env = dict(os.environ)
+    env.setdefault(RAY_ADDRESS_VAR, "local")
     bin_dir = str(Path(sys.executable).parent)  # flower-superexec etc. are found on PATH
     env.update(
         {
@@ -131,6 +141,40 @@ def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
             _set_child_subreaper(False)
 
 
+def federation_config(
+    num_supernodes: int, *, client_cpus: int = 1, client_gpus: float = 0.0
+) -> dict[str, object]:
+    """The simulation's ``--federation-config``: its SuperNodes and each ClientApp's Ray resources.
+
+    ``client_gpus`` is the share of a GPU Ray reserves per ClientApp (0.5: two clients train on
+    one GPU at a time; 0: none reserved). The ``device`` run-config key says where a client
+    trains; this only sizes how many run at once.
+
+    >>> federation_config(4, client_cpus=2, client_gpus=0.5)
+    {'num-supernodes': 4, 'client-resources-num-cpus': 2, 'client-resources-num-gpus': 0.5}
+
+    Raises:
+        ConfigError: ``client_gpus`` below 0, or above 1 and not a whole number (Ray's rule).
+    """
+    gpus = float(client_gpus)
+    if not (0 <= gpus <= 1 or (gpus > 1 and gpus.is_integer())):  # NaN and inf fail both
+        from fedspeech.config import ConfigError
+
+        raise ConfigError(
+            f"client GPUs must be a share in [0, 1] or a whole number, got {client_gpus}"
+        )
+    return {
+        "num-supernodes": num_supernodes,
+        "client-resources-num-cpus": client_cpus,
+        "client-resources-num-gpus": gpus,
+    }
+
+
+def federation_arg(config: Mapping[str, object]) -> str:
+    """``config`` as ``flwr run --federation-config`` takes it: ``"k=v k2=v2"``, TOML values."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+
 def flwr_run(
     link: LocalSuperLink,
     app_dir: Path,
@@ -145,10 +189,11 @@ def flwr_run(
         link: the SuperLink.
         app_dir: the Flower app (``write_app``'s folder, or a checkout with pyproject.toml).
         run_config: TOML file of run-config overrides.
-        federation_config: e.g. ``{"num-supernodes": 4, "client-resources-num-cpus": 1}``.
+        federation_config: e.g. ``{"num-supernodes": 4, "client-resources-num-cpus": 1}``
+            (``federation_config()`` builds it).
         output: file for the streamed logs (None: this process's stdout).
     """
-    federation = " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())
+    federation = federation_arg(federation_config)
     command = [
         str(Path(sys.executable).parent / "flwr"),
         *("run", str(app_dir), CONNECTION, "--stream"),

@@ -1,12 +1,12 @@
 """Pre-flight: every check of a federated run that needs no Flower process, before one starts.
 
-A run that cannot work (a missing corpus or evaluation manifest, an ``init-model`` that is not a
-model directory or has another shape, more held-out speakers or partitions than the corpus has
-speakers, a sample larger than the federation) used to fail 20-30 s later inside Flower, with a
-long traceback. ``check_run`` finds all of that in seconds and reports one message per problem,
-naming the key; it also warns about the privacy the plan spends (``privacy_plan``) before any is
-spent. It builds what the run would build first anyway (the synthetic corpus, the client split),
-so the Flower processes find them ready.
+A run that cannot work (a ``device`` this machine lacks, a missing corpus or evaluation manifest,
+an ``init-model`` that is not a model directory or has another shape, more held-out speakers or
+partitions than the corpus has speakers, a sample larger than the federation) used to fail
+20-30 s later inside Flower, with a long traceback. ``check_run`` finds all of that in seconds
+and reports one message per problem, naming the key; it also warns about the privacy the plan
+spends (``privacy_plan``) before any is spent. It builds what the run would build first anyway
+(the synthetic corpus, the client split), so the Flower processes find them ready.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def check_run(cfg: RunConfig, num_clients: int) -> Preflight:
     """
     problems: list[str] = []
     fed = cfg.fed
+    _check_device(cfg, problems)
     if cfg.data.corpus != "synthetic":
         _check_manifest("corpus", cfg.data.corpus, problems)
     if fed.eval_manifest:
@@ -68,6 +69,16 @@ def check_run(cfg: RunConfig, num_clients: int) -> Preflight:
     sizes = _split(cfg, num_clients, problems)
     warnings = privacy_plan(cfg, sizes, num_clients) if sizes else []
     return Preflight(problems, warnings)
+
+
+def _check_device(cfg: RunConfig, problems: list[str]) -> None:
+    """A simulation's clients and server run on this machine: its ``device`` must be here."""
+    from fedspeech.devices import DeviceError, resolve_device  # lazy: torch
+
+    try:
+        resolve_device(cfg.train.device)
+    except DeviceError as exc:
+        problems.append(str(exc))
 
 
 def _check_manifest(key: str, path: str, problems: list[str]) -> None:

@@ -55,7 +55,8 @@ def public_pretrained_model(cfg: RunConfig, data_dir: str | Path) -> Path:
         "seed": seed,
         "features": cfg.features.__dict__,
         "model": cfg.model.__dict__,
-        "train": train.__dict__,
+        # where it trains is not what it trains: the cache serves a CPU and a GPU run alike
+        "train": {k: v for k, v in train.__dict__.items() if k != "device"},
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     model_dir = Path(data_dir) / f"pretrained-{key}"
@@ -115,9 +116,11 @@ def pretrain(
     Raises:
         ConfigError: a fresh run in a folder that holds one, a resume with other settings or
             without a checkpoint, dp = true (public pre-training spends no privacy), epochs < 1.
+        DeviceError: the run config's ``device`` is not on this machine.
         FedspeechDataError: a training manifest without a usable utterance.
     """
     from fedspeech.config import ConfigError
+    from fedspeech.devices import resolve_device
     from fedspeech.model import BiGRUCTC, plain_state_dict
     from fedspeech.modeldir import load_model_dir, save_model_dir
     from fedspeech.pipeline import initial_weights, load_examples
@@ -133,13 +136,15 @@ def pretrain(
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     if any(not 0.5 <= f <= 2.0 or f == 1.0 for f in speeds):
         raise ConfigError(f"speed factors must be in [0.5, 2] and not 1, got {list(speeds)}")
+    device = resolve_device(cfg.train.device)
     eval_manifests = dict(eval_manifests or {})
     settings = {
         "train": [str(p.resolve()) for p in train_manifests],
         "dev": {k: str(v.resolve()) for k, v in dev_manifests.items()},
         "epochs": epochs,
         "speeds": sorted(speeds),
-        "run_config": cfg.to_flat(),
+        # without the device: a pre-training may resume on another one (checkpoints are CPU)
+        "run_config": {k: v for k, v in cfg.to_flat().items() if k != "device"},
     }
     checkpoint, settings_file = run_dir / "checkpoint", run_dir / "pretrain_settings.json"
     state = load_epoch_state(checkpoint)
@@ -185,18 +190,19 @@ def pretrain(
     model = BiGRUCTC(model_config)
     model.load_state_dict(initial_weights(cfg, model_config))
     log.info(
-        "pre-training %s parameters on %d utterances (%.2f h%s) for %d epochs, no DP",
+        "pre-training %s parameters on %d utterances (%.2f h%s) for %d epochs, no DP, on %s",
         f"{sum(p.numel() for p in model.parameters()):,}",
         len(examples),
         sum(d["hours"] for d in data),
         f", speeds 1 and {', '.join(f'{f:g}' for f in speeds)}" if speeds else "",
         epochs,
+        device,
     )
     best_dir = run_dir / "best"
     for epoch_state in train_epochs(
-        model, examples, cfg.train, epochs, resume=state, variants=variants
+        model, examples, cfg.train, epochs, resume=state, device=device, variants=variants
     ):
-        scores = _dev_scores(epoch_state.weights, model_config, cfg, tokenizer, dev_rows)
+        scores = _dev_scores(epoch_state.weights, model_config, cfg, tokenizer, dev_rows, device)
         epoch_state.history[-1]["dev"] = scores
         if _best_epoch(epoch_state.history) == epoch_state.epochs_done:
             save_model_dir(best_dir, epoch_state.weights, model_config, cfg.features, tokenizer)
@@ -223,10 +229,10 @@ def pretrain(
         "epochs": state.history,
         "chosen_epoch": chosen,
         "dev": state.history[chosen - 1].get("dev", {}),
-        "eval": _dev_scores(weights, model_config, cfg, tokenizer, evaluated),
+        "eval": _dev_scores(weights, model_config, cfg, tokenizer, evaluated, device),
         "settings": settings,
         "command": command,
-        "machine": _machine(),
+        "machine": _machine(device),
         "seconds_this_session": round(time.perf_counter() - start, 1),
         "seconds_training": round(sum(h.get("seconds", 0.0) for h in state.history), 1),
     }
@@ -261,13 +267,13 @@ def _speed_variants(
     return [[v[e.path] for v in by_speed if e.path in v] for e in examples]
 
 
-def _machine() -> str:
+def _machine(device: torch.device) -> str:
     """Where the training ran, in words (CPU threads or the GPU's name)."""
     import os
     import platform
 
-    if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)}"
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
@@ -285,15 +291,16 @@ def _dev_scores(
     cfg: RunConfig,
     tokenizer: Any,
     dev_rows: Mapping[str, Sequence[Any]],
+    device: torch.device,
 ) -> dict[str, dict[str, float]]:
-    """Greedy WER/CER of ``weights`` on each dev set (in memory: no model directory)."""
+    """Greedy WER/CER of ``weights`` on each dev set (in memory: no model directory), on ``device``."""
     from fedspeech.evaluate import evaluate_manifest
     from fedspeech.model import BiGRUCTC
     from fedspeech.modeldir import LoadedModel
 
     if not dev_rows:
         return {}
-    model = BiGRUCTC(model_config).eval()
+    model = BiGRUCTC(model_config).eval().to(device)
     model.load_state_dict(dict(weights))
     loaded = LoadedModel(model, model_config, cfg.features, tokenizer)
     out = {}

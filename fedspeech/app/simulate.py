@@ -92,7 +92,17 @@ def register(sub: Any) -> None:
         + ", ".join(sorted(RESUME_CHANGEABLE_KEYS)),
     )
     p.add_argument(
-        "--client-cpus", type=float, default=DEFAULT_CLIENT_CPUS, help="Ray CPUs per client"
+        "--client-cpus",
+        type=_positive_int,
+        default=DEFAULT_CLIENT_CPUS,
+        help="Ray CPUs per client (a whole number: Flower 1.42 takes no fraction)",
+    )
+    p.add_argument(
+        "--client-gpus",
+        type=float,
+        default=0.0,
+        help="share of a GPU Ray reserves per client (Flower's client-resources-num-gpus; "
+        "0.5: two clients per GPU at a time); the run config's device says where clients train",
     )
     p.set_defaults(handler=_cmd_simulate)
 
@@ -104,7 +114,8 @@ def simulate(
     num_supernodes: int | None = None,
     out: Path | None = None,
     resume: bool = False,
-    client_cpus: float = DEFAULT_CLIENT_CPUS,
+    client_cpus: int = DEFAULT_CLIENT_CPUS,
+    client_gpus: float = 0.0,
     output: Path | None = None,
 ) -> SimulationOutcome:
     """Run a local simulation; see ``fedspeech simulate --help``.
@@ -122,6 +133,7 @@ def simulate(
         out: run folder; default the run config's ``out-dir``.
         resume: continue the run in the run folder.
         client_cpus: Ray CPUs reserved per virtual client.
+        client_gpus: share of a GPU Ray reserves per virtual client (0: none).
         output: file for Flower's streamed logs (None: stdout).
 
     Raises:
@@ -136,6 +148,7 @@ def simulate(
     import time
 
     from fedspeech.app.flower_launch import (
+        federation_config,
         flwr_run,
         interrupts_ignored,
         local_superlink,
@@ -150,6 +163,7 @@ def simulate(
         cfg, n, run_dir = _resumed_config(project, preset, overrides, out, num_supernodes)
     else:
         cfg, n, run_dir = _fresh_config(project, preset, overrides, out, num_supernodes)
+    federation = federation_config(n, client_cpus=client_cpus, client_gpus=client_gpus)
     check_run(cfg, n).raise_for_problems()
     flat = cfg.to_flat()
     if cfg.fed.pretrain_utterances and not cfg.fed.resume:
@@ -169,7 +183,7 @@ def simulate(
                 link,
                 write_app(run_dir / ".flwr" / "app"),
                 run_config=config_file,
-                federation_config={"num-supernodes": n, "client-resources-num-cpus": client_cpus},
+                federation_config=federation,
                 output=output,
             )
     except KeyboardInterrupt as exc:
@@ -303,6 +317,17 @@ def absolute_sqlite_uri(uri: str) -> str:
     return prefix + str(Path(uri[len(prefix) :]).resolve())
 
 
+def _positive_int(text: str) -> int:
+    """``--client-cpus``: a whole number >= 1 (Flower's ``client-resources-num-cpus``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of CPUs") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedspeech.app.flower_launch import interrupts_ignored
 
@@ -315,6 +340,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             out=args.run_dir,
             resume=args.resume,
             client_cpus=args.client_cpus,
+            client_gpus=args.client_gpus,
         )
     except SimulationInterrupted as stop:
         outcome, interrupted = stop.outcome, True
