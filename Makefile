@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 export FLWR_TELEMETRY_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test test-slow test-all lint typecheck bench clean
+.PHONY: install demo test test-slow test-all docker-test lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: lint typecheck
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow --durations=15 $(PYTEST_ARGS)
+
+# The Docker test alone (also in test-slow): makes this machine a Docker host first (root).
+docker-test: install
+	bash scripts/docker_host.sh
+	FEDSPEECH_REQUIRE_DOCKER=1 $(BIN)/python -m pytest -m slow tests/test_docker.py $(PYTEST_ARGS)
 
 test-all: lint typecheck
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)

@@ -96,8 +96,9 @@ def _dockerfile() -> dict[str, _Stage]:
             match = re.fullmatch(r"(\S+) AS (\S+)", arguments.strip(), flags=re.IGNORECASE)
             assert match, f"every stage is named: FROM {arguments}"
             current = stages[match.group(2)] = _Stage(match.group(2), match.group(1))
+        elif current is None:  # only a build argument the FROM lines use may come first
+            assert keyword == "ARG", f"{keyword} before the first FROM"
         else:
-            assert current is not None, f"{keyword} before the first FROM"
             current.instructions.append((keyword, arguments.strip()))
     return stages
 
@@ -112,7 +113,7 @@ def _chain(stages: dict[str, _Stage], target: str) -> list[tuple[str, str]]:
 def _effective_user(stages: dict[str, _Stage], target: str) -> str:
     """The USER a container of `target` runs as: the last USER of its stage or of a base stage."""
     users = [args for keyword, args in _chain(stages, target) if keyword == "USER"]
-    return users[-1] if users else "root"  # python:3.11-slim runs as root
+    return users[-1] if users else "root"  # both base images (BASE_IMAGE) run as root
 
 
 def _final_stages(stages: dict[str, _Stage]) -> set[str]:
