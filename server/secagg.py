@@ -254,9 +254,14 @@ class _TracingGrid(ForwardingGrid):
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + (
             time.perf_counter() - start
         )
+        # Replies are matched to nodes by the message they answer: the SuperLink's own error
+        # reply for a node that stopped sending heartbeats comes from the SuperLink's node id.
+        # (The grid sets each message's id when it pushes it.)
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        destination.pop("", None)  # a message no grid has pushed has no id yet
         answered = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
                 self.failures.setdefault(
