@@ -48,15 +48,31 @@ def greedy_decode(log_probs: Tensor, tokenizer: CharTokenizer, frame_shift_s: fl
 
 
 class GreedyDecoder:
-    """Greedy CTC decoding of padded batches (one argmax over the whole batch)."""
+    """Greedy CTC decoding of padded batches (one argmax over the whole batch).
 
-    def __init__(self, tokenizer: CharTokenizer, frame_shift_s: float) -> None:
+    ``blank_bias`` is added to the blank's log-probability before the argmax (the "blank penalty"
+    of k2/icefall's greedy search, sign reversed): > 0 emits fewer characters (fewer insertions,
+    more deletions), < 0 more. A model's tuned value travels in its provenance
+    (``LoadedModel.blank_bias``); 0 is plain best-path decoding. Confidences stay the model's own
+    posteriors.
+    """
+
+    def __init__(
+        self, tokenizer: CharTokenizer, frame_shift_s: float, *, blank_bias: float = 0.0
+    ) -> None:
         self.tokenizer = tokenizer
         self.frame_shift_s = frame_shift_s
+        self.blank_bias = check_blank_bias(blank_bias)
 
     def decode_batch(self, log_probs: Tensor, lengths: Tensor) -> list[Hypothesis]:
         """Decode ``(B, T, V)`` log-probs; frames at or past ``lengths[b]`` are ignored."""
-        best_lp, best = log_probs.detach().float().max(dim=-1)  # (B, T), (B, T)
+        log_probs = log_probs.detach().float()
+        if self.blank_bias:
+            log_probs = log_probs.clone()
+            log_probs[..., self.tokenizer.blank_id] += self.blank_bias
+        best_lp, best = log_probs.max(dim=-1)  # (B, T), (B, T)
+        if self.blank_bias:  # confidences: the unbiased posterior of the chosen label
+            best_lp = best_lp - self.blank_bias * (best == self.tokenizer.blank_id)
         post = best_lp.exp().cpu().numpy()  # (B, T) posterior of the best label
         best_np = best.cpu().numpy()  # (B, T)
         blank = self.tokenizer.blank_id
@@ -80,6 +96,21 @@ class GreedyDecoder:
         return out
 
 
+BLANK_BIAS_LIMIT = 10.0  # |bias| beyond this turns every frame blank (or none): surely a typo
+
+
+def check_blank_bias(value: float) -> float:
+    """``value`` as a blank bias, or ValueError: a finite number within +-``BLANK_BIAS_LIMIT``."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)) or not (
+        -BLANK_BIAS_LIMIT <= value <= BLANK_BIAS_LIMIT
+    ):
+        raise ValueError(
+            f"blank bias must be a number in [-{BLANK_BIAS_LIMIT:g}, {BLANK_BIAS_LIMIT:g}],"
+            f" got {value!r}"
+        )
+    return float(value)
+
+
 def make_decoder(
     tokenizer: CharTokenizer,
     frame_shift_s: float,
@@ -89,15 +120,20 @@ def make_decoder(
     lm: str | Path | None = None,
     lm_weight: float = 2.0,
     word_score: float = 0.0,
+    blank_bias: float = 0.0,
 ) -> Decoder:
     """Greedy decoding for ``beam_size`` 0 (without lexicon or LM), else ``beam.BeamDecoder``.
 
     A lexicon or LM with ``beam_size`` 0 gets a beam of 50 (flashlight's default).
+    ``blank_bias`` (see :class:`GreedyDecoder`) is for greedy decoding only: beam search has its
+    own ``word_score``.
     """
     if beam_size < 0:
         raise ValueError(f"beam size must be >= 0 (0 = greedy), got {beam_size}")
     if beam_size == 0 and lexicon is None and lm is None:
-        return GreedyDecoder(tokenizer, frame_shift_s)
+        return GreedyDecoder(tokenizer, frame_shift_s, blank_bias=blank_bias)
+    if blank_bias:
+        raise ValueError("a blank bias applies to greedy decoding only (beam search: --word-score)")
     from fedspeech.beam import BeamDecoder  # lazy: flashlight-text only when beam searching
 
     return BeamDecoder(

@@ -83,6 +83,13 @@ class LoadedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
+    @property
+    def blank_bias(self) -> float:
+        """The greedy decoder's blank bias tuned for this model (``provenance.decoding``; checked
+        when loaded), 0 when none was recorded: what ``transcribe``/``evaluate`` use by default."""
+        decoding = self.provenance.get("decoding") or {}
+        return float(decoding.get("blank_bias", 0.0))
+
 
 def save_model_dir(
     directory: str | Path,

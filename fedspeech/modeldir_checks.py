@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from fedspeech.decoding import check_blank_bias
 from fedspeech.model import BiGRUCTC, ModelConfig
 from fedspeech.strict import StrictError, check_keys, parse_dataclass
 from fedspeech_features.errors import FedspeechDataError
@@ -124,6 +125,7 @@ def check_config(
         )
     if not isinstance(config["provenance"], dict):
         raise ModelDirError(f"{where}: provenance must be a JSON object")
+    _check_decoding(config["provenance"].get("decoding"), where)
     model_cfg = _dataclass_from(ModelConfig, config["model"], where, "model")
     feature_cfg = _dataclass_from(FeatureConfig, config["features"], where, "features")
     tok = config["tokenizer"]
@@ -149,6 +151,18 @@ def check_config(
             f"{feature_cfg.frame_dim} (n_mfcc x (1 + deltas) x stack)"
         )
     return model_cfg, feature_cfg, CharTokenizer(alphabet)
+
+
+def _check_decoding(decoding: Any, where: Path) -> None:
+    """``provenance.decoding``, if present: an object whose ``blank_bias`` is a valid bias."""
+    if decoding is None:
+        return
+    if not isinstance(decoding, dict) or "blank_bias" not in decoding:
+        raise ModelDirError(f"{where}: provenance.decoding must be an object with a blank_bias")
+    try:
+        check_blank_bias(decoding["blank_bias"])
+    except ValueError as exc:
+        raise ModelDirError(f"{where}: provenance.decoding: {exc}") from None
 
 
 def _check_keys(data: Any, expected: set[str], where: Path, section: str) -> Mapping[str, Any]:

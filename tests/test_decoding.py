@@ -68,6 +68,38 @@ def test_greedy_ignores_leading_trailing_and_repeated_spaces() -> None:
     assert [w.text for w in hyp.words] == ["a", "b"] and hyp.text == "a b"
 
 
+def test_blank_bias_trades_inserted_characters_for_blanks() -> None:
+    # Prepare: "ab" where b's frame has blank close behind it (0.5 against 0.4)
+    lp = frames(["-", "a", "-", {"b": 0.5, "-": 0.4}, "-"])
+    # Execute / Assert: 0 is plain best path; a bias past log(0.5/0.4) turns b's frame blank
+    assert GreedyDecoder(TOK, SHIFT).decode_batch(lp[None], torch.tensor([5]))[0].text == "ab"
+    plain = GreedyDecoder(TOK, SHIFT, blank_bias=0.0).decode_batch(lp[None], torch.tensor([5]))
+    assert plain[0].text == "ab"
+    small = GreedyDecoder(TOK, SHIFT, blank_bias=0.2).decode_batch(lp[None], torch.tensor([5]))
+    assert small[0].text == "ab"  # log(0.5/0.4) = 0.22 > 0.2
+    biased = GreedyDecoder(TOK, SHIFT, blank_bias=0.3).decode_batch(lp[None], torch.tensor([5]))
+    assert biased[0].text == "a"
+    # the confident a keeps its own posterior: the bias moves the choice, not the confidence
+    assert biased[0].words[0].confidence == pytest.approx(0.9)
+    # a negative bias emits where plain decoding would not
+    lp2 = frames(["-", {"-": 0.5, "c": 0.4}, "-"])
+    assert greedy_decode(lp2, TOK, SHIFT).text == ""
+    neg = GreedyDecoder(TOK, SHIFT, blank_bias=-0.3).decode_batch(lp2[None], torch.tensor([3]))
+    assert neg[0].text == "c"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 10.5, -11, True, "1"])
+def test_a_bad_blank_bias_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="blank bias must be a number"):
+        GreedyDecoder(TOK, SHIFT, blank_bias=bad)  # type: ignore[arg-type]
+
+
+def test_blank_bias_is_for_greedy_decoding_only() -> None:
+    assert make_decoder(TOK, SHIFT, blank_bias=1.0).blank_bias == 1.0  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="greedy decoding only"):
+        make_decoder(TOK, SHIFT, beam_size=4, blank_bias=1.0)
+
+
 def test_greedy_batch_equals_one_by_one_and_ignores_padding() -> None:
     # Prepare: two utterances, the shorter padded with frames that would decode to "z"
     a, b = frames([*"-ab-c"]), frames([*"x-y"])

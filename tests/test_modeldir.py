@@ -65,6 +65,23 @@ def test_round_trip_gives_identical_outputs(model_dir: Path) -> None:
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_a_tuned_blank_bias_travels_with_the_model(model_dir: Path, tmp_path: Path) -> None:
+    loaded = load_model_dir(model_dir)
+    assert loaded.blank_bias == 0.0  # none recorded: plain greedy decoding
+    # Execute: save it again with a tuned decoding in its provenance
+    provenance = {**loaded.provenance, "decoding": {"blank_bias": 1.25, "tuned_on": "dev"}}
+    again = save_model_dir(
+        tmp_path / "tuned",
+        loaded.model,
+        None,
+        loaded.feature_config,
+        loaded.tokenizer,
+        provenance,
+    )
+    # Assert
+    assert load_model_dir(again).blank_bias == 1.25
+
+
 def test_dp_model_loads_as_plain_model_with_same_outputs(tmp_path: Path) -> None:
     dp = tiny_model(seed=3, dp=True)
     save_model_dir(tmp_path / "m", dp, None, FEATURES, CharTokenizer(), {"epsilon": 8.0})
@@ -168,6 +185,11 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "bad alphabet": (_set("tokenizer", "alphabet", ["a", "b"]), "must be 2..1000 distinct"),
     "newer format": (_edit_config(lambda c: c.update(format_version=2)), "version 2"),
     "provenance list": (_edit_config(lambda c: c.update(provenance=[])), "provenance must be"),
+    "decoding without bias": (_set("provenance", "decoding", {}), "with a blank_bias"),
+    "huge blank bias": (
+        _set("provenance", "decoding", {"blank_bias": 1e9}),
+        "provenance.decoding: blank bias must be a number",
+    ),
     "shape mismatch": (_set("model", "hidden_size", 16), "shapes differ from config.json"),
     "missing tensor": (_edit_weights(lambda t: t.pop("head.bias")), r"missing \['head.bias'\]"),
     "extra tensor": (

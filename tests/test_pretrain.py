@@ -161,7 +161,7 @@ def test_pretrain_with_speed_perturbation_keeps_the_best_dev_epoch_and_exports_a
     import json
 
     from fedspeech.app.model_card import CARD_FILE, RECORD_FILE, export_model, render_card
-    from fedspeech.app.pretrain import pretrain
+    from fedspeech.app.pretrain import BLANK_BIAS_GRID, pretrain
     from fedspeech_features.cache import default_cache_root
 
     cfg = resolve_run_config(None, PRETRAIN + " dp=false lr=0.02", cwd=tmp_path)
@@ -187,6 +187,15 @@ def test_pretrain_with_speed_perturbation_keeps_the_best_dev_epoch_and_exports_a
     # the eval set is scored once, on the chosen weights (the same utterances: the same CER)
     assert record["eval"]["heldout"]["cer"] == pytest.approx(min(cers))
     assert all(e["seconds"] > 0 for e in record["epochs"]) and record["machine"]
+    # the greedy decoder's blank bias: the grid value with the lowest CER on the first dev set
+    decoding, by_bias = record["decoding"], record["decoding"]["dev_by_bias"]
+    assert decoding["tuned_on"] == "public" and list(by_bias) == [f"{b:g}" for b in BLANK_BIAS_GRID]
+    assert by_bias[f"{decoding['blank_bias']:g}"]["cer"] == min(v["cer"] for v in by_bias.values())
+    assert by_bias["0"]["cer"] == pytest.approx(record["dev"]["public"]["cer"])
+    assert record["eval_blank_bias"]["heldout"]["cer"] == pytest.approx(
+        by_bias[f"{decoding['blank_bias']:g}"]["cer"]
+    )  # the eval set decoded with the tuned bias (here the same utterances as dev)
+    assert load_model_dir(result.model_dir).blank_bias == decoding["blank_bias"]
 
     # Export: float16 on disk, float32 loaded, a card rendered from the record
     with pytest.raises(ValueError, match="licence"):

@@ -61,8 +61,14 @@ def test_the_card_is_rendered_from_the_record_the_recipe_wrote() -> None:
     for scores in (record["dev"], record["eval"]):
         for name, s in scores.items():
             assert f"| {name} |" in card and f"{100 * s['cer']:.1f}%" in card
-    # ... and the record is the shipped weights' own: the same chosen epoch in both
-    assert load_model_dir(folder).provenance["chosen_epoch"] == record["chosen_epoch"]
+    bias = record["decoding"]["blank_bias"]
+    if bias:  # the eval sets decoded with the tuned blank bias are on the card too
+        for s in record["eval_blank_bias"].values():
+            assert f"{100 * s['cer']:.1f}%" in card
+    # ... and the record is the shipped weights' own: the same chosen epoch and bias in both
+    loaded = load_model_dir(folder)
+    assert loaded.provenance["chosen_epoch"] == record["chosen_epoch"]
+    assert loaded.blank_bias == bias
     # AN4 and speechocean762 were never trained on (they are the private tasks' data)
     trained = " ".join(d["manifest"] for d in record["data"]).lower()
     assert "an4" not in trained and "ocean" not in trained

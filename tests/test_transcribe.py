@@ -237,6 +237,30 @@ def test_failures_and_bad_model_dirs_exit_non_zero(
     assert "missing config.json, model.safetensors" in caplog.text
 
 
+def test_transcribe_decodes_with_the_models_tuned_blank_bias_unless_told(
+    speech: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the same weights without, and with the largest blank bias in their provenance
+    plain = make_model_dir(tmp_path / "plain")
+    tuned = make_model_dir(tmp_path / "tuned", decoding={"blank_bias": 10.0, "tuned_on": "dev"})
+
+    def text(*args: str) -> str:
+        assert main(["transcribe", *args, str(speech[0])]) == 0
+        return capsys.readouterr().out.rstrip("\n").split("\t")[1]
+
+    # Execute / Assert: by default the tuned model decodes (almost) every frame as blank
+    assert text("--model", str(plain)) != ""
+    assert len(text("--model", str(tuned))) < len(text("--model", str(plain)))
+    # --blank-bias overrides the model's value, both ways
+    assert text("--model", str(tuned), "--blank-bias", "0") == text("--model", str(plain))
+    assert text("--model", str(plain), "--blank-bias", "10") == text("--model", str(tuned))
+    # beam search ignores the model's greedy setting, and refuses an explicit one
+    assert main(["transcribe", "--model", str(tuned), "--beam", "4", str(speech[0])]) == 0
+    capsys.readouterr()
+    args = ["transcribe", "--model", str(plain), "--beam", "4", "--blank-bias", "1"]
+    assert main([*args, str(speech[0])]) == 2
+
+
 def test_beam_search_with_an_arpa_lm_outputs_lm_words(
     model_dir: Path, speech: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

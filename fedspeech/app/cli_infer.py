@@ -87,6 +87,12 @@ def _decoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lexicon", type=Path, help="word list / lexicon restricting beam search")
     p.add_argument("--lm-weight", type=float, default=2.0, help="LM weight in beam search")
     p.add_argument("--word-score", type=float, default=0.0, help="score added per word")
+    p.add_argument(
+        "--blank-bias",
+        type=float,
+        help="greedy decoding: added to the blank's log-probability (> 0: fewer characters);"
+        " default: the value tuned for the model (its card), else 0",
+    )
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument(
         "--device",
@@ -120,6 +126,12 @@ def _setup(args: argparse.Namespace) -> Any:
     loaded = load_model_dir(args.model)
     loaded.model.to(device)
     log.debug("model on %s", device)
+    greedy = args.beam == 0 and args.lexicon is None and args.lm is None
+    blank_bias = args.blank_bias
+    if blank_bias is None:  # the model's own tuned value, for greedy decoding
+        blank_bias = loaded.blank_bias if greedy else 0.0
+    if greedy:
+        log.info("greedy decoding, blank bias %g", blank_bias)
     try:
         decoder = make_decoder(
             loaded.tokenizer,
@@ -129,6 +141,7 @@ def _setup(args: argparse.Namespace) -> Any:
             lm=args.lm,
             lm_weight=args.lm_weight,
             word_score=args.word_score,
+            blank_bias=blank_bias,
         )
     except ValueError as exc:
         from fedspeech.config import ConfigError

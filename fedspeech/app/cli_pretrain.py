@@ -26,7 +26,9 @@ def register(sub: Any) -> None:
         "learning rate. Every epoch scores the --dev sets and checkpoints RUN_DIR/checkpoint; "
         "the model is the epoch best on the first --dev set, scored once on the --eval sets; "
         "an interrupted pre-training (Ctrl-C, SIGTERM, a crash) continues with --resume exactly "
-        "where the uninterrupted one would be. The end writes RUN_DIR/model and "
+        "where the uninterrupted one would be. The end tunes greedy decoding's blank bias on "
+        "the first --dev set (kept with the model: transcribe and evaluate use it; the --eval "
+        "sets are scored with and without it) and writes RUN_DIR/model and "
         "RUN_DIR/pretrain.json (data, configuration, per-epoch loss and dev scores).",
     )
     p.add_argument(
@@ -106,6 +108,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         "chosen_epoch": result.record["chosen_epoch"],
         **{f"dev_{k}_cer": v["cer"] for k, v in result.record["dev"].items()},
         **{f"eval_{k}_cer": v["cer"] for k, v in result.record["eval"].items()},
+        "blank_bias": result.record["decoding"]["blank_bias"],
+        **{
+            f"eval_{k}_cer_blank_bias": v["cer"]
+            for k, v in result.record["eval_blank_bias"].items()
+        },
     }
     if args.format == "json":
         print(json.dumps(summary, indent=2))

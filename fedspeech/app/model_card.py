@@ -142,15 +142,39 @@ def render_card(record: Mapping[str, Any]) -> str:
         "",
         "## Scores (greedy decoding, speakers never trained on)",
         "",
-        "| set | role | utterances | WER | CER |",
-        "|---|---|---:|---:|---:|",
     ]
-    for role, scores in (("dev (chose the epoch)", record["dev"]), ("eval", record["eval"])):
+    decoding = record.get("decoding") or {"blank_bias": 0.0}
+    bias = decoding["blank_bias"]
+    tuned_dev = decoding.get("dev_by_bias", {}).get(f"{bias:g}")
+    if bias:
+        lines += [
+            f"Two greedy decodings: plain best path (blank bias 0), and with blank bias {bias:g}"
+            f" added to the blank's log-probability (fewer inserted characters), the value of "
+            f"{', '.join(decoding['dev_by_bias'])} with the lowest CER on {decoding['tuned_on']}."
+            f" `fedspeech transcribe`/`evaluate` use {bias:g} by default (`--blank-bias 0` for"
+            " the plain path); federated rounds score with the plain path.",
+            "",
+            f"| set | role | utterances | WER | CER | WER (bias {bias:g}) | CER (bias {bias:g}) |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+    else:
+        lines += ["| set | role | utterances | WER | CER |", "|---|---|---:|---:|---:|"]
+    rows = [("dev (chose the epoch)", record["dev"], {})]
+    if tuned_dev:
+        rows = [
+            ("dev (chose the epoch and bias)", record["dev"], {decoding["tuned_on"]: tuned_dev})
+        ]
+    rows.append(("eval", record["eval"], record.get("eval_blank_bias", {})))
+    for role, scores, with_bias in rows:
         for set_name, s in scores.items():
-            lines.append(
+            line = (
                 f"| {set_name} | {role} | {s['utterances']} | {100 * s['wer']:.1f}% | "
                 f"{100 * s['cer']:.1f}% |"
             )
+            if bias:
+                t = with_bias.get(set_name)
+                line += f" {100 * t['wer']:.1f}% | {100 * t['cer']:.1f}% |" if t else " | |"
+            lines.append(line)
     lines += [
         "",
         "Per-epoch loss and dev scores are in `pretrain.json` beside this card.",

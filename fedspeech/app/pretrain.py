@@ -220,7 +220,14 @@ def pretrain(
     if chosen != state.epochs_done:
         weights = plain_state_dict(load_model_dir(best_dir).model)
     log.info("the model is epoch %d (%s)", chosen, "best on dev" if dev_rows else "the last")
+    decoding = _tune_blank_bias(weights, model_config, cfg, tokenizer, dev_rows, device)
     evaluated = {name: read_manifest(path) for name, path in eval_manifests.items()}
+    plain = _dev_scores(weights, model_config, cfg, tokenizer, evaluated, device)
+    tuned = (
+        _dev_scores(weights, model_config, cfg, tokenizer, evaluated, device, bias)
+        if (bias := decoding["blank_bias"])
+        else plain
+    )
     record = {
         "data": data,
         "hours": round(sum(d["hours"] for d in data), 3),
@@ -229,7 +236,9 @@ def pretrain(
         "epochs": state.history,
         "chosen_epoch": chosen,
         "dev": state.history[chosen - 1].get("dev", {}),
-        "eval": _dev_scores(weights, model_config, cfg, tokenizer, evaluated, device),
+        "eval": plain,
+        "decoding": decoding,  # greedy with the blank bias tuned on the first dev set
+        "eval_blank_bias": tuned,
         "settings": settings,
         "command": command,
         "machine": _machine(device),
@@ -240,6 +249,7 @@ def pretrain(
         "mode": "pretrain",
         "dp": False,
         **{k: record[k] for k in ("data", "hours", "chosen_epoch", "dev", "eval")},
+        "decoding": {k: decoding[k] for k in ("blank_bias", "tuned_on")},
     }
     model_dir = save_model_dir(
         run_dir / "model", weights, model_config, cfg.features, tokenizer, provenance
@@ -292,8 +302,11 @@ def _dev_scores(
     tokenizer: Any,
     dev_rows: Mapping[str, Sequence[Any]],
     device: torch.device,
+    blank_bias: float = 0.0,
 ) -> dict[str, dict[str, float]]:
-    """Greedy WER/CER of ``weights`` on each dev set (in memory: no model directory), on ``device``."""
+    """Greedy WER/CER of ``weights`` on each dev set (in memory: no model directory), on ``device``,
+    decoded with ``blank_bias`` (``fedspeech.decoding.GreedyDecoder``)."""
+    from fedspeech.decoding import GreedyDecoder
     from fedspeech.evaluate import evaluate_manifest
     from fedspeech.model import BiGRUCTC
     from fedspeech.modeldir import LoadedModel
@@ -303,8 +316,46 @@ def _dev_scores(
     model = BiGRUCTC(model_config).eval().to(device)
     model.load_state_dict(dict(weights))
     loaded = LoadedModel(model, model_config, cfg.features, tokenizer)
+    decoder = GreedyDecoder(tokenizer, cfg.features.frame_shift_s, blank_bias=blank_bias)
     out = {}
     for name, rows in dev_rows.items():
-        result = evaluate_manifest(loaded, rows, progress=False)
+        result = evaluate_manifest(loaded, rows, decoder=decoder, progress=False)
         out[name] = {"wer": result.wer, "cer": result.cer, "utterances": result.scored}
     return out
+
+
+BLANK_BIAS_GRID = tuple(i / 4 for i in range(9))  # 0, 0.25, ..., 2: the greedy decoder's blank bias
+
+
+def _tune_blank_bias(
+    weights: Mapping[str, Any],
+    model_config: Any,
+    cfg: RunConfig,
+    tokenizer: Any,
+    dev_rows: Mapping[str, Sequence[Any]],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The blank bias of ``BLANK_BIAS_GRID`` with the lowest CER on the first dev set (the
+    smallest of equals; 0 without dev sets), and that set's WER/CER with every candidate."""
+    if not dev_rows:
+        return {"blank_bias": 0.0, "tuned_on": None, "dev_by_bias": {}}
+    name = next(iter(dev_rows))
+    scores = {
+        bias: _dev_scores(
+            weights, model_config, cfg, tokenizer, {name: dev_rows[name]}, device, bias
+        )[name]
+        for bias in BLANK_BIAS_GRID
+    }
+    best = min(scores, key=lambda b: (scores[b]["cer"], b))
+    log.info(
+        "blank bias %g: %s CER %.1f%% (%.1f%% with 0)",
+        best,
+        name,
+        100 * scores[best]["cer"],
+        100 * scores[0.0]["cer"],
+    )
+    return {
+        "blank_bias": best,
+        "tuned_on": name,
+        "dev_by_bias": {f"{b:g}": scores[b] for b in scores},
+    }
