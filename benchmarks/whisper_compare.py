@@ -12,7 +12,8 @@ is loaded from that folder (``--whisper-dir`` overrides it) with HF_HUB_OFFLINE=
 fetched from a model hub. Exit status 2 (with a message) when the packages are missing.
 
 Our model is a model directory (``fedspeech.modeldir.load_model_dir``) run by the same
-``Transcriber`` as ``fedspeech transcribe`` (chunking, cross-file batching, greedy decoding).
+``Transcriber`` as ``fedspeech transcribe`` (chunking, cross-file batching, greedy decoding with
+the blank bias tuned for the model).
 Whisper runs with faster-whisper's defaults (beam 5, temperature fallback, no VAD) and
 language "en". Utterances are the manifests' rows whose reference normalises (as in
 ``fedspeech.evaluate``); ``--max-utterances`` keeps the first N of each set.
@@ -55,6 +56,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
+from fedspeech.decoding import GreedyDecoder
 from fedspeech.evaluate import error_rates
 from fedspeech.model import count_parameters
 from fedspeech.modeldir import LoadedModel, load_model_dir
@@ -403,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
             cpu_threads=args.threads,
             num_workers=1,
         )
-        transcriber = Transcriber(loaded)
+        decoder = GreedyDecoder(
+            loaded.tokenizer, loaded.feature_config.frame_shift_s, blank_bias=loaded.blank_bias
+        )  # as `fedspeech transcribe`: the model's tuned blank bias
+        transcriber = Transcriber(loaded, decoder)
         cfg = loaded.model_config
         print(
             f"Whisper tiny.en vs ours, {args.threads} thread(s) each, torch {torch.__version__}, "
@@ -412,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"ours: {args.model} ({cfg.num_layers}-layer "
             f"{'Bi' if cfg.bidirectional else ''}{cfg.cell.upper()}-{cfg.hidden_size}, "
-            f"{count_parameters(loaded.model):,} parameters), greedy"
+            f"{count_parameters(loaded.model):,} parameters), greedy, blank bias "
+            f"{loaded.blank_bias:g}"
         )
         print(
             "whisper: "

@@ -10,7 +10,8 @@
    purpose: FSDD (CC BY-SA: share-alike cannot ship inside an Apache-2.0 package), AN4 train (the
    private fine-tuning benchmark must start from a model that never heard AN4), every
    speechocean762 speaker (the federation's private data) and LibriSpeech test sets.
-2. ``fedspeech pretrain`` with speed perturbation (0.9, 1.1) and SpecAugment, resumable.
+2. ``fedspeech pretrain`` with speed perturbation (0.9, 1.1) and SpecAugment, resumable; it also
+   tunes greedy decoding's blank bias on the dev speakers (kept with the model).
 3. ``export``: float16 weights, ``pretrain.json`` and ``card.md`` into
    ``fedspeech/shipped/en-public-small`` (``fedspeech.app.model_card``).
 """
