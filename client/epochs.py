@@ -131,7 +131,13 @@ def train_epochs(
             torch.manual_seed(seed)  # dropout
             chosen = _choose_variants(examples, variants, seed)
             loss, steps, skipped = run_plain_epoch(
-                net, _loader(chosen, cfg, seed), optimizer, trainable, cfg.grad_clip, device
+                net,
+                _loader(chosen, cfg, seed),
+                optimizer,
+                trainable,
+                cfg.grad_clip,
+                device,
+                progress=f"epoch {epoch + 1}/{epochs}",
             )
         seconds = round(time.perf_counter() - began, 1)
         history.append(

@@ -132,6 +132,9 @@ def _train_plain(
     return TrainResult(state_dict=plain_state_dict(net), metrics=metrics)
 
 
+_PROGRESS_REPORTS = 10  # progress lines per epoch of run_plain_epoch
+
+
 def run_plain_epoch(
     net: nn.Module,
     loader: DataLoader[Any],
@@ -139,13 +142,23 @@ def run_plain_epoch(
     trainable: Sequence[nn.Parameter],
     grad_clip: float | None,
     device: torch.device,
+    *,
+    progress: str | None = None,
 ) -> tuple[float, int, int]:
     """One non-private pass over ``loader``: ``(mean per-utterance loss, steps, skipped batches)``.
 
     A batch whose loss is not finite (an utterance CTC cannot align) is skipped, not stepped.
+    ``progress``, e.g. ``"epoch 2/14"``: log that label with the batch count and running loss
+    after every tenth of the batches (a long epoch shows that it moves).
     """
     total, count, steps, skipped = 0.0, 0, 0, 0
-    for raw in loader:
+    batches = len(loader)
+    every = max(1, math.ceil(batches / _PROGRESS_REPORTS))
+    for done, raw in enumerate(loader, start=1):
+        if progress and done > 1 and (done - 1) % every == 0:
+            log.info(
+                "%s: batch %d/%d, loss %.4f", progress, done - 1, batches, total / max(count, 1)
+            )
         batch = as_ctc_batch(raw)
         assert batch is not None  # the bucket sampler never yields an empty batch
         batch = batch.to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ def test_pretrain_cli_stopped_by_sigterm_resumes_to_the_same_model(
 
 
 def test_pretrain_with_speed_perturbation_keeps_the_best_dev_epoch_and_exports_a_card(
-    public_manifest: Path, tmp_path: Path
+    public_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import json
 
@@ -165,6 +166,7 @@ def test_pretrain_with_speed_perturbation_keeps_the_best_dev_epoch_and_exports_a
     from fedspeech_features.cache import default_cache_root
 
     cfg = resolve_run_config(None, PRETRAIN + " dp=false lr=0.02", cwd=tmp_path)
+    caplog.set_level(logging.INFO)
     # Execute: 3 epochs with two speed-perturbed copies, a dev set and an eval set
     result = pretrain(
         [public_manifest],
@@ -178,6 +180,13 @@ def test_pretrain_with_speed_perturbation_keeps_the_best_dev_epoch_and_exports_a
     )
     # Assert: the perturbed features were made (and cached apart), the model is the best dev epoch
     record = result.record
+    # every epoch reports its progress in batches as it goes
+    steps = record["epochs"][0]["steps"]
+    shown = [m for m in caplog.messages if m.startswith("epoch 1/3: batch ")]
+    counts = [m.split()[3].rstrip(",").split("/") for m in shown]  # "batch k/N," -> [k, N]
+    assert shown and all(total == str(steps) for _, total in counts)
+    done = [int(k) for k, _ in counts]
+    assert done == sorted(done) and done[-1] < steps
     assert record["settings"]["speeds"] == [0.9, 1.1]
     for factor in ("0.9", "1.1"):
         assert any((default_cache_root(public_manifest) / f"speed-{factor}").rglob("*.safetensors"))
