@@ -159,7 +159,9 @@ def render_card(record: Mapping[str, Any]) -> str:
         ]
     else:
         lines += ["| set | role | utterances | WER | CER |", "|---|---|---:|---:|---:|"]
-    rows = [("dev (chose the epoch)", record["dev"], {})]
+    rows: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]] = [
+        ("dev (chose the epoch)", record["dev"], {})
+    ]
     if tuned_dev:
         rows = [
             ("dev (chose the epoch and bias)", record["dev"], {decoding["tuned_on"]: tuned_dev})
