@@ -1,162 +1,55 @@
 """Deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication, two authenticated
 SuperNodes with their own data folders, a third whose node config has a mistyped key, an
-unregistered intruder, and `flwr run` (~80 s here; in the default suite because it is the
-product's deployment path).
+unregistered intruder, a node without a key, and `flwr run` (~80 s here; slow: `make test-slow`).
 
-The same commands as docs/deployment.md, with certificates from scripts/make_certs.sh.
+The same commands as docs/deployment.md, with certificates from scripts/make_certs.sh; the
+processes come from ``tests/loopback.py``.
 """
 
 from __future__ import annotations
 
 import json
-import ssl
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fedspeech.app.flower_launch import (
-    flower_env,
-    free_port,
-    stop_launched,
-    tagged_processes,
-    write_run_config,
-)
+from fedspeech.app.flower_launch import write_run_config
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest
 from tests.conftest import TINY_SIMULATION
+from tests.loopback import LoopbackFlower, loopback_flower
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-class Deployment:
-    """Flower processes on 127.0.0.1 sharing one FLWR_HOME; ``stop`` ends all they started."""
-
-    def __init__(self, root: Path, certs: Path) -> None:
-        self.root = root
-        self.certs = certs
-        self.port = free_port()
-        self.launch_id = uuid.uuid4().hex
-        home = root / "flwr-home"
-        home.mkdir(parents=True)
-        self.env = flower_env(home, self.launch_id)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local-tls"\n\n[superlink.local-tls]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{certs / "ca.crt"}"\n',
-            encoding="utf-8",
-        )
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
-        """Start ``command`` (a Flower console script) with its output in ``<name>.log``."""
-        with (self.root / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [str(BIN / command[0]), *command[1:]],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def start_superlink(self) -> None:
-        """TLS on every API, SuperNode authentication on, state in a database file."""
-        c = self.certs
-        proc = self.start(
-            "superlink",
-            [
-                "flower-superlink",
-                *("--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt")),
-                *("--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth"),
-                *("--host", "127.0.0.1", "--port", str(self.port)),
-                *("--database", str(self.root / "superlink.db")),
-            ],
-        )
-        context = ssl.create_default_context(cafile=str(c / "ca.crt"))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, self.log("superlink")
-            try:
-                url = f"https://127.0.0.1:{self.port}/health"
-                with urllib.request.urlopen(url, timeout=2, context=context) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.25)
-        raise TimeoutError(self.log("superlink"))
-
-    def start_supernode(
-        self, name: str, key: str, node_config: str = ""
-    ) -> subprocess.Popen[bytes]:
-        """A SuperNode over TLS that signs in with the private key ``certs/<key>``."""
-        command = [
-            "flower-supernode",
-            *("--root-certificates", str(self.certs / "ca.crt")),
-            *("--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())),
-            *("--auth-supernode-private-key", str(self.certs / key)),
-        ]
-        if node_config:
-            command += ["--node-config", node_config]
-        return self.start(name, command)
-
-    def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-        """Run the ``flwr`` CLI against the ``local-tls`` connection."""
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.root,
-        )
-
-    def log(self, name: str) -> str:
-        """The last lines a process wrote."""
-        path = self.root / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-30:])
-
-    def stop(self) -> None:
-        """Stop every process started here and whatever they spawned (tagged by launch id)."""
-        for proc in reversed(self.procs):
-            stop_launched(proc, self.launch_id)
 
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
+def deployment(tmp_path: Path) -> Iterator[LoopbackFlower]:
     """Certificates + node keys (scripts/make_certs.sh) and a process set stopped afterwards."""
     certs = tmp_path / "certs"
     script = ROOT / "scripts" / "make_certs.sh"
     subprocess.run(
         ["bash", str(script), "--nodes", "4", str(certs)], check=True, capture_output=True
     )
-    dep = Deployment(tmp_path, certs)
-    try:
-        yield dep
-    finally:
-        dep.stop()
-        assert not tagged_processes(dep.launch_id), "Flower processes left running"
+    with loopback_flower(tmp_path, certs) as flower:
+        yield flower
 
 
 @pytest.mark.slow  # ~70 s: TLS + node auth with real SuperNodes (the default suite keeps the simulations)
 @pytest.mark.timeout(900)  # its `flwr run` may wait 480 s and reports that itself
 def test_tls_superlink_admits_registered_nodes_only_and_trains(
-    tmp_path: Path, deployment: Deployment
+    tmp_path: Path, deployment: LoopbackFlower
 ) -> None:
     # Prepare: a tiny synthetic corpus split into two node data folders
     data = tmp_path / "data"
     cfg = RunConfig.from_flat({**TINY_SIMULATION, "data-dir": str(data), "num-partitions": 2})
     corpus_manifest(cfg, data)
     manifests = [client_manifest(cfg, data, i, 2) for i in range(2)]
-    deployment.start_superlink()
+    deployment.start_superlink(
+        "--enable-supernode-auth", "--database", str(tmp_path / "superlink.db")
+    )
     for k in (1, 2, 4):  # the operator registers three nodes' public keys
         public_key = str(deployment.certs / f"supernode-{k}.pub")
         reply = deployment.flwr("supernode", "register", public_key, timeout=60)
@@ -165,18 +58,12 @@ def test_tls_superlink_admits_registered_nodes_only_and_trains(
     # Execute: two registered nodes, a registered one whose node config misspells
     # epsilon-budget, one node with an unregistered key, one with no key at all
     for k in (1, 2):
-        deployment.start_supernode(f"node{k}", f"supernode-{k}", f'manifest="{manifests[k - 1]}"')
+        manifest = f'manifest="{manifests[k - 1]}"'
+        deployment.start_supernode(f"node{k}", manifest, key=f"supernode-{k}")
     typo = f'manifest="{manifests[0]}" epsilon-bugdet=3'
-    deployment.start_supernode("typo", "supernode-4", typo)
-    intruder = deployment.start_supernode("intruder", "supernode-3")
-    anonymous = deployment.start(
-        "anonymous",
-        [
-            "flower-supernode",
-            *("--root-certificates", str(deployment.certs / "ca.crt")),
-            *("--superlink", f"127.0.0.1:{deployment.port}", "--port", str(free_port())),
-        ],
-    )
+    deployment.start_supernode("typo", typo, key="supernode-4")
+    intruder = deployment.start_supernode("intruder", key="supernode-3")
+    anonymous = deployment.start_supernode("anonymous")
     run_config = write_run_config(
         tmp_path / "run_config.toml",
         {

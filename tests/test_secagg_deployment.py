@@ -28,132 +28,39 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedspeech.app.flower_launch import (
-    flower_env,
-    free_port,
-    stop_launched,
-    tagged_processes,
-    write_run_config,
-)
+from fedspeech.app.flower_launch import write_run_config
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest
 from fedspeech.secagg_config import SecAggConfig
 from fedspeech_client.faults import FAULT_ENV, MARKER_ENV
 from fedspeech_client.secagg import DUMP_ENV
 from tests.conftest import TINY_SIMULATION
+from tests.loopback import CONNECTION, LoopbackFlower, loopback_flower
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 NODES = ("node0", "node1", "node2")
 VICTIM = "node2"
 MAX_WEIGHT = 64.0  # secagg-max-weight: above every node's num-examples (asserted)
 
 
-class LoopbackFederation:
-    """Flower processes on 127.0.0.1 sharing one FLWR_HOME; ``stop`` ends all they started."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.launch_id = uuid.uuid4().hex
-        home = root / "flwr-home"
-        home.mkdir(parents=True)
-        self.env = flower_env(home, self.launch_id)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n',
-            encoding="utf-8",
-        )
-        self.logs = root / "logs"
-        self.logs.mkdir()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(
-        self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        """Start ``command`` (a console script of this venv) in its own process group, with
-        its output in ``logs/<name>.log`` and ``env`` added to the common environment."""
-        with (self.logs / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [str(BIN / command[0]), *command[1:]],
-                env={**self.env, **(env or {})},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=self.root,
-            )
-        self.procs[name] = proc
-        return proc
-
-    def start_superlink(self) -> None:
-        proc = self.start(
-            "superlink",
-            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)],
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, self.tails()
-            try:
-                url = f"http://127.0.0.1:{self.port}/health"
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.25)
-        raise TimeoutError("SuperLink not healthy after 60 s\n" + self.tails())
-
-    def start_supernode(
-        self, name: str, node_config: str, env: Mapping[str, str]
-    ) -> subprocess.Popen[bytes]:
-        command = [
-            "flower-supernode",
-            "--insecure",
-            *("--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())),
-            *("--node-config", node_config),
-        ]
-        return self.start(name, command, env)
-
-    def tails(self, lines: int = 40) -> str:
-        """The last lines of every process's log, for failure messages."""
-        out = []
-        for path in sorted(self.logs.glob("*.log")):
-            text = path.read_text(errors="replace").splitlines()[-lines:]
-            out.append(f"----- {path.name} (last {lines} lines)\n" + "\n".join(text))
-        return "\n".join(out)
-
-    def stop(self) -> None:
-        """Stop every process started here and whatever they spawned (tagged by launch id)."""
-        for proc in reversed(list(self.procs.values())):
-            stop_launched(proc, self.launch_id)
-
-
 @pytest.fixture
-def federation(tmp_path: Path) -> Iterator[LoopbackFederation]:
-    fed = LoopbackFederation(tmp_path)
-    try:
-        yield fed
-    finally:
-        fed.stop()
-        left = tagged_processes(fed.launch_id)
-        assert not left, f"Flower processes left running: {left}"
+def federation(tmp_path: Path) -> Iterator[LoopbackFlower]:
+    with loopback_flower(tmp_path) as flower:
+        yield flower
 
 
 @pytest.mark.slow  # real SuperLink + 3 SuperNodes + a wait for the SuperLink to drop the dead node
 @pytest.mark.timeout(900)  # its own waits (marker 420 s, `flwr run` 600 s) report a hang first
 def test_secagg_round_completes_with_two_survivors_after_a_supernode_is_killed_mid_protocol(
-    tmp_path: Path, federation: LoopbackFederation
+    tmp_path: Path, federation: LoopbackFlower
 ) -> None:
     # Prepare: a tiny synthetic corpus split into three node data folders; the victim hangs in
     # round 1's masked-input stage and says so in a marker file; every node dumps its plain input
@@ -168,7 +75,7 @@ def test_secagg_round_completes_with_two_survivors_after_a_supernode_is_killed_m
         env = {DUMP_ENV: str(dumps[name])}
         if name == VICTIM:
             env |= {FAULT_ENV: "*:hang=3600@1", MARKER_ENV: str(marker)}
-        federation.start_supernode(name, f'manifest="{manifest}"', env)
+        federation.start_supernode(name, f'manifest="{manifest}"', env=env)
     flat = {
         **TINY_SIMULATION,
         **{"data-dir": str(data), "num-partitions": 3, "out-dir": str(tmp_path / "run")},
@@ -186,7 +93,7 @@ def test_secagg_round_completes_with_two_survivors_after_a_supernode_is_killed_m
     started = time.perf_counter()
     run = federation.start(
         "flwr-run",
-        ["flwr", "run", str(ROOT), "loopback", "--stream", "--run-config", str(run_config)],
+        ["flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config", str(run_config)],
     )
 
     # Execute: wait for the victim's ClientApp to announce its fault, then SIGKILL the
@@ -290,7 +197,7 @@ def _tolerance(weights: Sequence[float], sa: SecAggConfig) -> float:
 
 
 def _wait_for_marker(
-    marker: Path, run: subprocess.Popen[bytes], federation: LoopbackFederation, timeout: float
+    marker: Path, run: subprocess.Popen[bytes], federation: LoopbackFlower, timeout: float
 ) -> int:
     """The pid of the ClientApp that wrote ``PID hang`` to ``marker`` (it now hangs)."""
     deadline = time.monotonic() + timeout
