@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -220,14 +220,14 @@ def pretrain(
     if chosen != state.epochs_done:
         weights = plain_state_dict(load_model_dir(best_dir).model)
     log.info("the model is epoch %d (%s)", chosen, "best on dev" if dev_rows else "the last")
-    decoding = _tune_blank_bias(weights, model_config, cfg, tokenizer, dev_rows, device)
+
+    def score(sets: Mapping[str, Sequence[Any]], bias: float = 0.0) -> dict[str, Any]:
+        return _dev_scores(weights, model_config, cfg, tokenizer, sets, device, bias)
+
+    decoding = _tune_blank_bias(score, dev_rows)
     evaluated = {name: read_manifest(path) for name, path in eval_manifests.items()}
-    plain = _dev_scores(weights, model_config, cfg, tokenizer, evaluated, device)
-    tuned = (
-        _dev_scores(weights, model_config, cfg, tokenizer, evaluated, device, bias)
-        if (bias := decoding["blank_bias"])
-        else plain
-    )
+    plain = score(evaluated)
+    tuned = score(evaluated, bias) if (bias := decoding["blank_bias"]) else plain
     record = {
         "data": data,
         "hours": round(sum(d["hours"] for d in data), 3),
@@ -328,24 +328,16 @@ BLANK_BIAS_GRID = tuple(i / 4 for i in range(9))  # 0, 0.25, ..., 2: the greedy 
 
 
 def _tune_blank_bias(
-    weights: Mapping[str, Any],
-    model_config: Any,
-    cfg: RunConfig,
-    tokenizer: Any,
+    score: Callable[[Mapping[str, Sequence[Any]], float], dict[str, Any]],
     dev_rows: Mapping[str, Sequence[Any]],
-    device: torch.device,
 ) -> dict[str, Any]:
     """The blank bias of ``BLANK_BIAS_GRID`` with the lowest CER on the first dev set (the
-    smallest of equals; 0 without dev sets), and that set's WER/CER with every candidate."""
+    smallest of equals; 0 without dev sets), and that set's WER/CER with every candidate.
+    ``score(sets, bias)``: the model's scores on ``sets`` decoded with ``bias``."""
     if not dev_rows:
         return {"blank_bias": 0.0, "tuned_on": None, "dev_by_bias": {}}
     name = next(iter(dev_rows))
-    scores = {
-        bias: _dev_scores(
-            weights, model_config, cfg, tokenizer, {name: dev_rows[name]}, device, bias
-        )[name]
-        for bias in BLANK_BIAS_GRID
-    }
+    scores = {bias: score({name: dev_rows[name]}, bias)[name] for bias in BLANK_BIAS_GRID}
     best = min(scores, key=lambda b: (scores[b]["cer"], b))
     log.info(
         "blank bias %g: %s CER %.1f%% (%.1f%% with 0)",
