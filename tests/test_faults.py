@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from fedspeech.app.cli import main as cli_main
-from fedspeech.app.flower_launch import processes_with_env, tagged_processes, write_run_config
+from fedspeech.app.flower_launch import processes_with_env, write_run_config
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest
@@ -34,7 +34,9 @@ from fedspeech.modeldir import load_model_dir
 from fedspeech_client.node_state import LEDGER_DIR, load_ledger
 from fedspeech_server.tracking import read_rounds, read_tracking_info
 from tests.conftest import TINY_SIMULATION
-from tests.test_deployment import ROOT, Deployment
+from tests.loopback import LoopbackFlower, loopback_flower
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ~50-110 s each here; their own waits (round 1 of the killed run, `flwr run`) allow up to 400-480
 # s, so the per-test limit sits above them and reports a hang only they did not catch.
@@ -190,7 +192,7 @@ def test_killed_server_resumes_from_the_last_complete_round(data_dir: Path, tmp_
 
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
+def deployment(tmp_path: Path) -> Iterator[LoopbackFlower]:
     """TLS certificates and node keys (scripts/make_certs.sh); processes stopped afterwards."""
     certs = tmp_path / "certs"
     subprocess.run(
@@ -198,51 +200,52 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         check=True,
         capture_output=True,
     )
-    dep = Deployment(tmp_path, certs)
-    try:
-        yield dep
-    finally:
-        dep.stop()
-        assert not tagged_processes(dep.launch_id), "Flower processes left running"
+    with loopback_flower(tmp_path, certs) as flower:
+        yield flower
 
 
-def _start_node_until_admitted(dep: Deployment, name: str, key: str, node_config: str) -> str:
+def _start_node_until_admitted(
+    dep: LoopbackFlower, name: str, key: str, node_config: str
+) -> tuple[str, subprocess.Popen[bytes]]:
     """Start a SuperNode; while the SuperLink still holds the killed one's session, retry.
 
-    Returns the node id it was admitted under.
+    Returns the node id it was admitted under and its process.
     """
     deadline = time.monotonic() + 150
     attempt = 0
     while time.monotonic() < deadline:
         attempt += 1
         label = f"{name}-{attempt}"
-        proc = dep.start_supernode(label, key, node_config)
+        proc = dep.start_supernode(label, node_config, key=key)
         while proc.poll() is None and "SuperNode ID:" not in dep.log(label):
             time.sleep(0.5)
         if proc.poll() is None:
             line = next(x for x in dep.log(label).splitlines() if "SuperNode ID:" in x)
-            return line.rsplit("SuperNode ID:", 1)[1].strip()
+            return line.rsplit("SuperNode ID:", 1)[1].strip(), proc
         time.sleep(5)  # refused: the SuperLink has not yet noticed the old process is gone
     raise TimeoutError(dep.log(f"{name}-{attempt}"))
 
 
 def test_a_restarted_supernode_rejoins_and_its_epsilon_keeps_accumulating(
-    tmp_path: Path, deployment: Deployment
+    tmp_path: Path, deployment: LoopbackFlower
 ) -> None:
     # Prepare: two authenticated nodes with their own data folders; one run of one round
     data = tmp_path / "data"
     cfg = RunConfig.from_flat({**TINY_SIMULATION, "data-dir": str(data), "num-partitions": 2})
     corpus_manifest(cfg, data)
     manifests = [client_manifest(cfg, data, i, 2) for i in range(2)]
-    deployment.start_superlink()
+    deployment.start_superlink(
+        "--enable-supernode-auth", "--database", str(tmp_path / "superlink.db")
+    )
     for k in (1, 2):
         reply = deployment.flwr(
             "supernode", "register", str(deployment.certs / f"supernode-{k}.pub"), timeout=60
         )
         assert reply.returncode == 0, reply.stdout + reply.stderr
     node_configs = [f'manifest="{m}"' for m in manifests]
-    first_id = _start_node_until_admitted(deployment, "node1", "supernode-1", node_configs[0])
-    killed = deployment.procs[-1]
+    first_id, killed = _start_node_until_admitted(
+        deployment, "node1", "supernode-1", node_configs[0]
+    )
     _start_node_until_admitted(deployment, "node2", "supernode-2", node_configs[1])
     base = {
         **TINY_SIMULATION,
@@ -260,7 +263,7 @@ def test_a_restarted_supernode_rejoins_and_its_epsilon_keeps_accumulating(
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     start = time.perf_counter()
-    second_id = _start_node_until_admitted(
+    second_id, _ = _start_node_until_admitted(
         deployment, "node1-restart", "supernode-1", node_configs[0]
     )
     waited = time.perf_counter() - start
