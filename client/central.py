@@ -69,7 +69,9 @@ def train_central(
         "DP-SGD" if cfg.train.dp else "non-private",
         device,
     )
-    result = train_local(model, examples, cfg.train, device=device)
+    result = train_local(
+        model, examples, cfg.train, device=device, frame_block=cfg.features.time_block
+    )
     provenance: dict[str, Any] = {
         "mode": "central",
         "init_model": cfg.fed.init_model or None,

@@ -1,9 +1,9 @@
 """Non-private training epoch by epoch, that can stop after any epoch and resume exactly there.
 
 What a long pre-training needs (``fedspeech pretrain``): every epoch is a deterministic function
-of (weights, optimizer state, epoch number): the batch order, dropout and SpecAugment draw from
-generators seeded by ``seed`` and the epoch, and the learning rate follows a schedule of the epoch
-alone. So the state after epoch k (``EpochState``: weights, optimizer moments, losses so far) is
+of (weights, optimizer state, epoch number): the batch order, dropout, SpecAugment and tempo
+draw from generators seeded by ``seed`` and the epoch, and the learning rate follows a schedule of
+the epoch alone. So the state after epoch k (``EpochState``: weights, optimizer moments, losses so far) is
 all a resumed run needs to continue exactly as the uninterrupted one would have
 (``tests/test_pretrain.py`` compares the two). ``save_epoch_state``/``load_epoch_state`` keep it
 as safetensors + JSON (no pickle), written whole or not at all.
@@ -34,7 +34,7 @@ from fedspeech_client.batching import (
     collate_ctc,
 )
 from fedspeech_client.train import run_plain_epoch
-from fedspeech_client.train_config import TrainConfig, make_optimizer
+from fedspeech_client.train_config import TrainConfig, make_optimizer, training_augment
 from fedspeech_features.files import atomic_directory, atomic_write
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def train_epochs(
     resume: EpochState | None = None,
     device: torch.device | None = None,
     variants: Sequence[Sequence[LabelledFeatures]] = (),
+    frame_block: int = 1,
 ) -> Iterator[EpochState]:
     """Train ``model`` (non-private) up to ``epochs`` epochs; yield the state after each one.
 
@@ -96,7 +97,8 @@ def train_epochs(
     on a GPU resumes on a CPU and vice versa (the optimizer moves it to its parameters' device).
     ``variants[i]``, if given, are other versions of ``examples[i]`` (speed-perturbed copies):
     every epoch trains on one of ``(examples[i], *variants[i])`` per utterance, drawn uniformly
-    from the epoch's seed, so an epoch costs the same as one without them.
+    from the epoch's seed, so an epoch costs the same as one without them. ``frame_block``: hop
+    frames per model frame (``FeatureConfig.time_block``), for ``cfg.tempo_augment``.
 
     Raises:
         ValueError: no examples, DP settings (this path is non-private), or ``resume`` already
@@ -132,7 +134,7 @@ def train_epochs(
             chosen = _choose_variants(examples, variants, seed)
             loss, steps, skipped = run_plain_epoch(
                 net,
-                _loader(chosen, cfg, seed),
+                _loader(chosen, cfg, seed, frame_block),
                 optimizer,
                 trainable,
                 cfg.grad_clip,
@@ -166,13 +168,10 @@ def _choose_variants(
     ]
 
 
-def _loader(examples: Sequence[LabelledFeatures], cfg: TrainConfig, seed: int) -> DataLoader[Any]:
-    augment = None
-    if cfg.spec_augment:
-        from fedspeech_features.augment import SpecAugment  # lazy: only runs that augment
-
-        augment = SpecAugment(seed=seed).train()
-    dataset = FeatureDataset(examples, augment)
+def _loader(
+    examples: Sequence[LabelledFeatures], cfg: TrainConfig, seed: int, block: int
+) -> DataLoader[Any]:
+    dataset = FeatureDataset(examples, training_augment(cfg, seed, block))
     sampler = LengthBucketSampler(
         dataset.lengths(),
         cfg.batch_size,

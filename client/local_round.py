@@ -147,7 +147,14 @@ def run_round(
     tokenizer = CharTokenizer()
     model = BiGRUCTC(cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size))
     load_plain_state_dict(model, global_state)
-    result = train_local(model, examples, train, privacy_state=prior, proximal_mu=proximal_mu)
+    result = train_local(
+        model,
+        examples,
+        train,
+        privacy_state=prior,
+        proximal_mu=proximal_mu,
+        frame_block=cfg.features.time_block,
+    )
     # Named keys only: what leaves the node is chosen here, not by whatever training reports.
     metrics = {k: result.metrics[k] for k in _TRAIN_KEYS}
     metrics[mk.SECONDS] = time.perf_counter() - start  # the whole round, not only training

@@ -30,7 +30,13 @@ from fedspeech_client.batching import (
     ctc_loss,
 )
 from fedspeech_client.dp_sgd import train_private
-from fedspeech_client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
+from fedspeech_client.train_config import (
+    TrainConfig,
+    TrainResult,
+    make_metrics,
+    make_optimizer,
+    training_augment,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "ctc_loss", "train_local"]
 
@@ -47,6 +53,7 @@ def train_local(
     augment: Augment | None = None,
     device: torch.device | None = None,
     proximal_mu: float = 0.0,
+    frame_block: int = 1,
 ) -> TrainResult:
     """Train a copy of ``model`` on ``examples`` for ``cfg.epochs`` epochs (``model`` is untouched).
 
@@ -58,13 +65,15 @@ def train_local(
         planned_steps: DP steps this client plans in total, earlier calls included; the noise for
             ``cfg.target_epsilon`` is calibrated so that all of them spend at most the target.
             Default: the recorded steps plus this call's.
-        augment: ``(T, D) -> (T, D)`` training-feature transform; default with
-            ``cfg.spec_augment``: ``SpecAugment(seed=cfg.seed)``.
+        augment: ``(T, D) -> (T', D)`` training-feature transform; default: what ``cfg`` asks
+            for (``tempo_augment``, ``spec_augment``), seeded by ``cfg.seed``.
         device: where to train (default: ``cfg.device`` resolved on this machine, ``auto``: CUDA
             when available, else CPU). The returned weights are CPU tensors either way.
         proximal_mu: FedProx's proximal weight: after every optimizer step the weights are pulled
             back towards ``model``'s (the round's global weights) by ``lr * proximal_mu`` of the
             gap, outside DP clipping and noise (see ``fedspeech_client.proximal``). 0: plain training.
+        frame_block: hop frames per model frame (``FeatureConfig.time_block``), for
+            ``cfg.tempo_augment``.
 
     Returns:
         Weights, metrics and, with DP, the privacy spent.
@@ -77,10 +86,8 @@ def train_local(
     if not examples:
         raise ValueError("no training examples")
     device = device or resolve_device(cfg.device)
-    if augment is None and cfg.spec_augment:
-        from fedspeech_features.augment import SpecAugment  # lazy: only runs that augment need it
-
-        augment = SpecAugment(seed=cfg.seed).train()
+    if augment is None:
+        augment = training_augment(cfg, cfg.seed, frame_block)
     dataset = FeatureDataset(examples, augment)
     # Dropout draws from torch's global RNG: seed it inside a fork so the caller's state is kept.
     cuda = [device] if device.type == "cuda" else []

@@ -1,4 +1,5 @@
-"""Local training results and the optimizer factory (settings: ``fedspeech.train_config``)."""
+"""Local training results and the optimizer and augmentation factories (settings:
+``fedspeech.train_config``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 import fedspeech.metric_keys as mk
 from fedspeech.privacy_ledger import PrivacyLedger
 from fedspeech.train_config import TrainConfig
+from fedspeech_client.batching import Augment
 from fedspeech_client.proximal import add_proximal_step
 
 
@@ -70,3 +72,26 @@ def make_metrics(loss: float, n: int, steps: int, skipped: int, start: float) ->
         mk.SKIPPED_BATCHES: float(skipped),
         mk.SECONDS: time.perf_counter() - start,
     }
+
+
+_TEMPO_SEED_OFFSET = 0x7E3  # the tempo draws do not share SpecAugment's generator seed
+
+
+def training_augment(cfg: TrainConfig, seed: int, block: int = 1) -> Augment | None:
+    """The ``(T, D) -> (T', D)`` training-feature transform ``cfg`` asks for (None: none).
+
+    ``cfg.tempo_augment`` > 0: ``TempoStretch`` (``block``: hop frames per model frame,
+    ``FeatureConfig.time_block``), then with ``cfg.spec_augment`` ``SpecAugment``; both draw from
+    generators seeded by ``seed``.
+    """
+    from fedspeech_features.augment import SpecAugment, TempoStretch, compose  # lazy: training only
+
+    tempo = None
+    if cfg.tempo_augment > 0:
+        tempo = TempoStretch(
+            p=cfg.tempo_augment,
+            max_factor=cfg.tempo_max,
+            block=block,
+            seed=seed + _TEMPO_SEED_OFFSET,
+        )
+    return compose(tempo, SpecAugment(seed=seed).train() if cfg.spec_augment else None)

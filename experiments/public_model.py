@@ -1,6 +1,6 @@
 """The recipe of the shipped public model ``en-public-small``: one command rebuilds it.
 
-    python experiments/public_model.py [--work DIR] [--epochs 14] [--resume]
+    python experiments/public_model.py [--work DIR] [--epochs 14] [--resume] [--fraction F]
 
 1. ``prepare``: manifests of the public corpora in ``../shared/data`` (``FEDSPEECH_SHARED_DATA``
    overrides) with absolute audio paths in ``--work``: LibriSpeech train-clean-100 samples,
@@ -10,7 +10,8 @@
    purpose: FSDD (CC BY-SA: share-alike cannot ship inside an Apache-2.0 package), AN4 train (the
    private fine-tuning benchmark must start from a model that never heard AN4), every
    speechocean762 speaker (the federation's private data) and LibriSpeech test sets.
-2. ``fedspeech pretrain`` with speed perturbation (0.9, 1.1) and SpecAugment, resumable; it also
+2. ``fedspeech pretrain`` with speed perturbation (0.9, 1.1), tempo slow-down (60% of the
+   utterances, 1-1.8x) and SpecAugment, resumable; it also
    tunes greedy decoding's blank bias on the dev speakers (kept with the model).
 3. ``export``: float16 weights, ``pretrain.json`` and ``card.md`` into
    ``fedspeech/shipped/en-public-small`` (``fedspeech.app.model_card``).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import shlex
 import subprocess
 import sys
@@ -36,7 +38,10 @@ log = logging.getLogger("fedspeech.recipes")
 
 NAME = "en-public-small"
 SHIPPED = ROOT / "fedspeech" / "shipped" / NAME
-RUN_CONFIG = "hidden-size=256 num-layers=3 dropout=0.1 spec-augment=true lr=0.002 batch-size=16"
+RUN_CONFIG = (
+    "hidden-size=256 num-layers=3 dropout=0.1 spec-augment=true tempo-augment=0.6 tempo-max=1.8"
+    " lr=0.002 batch-size=16"
+)
 SPEEDS = (0.9, 1.1)
 SOURCES = {
     "librispeech_train": {
@@ -51,8 +56,11 @@ SOURCES = {
 }
 
 
-def prepare(work: Path) -> tuple[list[Path], dict[str, Path], dict[str, Path]]:
-    """Write the recipe's manifests into ``work``: (train, dev, eval)."""
+def prepare(
+    work: Path, fraction: float = 1.0
+) -> tuple[list[Path], dict[str, Path], dict[str, Path]]:
+    """Write the recipe's manifests into ``work``: (train, dev, eval). ``fraction`` < 1 keeps that
+    share of every training corpus (the same seeded draw each time): a learning curve."""
     from recipes import sentence_split, shared_data
 
     data = shared_data()
@@ -71,6 +79,11 @@ def prepare(work: Path) -> tuple[list[Path], dict[str, Path], dict[str, Path]]:
         subset("kathleen", "kathleen"),
         subset("ljspeech_mini", "ljspeech_mini"),
     ]
+    if fraction < 1:
+        for manifest in train:
+            rows = read_manifest(manifest)
+            keep = random.Random(0).sample(range(len(rows)), max(1, round(fraction * len(rows))))
+            write_manifest(manifest, [rows[i] for i in sorted(keep)])
     _, dev, evaluation = sentence_split(work / "ocean")
     evals = {
         "ocean-eval": evaluation,
@@ -88,13 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--export-only", action="store_true", help="export a finished run")
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=1.0,
+        help="train on this share of each public corpus (a learning curve; never exported)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     from fedspeech.app.model_card import export_model
 
     run_dir = args.work / "run"
     if not args.export_only:
-        train, dev, evals = prepare(args.work)
+        train, dev, evals = prepare(args.work, args.fraction)
         command = [
             str(Path(sys.executable).parent / "fedspeech"), "pretrain",
             *[a for t in train for a in ("--train", str(t))],
@@ -106,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         log.info("%s", shlex.join(command))
         subprocess.run(command, check=True)
+    if args.fraction < 1:
+        print(f"learning-curve run (fraction {args.fraction:g}): {run_dir / 'pretrain.json'}")
+        return 0
     recipe = f"python experiments/public_model.py --epochs {args.epochs}"
     export_model(run_dir, SHIPPED, name=NAME, sources=SOURCES, recipe=recipe)
     print(f"shipped model: {SHIPPED}")

@@ -82,6 +82,12 @@ class FeatureConfig:
         return self.n_mfcc * (1 + self.deltas) * self.stack
 
     @property
+    def time_block(self) -> int:
+        """Hop frames under one model frame when the stacked frames tile time exactly
+        (``stack == subsample``; ``TempoStretch`` then interpolates those frames), else 1."""
+        return self.stack if self.stack == self.subsample else 1
+
+    @property
     def frame_shift_s(self) -> float:
         """Seconds between consecutive model frames (after subsampling)."""
         return self.hop_ms / 1000.0 * self.subsample

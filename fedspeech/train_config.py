@@ -30,6 +30,10 @@ class TrainConfig:
         dp_seed: seeds Poisson sampling and DP noise. None (default) draws them from OS entropy:
             whoever knows the seed can regenerate the noise, so fix it only in tests.
         spec_augment: mask training features with ``fedspeech_features.augment.SpecAugment``.
+        tempo_augment: probability that a training utterance is slowed down (in the feature
+            domain, ``fedspeech_features.augment.TempoStretch``) before SpecAugment; 0: off.
+        tempo_max: the largest slow-down; each chosen utterance is stretched by a factor uniform
+            in ``[1, tempo_max]``. ``max_frames_per_batch`` counts frames before stretching.
         grad_clip: global gradient-norm clip of non-private training (None: off).
         max_physical_batch_size: with DP, split large Poisson batches into chunks of at most this
             many utterances (Opacus ``BatchMemoryManager``); the privacy accounting is unchanged.
@@ -58,6 +62,8 @@ class TrainConfig:
     seed: int = 0
     dp_seed: int | None = None
     spec_augment: bool = False
+    tempo_augment: float = 0.0
+    tempo_max: float = 1.8
     grad_clip: float | None = 5.0
     max_physical_batch_size: int | None = None
     max_frames_per_batch: int | None = None
@@ -93,6 +99,10 @@ class TrainConfig:
                 problems.append(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
             if not 0 < self.delta < 1:
                 problems.append(f"delta must be in (0, 1), got {self.delta}")
+        if not 0.0 <= self.tempo_augment <= 1.0:
+            problems.append(f"tempo-augment must be in [0, 1], got {self.tempo_augment}")
+        if not 1.0 <= self.tempo_max <= 3.0:
+            problems.append(f"tempo-max must be in [1, 3], got {self.tempo_max}")
         if self.freeze_layers < 0:
             problems.append(f"freeze-layers must be >= 0, got {self.freeze_layers}")
         for name in ("max_physical_batch_size", "max_frames_per_batch"):

@@ -48,9 +48,13 @@ def test_wrong_type_or_choice_is_rejected(key: str, value: object) -> None:
         RunConfig.from_flat({key: value})
 
 
-def test_out_of_range_value_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="num-partitions"):
-        RunConfig.from_flat({"num-partitions": 0})
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("num-partitions", 0), ("tempo-augment", 1.5), ("tempo-augment", -0.1), ("tempo-max", 0.9)],
+)
+def test_out_of_range_value_is_rejected(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"{key} must be"):
+        RunConfig.from_flat({key: value})
 
 
 def test_overrides_parse_toml_values_and_round_trip() -> None:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedspeech_features.audio import load_audio
-from fedspeech_features.augment import SpecAugment
+from fedspeech_features.augment import SpecAugment, TempoStretch, compose
 from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor, cmvn, stack_frames
 
 # Measured on 60 utterances of the four shared sets: max |ours - librosa| = 4.9e-4 on MFCCs whose
@@ -267,3 +267,59 @@ def test_specaugment_feature_block_masks_same_coefficients_in_every_block() -> N
     cols = (out == 0).all(dim=0).reshape(3, 40)
     assert cols.any()
     assert torch.equal(cols[0], cols[1]) and torch.equal(cols[1], cols[2])
+
+
+# ---------------------------------------------------------------------------- TempoStretch
+def test_tempo_stretch_slows_the_frames_under_stacked_model_frames() -> None:
+    # Prepare: 10 ms frames that ramp linearly (value = frame index), stacked 3 by 3 as the
+    # default features are (stack == subsample == 3): model frame t holds frames 3t..3t+2.
+    frames = torch.arange(60, dtype=torch.float32)[:, None].repeat(1, 4)  # (60, 4)
+    stacked = frames.reshape(20, 12)  # (20, 12)
+    assert FeatureConfig().time_block == 3 and FeatureConfig(subsample=2).time_block == 1
+    tempo = TempoStretch(p=1.0, max_factor=2.0, block=3, seed=0)
+    # Execute
+    outs = [tempo(stacked) for _ in range(20)]
+    # Assert: every output is the ramp, slowed by the factor its length implies, from the first
+    # frame to the last (linear interpolation of the frames, not of the stacked vectors)
+    assert {o.shape[1] for o in outs} == {12} and all(20 <= o.shape[0] <= 40 for o in outs)
+    assert len({o.shape[0] for o in outs}) > 5  # factors are drawn, not fixed
+    for out in outs:
+        under = out.reshape(-1, 4)[:, 0]  # (3 T',)
+        expected = torch.linspace(0, 59, len(under))
+        torch.testing.assert_close(under, expected)
+
+
+def test_tempo_stretch_probability_and_seed() -> None:
+    x = _feats()  # (200, 120)
+    never = TempoStretch(p=0.0, max_factor=1.8, block=3, seed=0)
+    assert all(never(x) is x for _ in range(10))
+    half = TempoStretch(p=0.5, max_factor=1.8, block=3, seed=4)
+    seen = [half(x).shape[0] for _ in range(200)]
+    assert 60 < sum(n > 200 for n in seen) < 140  # about half are slowed
+    again = TempoStretch(p=0.5, max_factor=1.8, block=3, seed=4)
+    assert [again(x).shape[0] for _ in range(200)] == seen
+    other = TempoStretch(p=0.5, max_factor=1.8, block=3, seed=5)
+    assert [other(x).shape[0] for _ in range(200)] != seen
+    assert max(seen) <= 360  # never beyond max_factor
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"p": 1.5, "max_factor": 1.8},
+        {"p": 0.5, "max_factor": 0.9},
+        {"p": 0.5, "max_factor": 1.5, "block": 0},
+    ],
+)
+def test_tempo_stretch_rejects_bad_settings(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        TempoStretch(**kwargs)  # type: ignore[arg-type]
+
+
+def test_compose_applies_in_order_and_skips_none() -> None:
+    x = torch.ones(5, 2)
+    assert compose(None, None) is None
+    double = lambda t: t * 2  # noqa: E731
+    assert compose(None, double) is double
+    chained = compose(double, lambda t: t + 1)
+    assert chained is not None and torch.equal(chained(x), torch.full((5, 2), 3.0))

@@ -51,7 +51,10 @@ def test_pretraining_settings_are_validated(tmp_path: Path) -> None:
         public_pretrained_model(resolve_run_config(None, "", cwd=tmp_path), tmp_path)
 
 
-PRETRAIN = "n-mfcc=13 n-mels=40 hidden-size=16 num-layers=1 batch-size=8 spec-augment=true"
+PRETRAIN = (
+    "n-mfcc=13 n-mels=40 hidden-size=16 num-layers=1 batch-size=8 spec-augment=true"
+    " tempo-augment=0.5"
+)
 
 
 @pytest.fixture(scope="module")

@@ -215,6 +215,37 @@ def test_spec_augment_switch_masks_training_features() -> None:
 
 
 @pytest.mark.parametrize("dp", [True, False], ids=["dp-sgd", "plain"])
+def test_tempo_augment_trains_on_slowed_down_features(
+    dp: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: spy on the stretch that the run config asks for (every utterance, up to 2x)
+    from fedspeech_features import augment as augment_module
+
+    lengths: list[tuple[int, int]] = []
+    stretch = augment_module.TempoStretch.__call__
+
+    def spy(self: augment_module.TempoStretch, feats: torch.Tensor) -> torch.Tensor:
+        out = stretch(self, feats)
+        lengths.append((feats.shape[0], out.shape[0]))
+        return out
+
+    monkeypatch.setattr(augment_module.TempoStretch, "__call__", spy)
+    model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=4, num_layers=1, dropout=0.0))
+    cfg = TrainConfig(
+        batch_size=4, dp=dp, dp_seed=0 if dp else None, tempo_augment=1.0, tempo_max=2.0
+    )
+    # Execute
+    slowed = train_local(model, _examples(8), cfg, planned_steps=2 if dp else None, frame_block=3)
+    plain = train_local(
+        model, _examples(8), replace(cfg, tempo_augment=0.0), planned_steps=2 if dp else None
+    )
+    # Assert: reads were stretched within [1, 2]x, and the result differs from unstretched training
+    assert lengths and all(n <= m <= 2 * n for n, m in lengths)
+    assert any(m > n for n, m in lengths)
+    assert any(not torch.equal(slowed.state_dict[k], v) for k, v in plain.state_dict.items())
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp-sgd", "plain"])
 def test_frozen_layers_stay_fixed_and_the_rest_trains(dp: bool) -> None:
     # Prepare: a 2-layer bidirectional model with a front-end; freeze the front-end and layer 0.
     cfg = ModelConfig(input_dim=6, hidden_size=8, num_layers=2, frontend_dim=5, dropout=0.0)

@@ -22,7 +22,8 @@ def register(sub: Any) -> None:
         "pretrain",
         help="train a public starting model (no DP), checkpointed every epoch",
         description="Train the run config's model on public manifests without DP (public data "
-        "costs no privacy), with SpecAugment if spec-augment = true and a warm-up + cosine "
+        "costs no privacy), with SpecAugment if spec-augment = true, slowed-down utterances if "
+        "tempo-augment > 0, and a warm-up + cosine "
         "learning rate. Every epoch scores the --dev sets and checkpoints RUN_DIR/checkpoint; "
         "the model is the epoch best on the first --dev set, scored once on the --eval sets; "
         "an interrupted pre-training (Ctrl-C, SIGTERM, a crash) continues with --resume exactly "
@@ -66,7 +67,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--resume", action="store_true", help="continue the pre-training in --run-dir")
-    add_run_config_options(p, example="hidden-size=256 num-layers=3 spec-augment=true lr=0.002")
+    add_run_config_options(
+        p, example="hidden-size=256 num-layers=3 spec-augment=true tempo-augment=0.6 lr=0.002"
+    )
     add_format_option(p)
     p.set_defaults(handler=_pretrain)
 

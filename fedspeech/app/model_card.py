@@ -131,6 +131,7 @@ def render_card(record: Mapping[str, Any]) -> str:
         f"- {len(epochs)} epochs of Adam (lr {flat['lr']:g}, one warm-up epoch, then a cosine "
         f"to 5%), batches of {flat['batch-size']}, gradient clipping at {flat['grad-clip']:g}, "
         f"dropout {flat['dropout']:g}, SpecAugment {'on' if flat['spec-augment'] else 'off'}, "
+        + _tempo(flat)
         + (
             f"speed perturbation {', '.join(f'{s:g}' for s in speeds)} (one version of every "
             "utterance per epoch)."
@@ -202,3 +203,11 @@ def render_card(record: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _tempo(flat: Mapping[str, Any]) -> str:
+    """The tempo augmentation of a run config, for the card (older records lack the keys)."""
+    share = flat.get("tempo-augment", 0.0)
+    if not share:
+        return "no tempo augmentation, "
+    return f"tempo slow-down of {100 * share:g}% of the utterances (1-{flat['tempo-max']:g}x), "

@@ -200,7 +200,14 @@ def pretrain(
     )
     best_dir = run_dir / "best"
     for epoch_state in train_epochs(
-        model, examples, cfg.train, epochs, resume=state, device=device, variants=variants
+        model,
+        examples,
+        cfg.train,
+        epochs,
+        resume=state,
+        device=device,
+        variants=variants,
+        frame_block=cfg.features.time_block,
     ):
         scores = _dev_scores(epoch_state.weights, model_config, cfg, tokenizer, dev_rows, device)
         epoch_state.history[-1]["dev"] = scores
