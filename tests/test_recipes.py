@@ -125,3 +125,28 @@ def test_report_regenerates_tables_and_plot_and_keeps_the_prose(tmp_path: Path) 
     assert page.index("| fed |") < page.index("| fed-dp-eps8 |")  # table order
     assert "| digits |" not in page and "| a | b |" in page  # per-fold table for 2 folds
     assert (docs / report.PLOT).stat().st_size > 10_000
+
+
+def test_public_model_recipe_keeps_private_and_benchmark_speakers_out(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import public_model
+    from fedspeech_features.manifest import read_manifest
+
+    monkeypatch.setenv("FEDSPEECH_SHARED_DATA", str(shared_data))
+    # Execute: the full recipe's manifests, and a learning-curve run's on half of every corpus
+    train, dev, evals = public_model.prepare(tmp_path / "full")
+    half, _, _ = public_model.prepare(tmp_path / "half", fraction=0.5)
+    # Assert: training audio is only the three public corpora, never a dev/eval/private speaker
+    rows = [r for m in train for r in read_manifest(m)]
+    assert {r.path.relative_to(shared_data).parts[0] for r in rows} == {
+        "librispeech_samples", "kathleen", "ljspeech_mini"
+    }  # fmt: skip
+    assert not any("/test-other/" in str(r.path) for r in rows)
+    held = [r for m in [*dev.values(), *evals.values()] for r in read_manifest(m)]
+    assert {r.path for r in rows}.isdisjoint(r.path for r in held)
+    # ... and --fraction keeps half of each corpus, a subset of the full one
+    for full_manifest, half_manifest in zip(train, half, strict=True):
+        full_rows, half_rows = read_manifest(full_manifest), read_manifest(half_manifest)
+        assert len(half_rows) == round(len(full_rows) / 2)
+        assert {r.path for r in half_rows} <= {r.path for r in full_rows}
