@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         help="train on this share of each public corpus (a learning curve; never exported)",
     )
     args = parser.parse_args(argv)
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction must be in (0, 1], got {args.fraction:g}")
     setup_logging()
     from fedspeech.app.model_card import export_model
 
