@@ -92,6 +92,7 @@ def train(msg: Message, context: Context) -> Message:
         budget=node.epsilon_budget,
         seed_offset=node.partition[0] if node.partition else context.node_id % 1_000_003,
         proximal_mu=proximal_mu,
+        frozen_digest=str(config.get("frozen-digest", "")),
     )
     spent = outcome.privacy_state is not None and outcome.privacy_state.num_steps > (
         prior.num_steps if prior is not None else 0

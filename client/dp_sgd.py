@@ -19,7 +19,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict
+from fedspeech.model import convert_model, plain_state_dict, set_trainable
 from fedspeech.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
 from fedspeech_client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
 from fedspeech_client.train_config import TrainConfig, TrainResult, make_metrics, make_optimizer
@@ -67,7 +67,9 @@ def train_private(
         log.warning("delta %.2g >= 1/N for N=%d examples: weak guarantee", cfg.delta, len(dataset))
 
     net = convert_model(model, dp=True).to(device).train()
-    trainable = freeze_lower_layers(net, cfg.freeze_layers)  # fixed weights get no grad, no noise
+    trainable = set_trainable(
+        net, cfg.trainable, cfg.freeze_layers
+    )  # fixed weights get no grad, no noise
     with warnings.catch_warnings():
         # torchcsprng is not installable here; noise comes from torch's PRNG (see dp_seed).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")

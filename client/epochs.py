@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from fedspeech.devices import resolve_device
-from fedspeech.model import BiGRUCTC, convert_model, freeze_lower_layers, plain_state_dict
+from fedspeech.model import BiGRUCTC, convert_model, plain_state_dict, set_trainable
 from fedspeech_client.batching import (
     FeatureDataset,
     LabelledFeatures,
@@ -117,7 +117,7 @@ def train_epochs(
             raise ValueError(f"the saved training has {resume.epochs_done} epochs, > {epochs}")
         model.load_state_dict(resume.weights)
     net = convert_model(model, dp=model.cfg.cell == "gru").to(device).train()  # FastGRU
-    trainable = freeze_lower_layers(net, cfg.freeze_layers)
+    trainable = set_trainable(net, cfg.trainable, cfg.freeze_layers)
     optimizer = make_optimizer(trainable, cfg)
     history: list[dict[str, Any]] = []
     if resume is not None:

@@ -26,8 +26,9 @@ from torch import Tensor
 
 import fedspeech.metric_keys as mk
 from fedspeech.config import RunConfig
+from fedspeech.exchange import exchanged_names, with_fixed_weights
 from fedspeech.model import BiGRUCTC, load_plain_state_dict
-from fedspeech.pipeline import load_examples
+from fedspeech.pipeline import initial_weights, load_examples
 from fedspeech.privacy_ledger import PrivacyBudgetError, PrivacyLedger, calibrate_noise_multiplier
 from fedspeech_client.batching import LabelledFeatures
 from fedspeech_client.node_state import NodeData
@@ -110,6 +111,7 @@ def run_round(
     budget: float | None,
     seed_offset: int = 0,
     proximal_mu: float = 0.0,
+    frozen_digest: str = "",
 ) -> RoundOutcome:
     """Train the global model on ``examples`` for one round, unless the budget forbids it.
 
@@ -127,6 +129,10 @@ def run_round(
             ledger's delta and ``cfg.train.delta`` (None: no limit).
         seed_offset: distinguishes clients' seeds (e.g. the partition id).
         proximal_mu: FedProx's proximal weight, as the server sent it (0: plain local training).
+        frozen_digest: when only some weights train (``fedspeech.exchange``), ``global_state``
+            holds just those; the rest come from the run's starting model, whose fixed weights
+            must have this digest (the server's ``frozen-digest``). The outcome then holds only
+            the trained tensors too.
     """
     start = time.perf_counter()
     train = cfg.train
@@ -145,7 +151,12 @@ def run_round(
         train = dataclasses.replace(train, noise_multiplier=noise, target_epsilon=None)
 
     tokenizer = CharTokenizer()
-    model = BiGRUCTC(cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size))
+    model_config = cfg.model.model_config(cfg.features.frame_dim, tokenizer.vocab_size)
+    exchanged = exchanged_names(cfg)
+    if exchanged is not None:
+        start_state = initial_weights(cfg, model_config)
+        global_state = with_fixed_weights(global_state, start_state, exchanged, frozen_digest)
+    model = BiGRUCTC(model_config)
     load_plain_state_dict(model, global_state)
     result = train_local(
         model,
@@ -163,7 +174,10 @@ def run_round(
         metrics[mk.EPSILON] = result.epsilon
         metrics[mk.NOISE_MULTIPLIER] = float(result.noise_multiplier or 0.0)
         metrics[mk.SAMPLE_RATE] = float(result.sample_rate or 0.0)
-    return RoundOutcome(result.state_dict, metrics, result.privacy_state)
+    update = result.state_dict
+    if exchanged is not None:  # the fixed weights never leave the node
+        update = {k: update[k] for k in exchanged}
+    return RoundOutcome(update, metrics, result.privacy_state)
 
 
 def round_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:

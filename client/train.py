@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedspeech.devices import resolve_device
-from fedspeech.model import convert_model, freeze_lower_layers, plain_state_dict, unwrap
+from fedspeech.model import convert_model, plain_state_dict, set_trainable, unwrap
 from fedspeech.privacy_ledger import PrivacyLedger
 from fedspeech_client.batching import (
     Augment,
@@ -119,7 +119,7 @@ def _train_plain(
     # other cells keep the fused nn.LSTM / nn.RNN. The weights come back under nn.GRU's names.
     fast = unwrap(model).cfg.cell == "gru"
     net = convert_model(model, dp=fast).to(device).train()
-    trainable = freeze_lower_layers(net, cfg.freeze_layers)
+    trainable = set_trainable(net, cfg.trainable, cfg.freeze_layers)
     sampler = LengthBucketSampler(
         dataset.lengths(),
         cfg.batch_size,

@@ -33,6 +33,7 @@ from fedspeech.strict import parse_dataclass
 
 CellType = Literal["gru", "lstm", "rnn"]
 DPRNNImpl = Literal["fast", "opacus"]
+Trainable = Literal["all", "head", "norm-bias"]
 
 # A recurrent weight's plain name, e.g. rnn.weight_ih_l1_reverse -> layer 1.
 _RNN_LAYER = re.compile(r"rnn\.(?:weight|bias)_[ih]h_l(\d+)(?:_reverse)?")
@@ -200,24 +201,56 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def freeze_lower_layers(model: nn.Module, num_frozen: int) -> list[nn.Parameter]:
-    """Fix the front-end and the ``num_frozen`` lowest recurrent layers; return what still trains.
+def trainable_names(
+    cfg: ModelConfig, trainable: Trainable = "all", freeze_layers: int = 0
+) -> list[str]:
+    """Plain names (``plain_state_dict`` order) of the weights that train; the rest stay fixed.
 
-    Works on either flavour (also inside Opacus's ``GradSampleModule``): the recurrent weights are
-    found by their plain names (``weight_ih_l{k}``, ``..._reverse``), which ``FastGRU`` and Opacus's
-    layers alias to their internal projections, so those are fixed too. ``num_frozen`` equal to
-    ``num_layers`` leaves only the output LayerNorm and head trainable.
+    ``trainable`` picks a subset (``all``; ``head``: the output LayerNorm and Linear;
+    ``norm-bias``: every bias plus that head, as BitFit trains biases and the task's head), and
+    ``freeze_layers`` fixes the front-end and that many of the lowest recurrent layers on top of
+    it. Under DP-SGD only these weights are clipped and noised, and a federated round exchanges
+    only them.
 
     Raises:
-        ValueError: ``num_frozen`` outside ``0..num_layers``.
+        ValueError: ``trainable`` unknown, or ``freeze_layers`` outside ``0..num_layers``.
+    """
+    if trainable not in get_args(Trainable):
+        raise ValueError(f"trainable must be one of {get_args(Trainable)}, got {trainable!r}")
+    if not 0 <= freeze_layers <= cfg.num_layers:
+        raise ValueError(f"freeze_layers must be in [0, {cfg.num_layers}], got {freeze_layers}")
+    names = []
+    for name in BiGRUCTC(cfg, dp=False).state_dict():  # cheap: tiny init, names + order
+        layer = _RNN_LAYER.fullmatch(name)
+        if (name.startswith("frontend.") and freeze_layers) or (
+            layer and int(layer[1]) < freeze_layers
+        ):
+            continue
+        top = name.startswith(("norm.", "head."))
+        chosen = {"all": True, "head": top, "norm-bias": top or _is_bias(name)}[trainable]
+        if chosen:
+            names.append(name)
+    return names
+
+
+def _is_bias(name: str) -> bool:
+    """``head.bias``, ``rnn.bias_ih_l0_reverse``, ...: a bias vector, by its plain name."""
+    return name.rsplit(".", 1)[-1].startswith("bias")
+
+
+def set_trainable(
+    model: nn.Module, trainable: Trainable = "all", freeze_layers: int = 0
+) -> list[nn.Parameter]:
+    """Fix every weight outside ``trainable_names``; return the parameters that still train.
+
+    Works on either flavour (also inside Opacus's ``GradSampleModule``): ``named_parameters``
+    yields each tensor once under its plain name, and ``FastGRU``'s and Opacus's layers alias
+    their internal projections to those same tensors, so these are fixed too.
     """
     inner = unwrap(model)
-    if not 0 <= num_frozen <= inner.cfg.num_layers:
-        raise ValueError(f"num_frozen must be in [0, {inner.cfg.num_layers}], got {num_frozen}")
+    keep = set(trainable_names(inner.cfg, trainable, freeze_layers))
     for name, param in inner.named_parameters():
-        layer = _RNN_LAYER.fullmatch(name)
-        if (name.startswith("frontend.") and num_frozen) or (layer and int(layer[1]) < num_frozen):
-            param.requires_grad_(False)
+        param.requires_grad_(name in keep)
     return [p for p in inner.parameters() if p.requires_grad]
 
 

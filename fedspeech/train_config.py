@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from fedspeech.devices import DeviceError, check_device_name
+from fedspeech.model import Trainable
 from fedspeech.privacy_ledger import AccountantName
 
 
@@ -42,6 +43,10 @@ class TrainConfig:
             (0: train everything; the model's ``num_layers``: only the output LayerNorm and head
             train). Under DP-SGD fewer trainable weights means less noise in total for the
             same clipping norm: the lever for fine-tuning a public model on little private data.
+        trainable: which weights train (``fedspeech.model.trainable_names``): ``all``, ``head``
+            (the output LayerNorm and Linear) or ``norm-bias`` (every bias, and the head:
+            BitFit); ``freeze_layers`` applies on top. The rest stay as the starting model
+            has them, and a federated round sends and receives only the weights that train.
         device: where training and evaluation run (``fedspeech.devices``): ``auto`` (CUDA when
             available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. Every process of a run that
             trains or evaluates resolves it on its own machine (clients, the server's central
@@ -68,6 +73,7 @@ class TrainConfig:
     max_physical_batch_size: int | None = None
     max_frames_per_batch: int | None = None
     freeze_layers: int = 0
+    trainable: Trainable = "all"
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -105,6 +111,10 @@ class TrainConfig:
             problems.append(f"tempo-max must be in [1, 3], got {self.tempo_max}")
         if self.freeze_layers < 0:
             problems.append(f"freeze-layers must be >= 0, got {self.freeze_layers}")
+        if self.trainable not in get_args(Trainable):
+            problems.append(
+                f"trainable must be one of {get_args(Trainable)}, got {self.trainable!r}"
+            )
         for name in ("max_physical_batch_size", "max_frames_per_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:

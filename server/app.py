@@ -26,7 +26,9 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from fedspeech.config import RunConfig
+from fedspeech.exchange import check_frozen, exchanged_names, frozen_digest
 from fedspeech.logs import show_progress
+from fedspeech.pipeline import initial_weights
 from fedspeech_server.rounds import ClientReport
 from fedspeech_server.run import FederatedRun, RoundAttempt, RoundFailedError, SendRound
 from fedspeech_server.sampling import PoissonSampler
@@ -89,19 +91,32 @@ def _flower_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> SendRound:
         cfg.fed, user_dp=user_dp, secure=cfg.secure_aggregation, sampler=sampler
     )
     import_state(strategy, run.strategy_arrays)
-    run_key = run.state.run_key
+    config = {"run-key": run.state.run_key}
+    exchanged = exchanged_names(cfg)  # None: every tensor trains and travels
+    if exchanged is not None:
+        config["frozen-digest"] = frozen_digest(initial_weights(cfg, run.model_config), exchanged)
+        log.info(
+            "rounds exchange %d trained tensors (trainable=%s)", len(exchanged), cfg.train.trainable
+        )
 
     def send(server_round: int, weights: Mapping[str, Tensor]) -> RoundAttempt:
+        sent = dict(weights)
+        if exchanged is not None:
+            check_frozen(weights, exchanged, config["frozen-digest"], where="the server's model")
+            sent = {k: weights[k] for k in exchanged}
         new_arrays, reports = _train_once(
-            strategy, server_round, ArrayRecord(dict(weights)), grid, cfg, run_key=run_key
+            strategy, server_round, ArrayRecord(sent), grid, cfg, config=config
         )
         return RoundAttempt(
             reports=reports,
             needed=strategy.successes_needed(),
-            new_state=None if new_arrays is None else new_arrays.to_torch_state_dict(),
+            new_state=None
+            if new_arrays is None
+            else {**weights, **new_arrays.to_torch_state_dict()},
             user_dp=strategy.last_user_dp,
             clients_sampled=strategy.last_sampled,
             strategy_arrays=export_state(strategy),
+            exchanged_weights=sum(v.numel() for v in sent.values()),
         )
 
     return send
@@ -114,16 +129,17 @@ def _train_once(
     grid: Grid,
     cfg: RunConfig,
     *,
-    run_key: str,
+    config: Mapping[str, str],
 ) -> tuple[ArrayRecord | None, list[ClientReport]]:
-    """Send one round's train messages (with the run's ``run-key``: a client charged for a
-    round before can tell, ``fedspeech_client.app``).
+    """Send one round's train messages with ``config``: the run's ``run-key`` (a client charged
+    for a round before can tell, ``fedspeech_client.app``) and, when only some weights train,
+    the digest of the fixed ones (``fedspeech.exchange``).
 
     Returns:
         The aggregate (None: too few accepted) and one report per sampled client.
     """
     messages: list[Message] = list(
-        strategy.configure_train(server_round, arrays, ConfigRecord({"run-key": run_key}), grid)
+        strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
     )
     if not messages:  # an empty Poisson draw (or one left out): noise only with user-level DP
         new_arrays, _ = strategy.aggregate_train(server_round, [])

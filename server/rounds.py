@@ -8,7 +8,9 @@ tracker report: ``train_loss`` (mean over trained clients, weighted by examples)
 ``update_norm`` (L2 norm of the change of the global weights), ``train_seconds`` (sending to aggregating),
 ``round_seconds`` (the whole round, evaluation and checkpoint included), ``client_seconds`` (sum of
 the replies' ``seconds``: the clients' own work), ``eval_seconds`` (central evaluation),
-``clients_sampled`` (clients the round's last attempt sampled: with Poisson sampling, the draw).
+``clients_sampled`` (clients the round's last attempt sampled: with Poisson sampling, the draw),
+``exchanged_weights`` (weights sent to each client and accepted back: only the trained ones,
+``fedspeech.exchange``).
 With user-level DP (``fedspeech_server.user_dp``): ``user_epsilon`` (the run's user-level epsilon so far, at
 ``user-delta``), ``user_clip_norm`` (the clipping norm of the round), ``user_noise_std`` (std of the
 noise on the averaged update), ``user_sample_rate`` (clients sampled / connected) and, with
@@ -77,6 +79,7 @@ class RoundSummary:
     user_sample_rate: float | None = None
     user_unclipped_share: float | None = None
     clients_sampled: int | None = None
+    exchanged_weights: int | None = None
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics that are set (for a tracker's ``log_round``)."""

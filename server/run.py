@@ -89,6 +89,8 @@ class RoundAttempt:
             without an aggregate).
         clients_sampled: clients the attempt sampled (with Poisson sampling, the draw).
         strategy_arrays: the server optimizer's state after the attempt (for the checkpoint).
+        exchanged_weights: weights sent to each client, and accepted back from each (replies
+            must have the sent names and shapes); fewer than the model's when only some train.
     """
 
     reports: Sequence[ClientReport]
@@ -97,6 +99,7 @@ class RoundAttempt:
     user_dp: UserDPRelease | None = None
     clients_sampled: int | None = None
     strategy_arrays: Mapping[str, np.ndarray] | None = None
+    exchanged_weights: int | None = None
 
 
 SendRound = Callable[[int, Mapping[str, Tensor]], RoundAttempt]
@@ -233,6 +236,7 @@ class FederatedRun:
                 retries=retries,
                 user_dp=attempt.user_dp,
                 clients_sampled=attempt.clients_sampled,
+                exchanged_weights=attempt.exchanged_weights,
             )
 
     def evaluate_start(self) -> tuple[float, float] | None:
@@ -293,6 +297,7 @@ class FederatedRun:
         retries: int = 0,
         user_dp: UserDPRelease | None = None,
         clients_sampled: int | None = None,
+        exchanged_weights: int | None = None,
     ) -> RoundSummary:
         """Evaluate, checkpoint, track and log a finished round; ``started``: its perf_counter.
 
@@ -307,6 +312,7 @@ class FederatedRun:
             summarize_round(server_round, reports, train_seconds),
             retries=retries,
             clients_sampled=len(reports) if clients_sampled is None else clients_sampled,
+            exchanged_weights=exchanged_weights,
         )
         user_state = self.user_state
         if user_dp is not None:

@@ -44,6 +44,7 @@ USER_LEVEL_RELEASED = frozenset(
         "update_norm",
         "eval_seconds",
         "clients_sampled",
+        "exchanged_weights",
         "user_epsilon",
         "user_clip_norm",
         "user_noise_std",
@@ -175,7 +176,8 @@ class UserLevelRelease:
         note = (
             "user-level DP: " + ", ".join(sorted(USER_LEVEL_RELEASED)) + " only; wer, cer and "
             "update_norm are computed from the noised global models, user_* are the mechanism's "
-            "noisy or public values, clients_sampled is the server's Poisson draw; per-client "
+            "noisy or public values, clients_sampled is the server's Poisson draw, exchanged_weights "
+            "follows from the run config; per-client "
             "values stay in the server's run folder"
         )
         self.inner.log_params({**params, RELEASE_NOTE_PARAM: note})

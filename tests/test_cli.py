@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedspeech.app.cli import _build_parser, main
 from fedspeech.app.cli_common import verbosity
 from fedspeech.app.demo import mlflow_ui_command
 from fedspeech.config import flat_keys
+from fedspeech.modeldir import load_model_dir
 from fedspeech_features.manifest import read_manifest
 from fedspeech_server.tracking import read_start
 
@@ -122,6 +124,14 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     assert provenance["run_config"]["init-model"] == "@en-public-small"
     card = (tmp_path / "run" / "report" / "init_model_card.md").read_text()  # logged to MLflow
     assert card.startswith("# en-public-small")
+    # ... and only the head travelled (freeze-layers = num-layers): 2 x 512 LayerNorm + 512 x 29
+    # + 29; every fixed weight of the final model is the shipped model's, bit for bit.
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").open()]
+    assert [r["exchanged_weights"] for r in rounds if r["round"] >= 1] == [2 * 512 + 512 * 29 + 29]
+    shipped = load_model_dir("@en-public-small").model.state_dict()
+    final = load_model_dir(tmp_path / "run" / "model").model.state_dict()
+    moved = {k for k in shipped if not torch.equal(shipped[k], final[k])}
+    assert moved == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
 
 
 # ---------------------------------------------------------------- flag conventions

@@ -10,8 +10,10 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from fedspeech.config import ConfigError, RunConfig
+from fedspeech.exchange import exchanged_names, frozen_digest
 from fedspeech.fed_data import client_manifest, hold_out_speakers, prepared_client_manifest
 from fedspeech.model import BiGRUCTC, plain_state_dict
+from fedspeech.pipeline import initial_weights
 from fedspeech.privacy_ledger import PrivacyLedger
 from fedspeech_client.local_round import load_node_examples, round_steps, run_round
 from fedspeech_client.node_state import (
@@ -63,6 +65,59 @@ def test_round_spends_what_the_accountant_composes() -> None:
     assert second.metrics["epsilon"] > first.metrics["epsilon"] > 0
     assert second.metrics["num-examples"] == 10 and second.metrics["declined"] == 0
     assert second.state_dict is not None and second.declined_reason is None
+
+
+@pytest.mark.parametrize("trainable", ["head", "norm-bias"])
+def test_a_subset_round_receives_and_sends_only_the_trained_tensors(trainable: str) -> None:
+    # Prepare: the server's view: the starting model, the exchanged names and the digest
+    cfg = RunConfig.from_flat({**TINY, "noise-multiplier": 1.3, "trainable": trainable})
+    start = initial_weights(cfg, cfg.model.model_config(cfg.features.frame_dim, 29))
+    exchanged = exchanged_names(cfg)
+    assert exchanged is not None and set(exchanged) < set(start)
+    assert {"norm.weight", "norm.bias", "head.weight", "head.bias"} <= set(exchanged)
+    if trainable == "head":
+        assert len(exchanged) == 4
+    else:  # every bias trains too, no weight matrix of the recurrent stack
+        assert "rnn.bias_hh_l0" in exchanged and "rnn.weight_ih_l0" not in exchanged
+    digest = frozen_digest(start, exchanged)
+    sent = {k: start[k] for k in exchanged}
+    # Execute
+    out = run_round(
+        sent, _examples(10), cfg, server_round=1, prior=None, budget=None, frozen_digest=digest
+    )
+    # Assert: only trained tensors come back, all of them changed; epsilon as for all weights
+    assert out.state_dict is not None and sorted(out.state_dict) == sorted(exchanged)
+    assert all(not torch.equal(out.state_dict[k], start[k]) for k in exchanged)
+    full = RunConfig.from_flat({**TINY, "noise-multiplier": 1.3})
+    everything = run_round(
+        _global(full), _examples(10), full, server_round=1, prior=None, budget=None
+    )
+    assert out.metrics["epsilon"] == everything.metrics["epsilon"]
+    assert out.privacy_state == everything.privacy_state
+
+
+def test_a_subset_round_refuses_another_starting_model_or_other_tensors() -> None:
+    cfg = RunConfig.from_flat({**TINY, "trainable": "head"})
+    start = initial_weights(cfg, cfg.model.model_config(cfg.features.frame_dim, 29))
+    exchanged = exchanged_names(cfg)
+    assert exchanged is not None
+    sent = {k: start[k] for k in exchanged}
+    other = {k: v + 1 for k, v in start.items()}  # the server started from another model
+    args = {"server_round": 1, "prior": None, "budget": None}
+    with pytest.raises(
+        ConfigError, match=r"fixed \(non-trained\) weights differ from the run's starting"
+    ):
+        run_round(sent, _examples(4), cfg, frozen_digest=frozen_digest(other, exchanged), **args)
+    with pytest.raises(ConfigError, match="no frozen-digest"):
+        run_round(sent, _examples(4), cfg, frozen_digest="", **args)
+    with pytest.raises(ConfigError, match=r"missing \[\], extra \['rnn.bias_hh_l0'\]"):
+        run_round(
+            {**sent, "rnn.bias_hh_l0": start["rnn.bias_hh_l0"]},
+            _examples(4),
+            cfg,
+            frozen_digest=frozen_digest(start, exchanged),
+            **args,
+        )
 
 
 def test_client_declines_when_the_next_round_would_exceed_its_budget() -> None:

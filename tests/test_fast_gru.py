@@ -21,7 +21,14 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fedspeech_client.dp_sgd
 from fedspeech.fast_gru_grad_sampler import FastGRU
-from fedspeech.model import BiGRUCTC, ModelConfig, convert_model, load_plain_state_dict
+from fedspeech.model import (
+    BiGRUCTC,
+    ModelConfig,
+    Trainable,
+    convert_model,
+    load_plain_state_dict,
+    set_trainable,
+)
 from fedspeech_client.batching import CTCBatch, ctc_loss
 from fedspeech_client.train import TrainConfig, train_local
 from tests.conftest import DEVICES
@@ -71,7 +78,12 @@ def _worst_per_sample_error(dp_model: BiGRUCTC, batch: CTCBatch) -> float:
     reference = convert_model(dp_model, dp=False)
     gsm = GradSampleModule(dp_model, batch_first=True, loss_reduction="mean")
     ctc_loss(gsm(batch.feats, batch.feat_lens), batch).backward()
-    samples = {name.removeprefix("_module."): p.grad_sample for name, p in gsm.named_parameters()}
+    samples = {
+        name.removeprefix("_module."): p.grad_sample
+        for name, p in gsm.named_parameters()
+        if p.requires_grad
+    }
+    assert all(s is not None for s in samples.values()), "a trained weight has no grad_sample"
     worst = 0.0
     for i in range(batch.size):
         n, m = int(batch.feat_lens[i]), int(batch.label_lens[i])
@@ -82,6 +94,8 @@ def _worst_per_sample_error(dp_model: BiGRUCTC, batch: CTCBatch) -> float:
         reference.zero_grad()
         ctc_loss(reference(single.feats, single.feat_lens), single).backward()
         for name, p in reference.named_parameters():
+            if name not in samples:  # fixed in the DP model
+                continue
             assert p.grad is not None
             scale = p.grad.abs().max().clamp_min(1e-30)
             worst = max(worst, float((samples[name][i] - p.grad).abs().max() / scale))
@@ -155,6 +169,25 @@ def test_per_sample_gradients_equal_single_example_backward(
     model = BiGRUCTC(cfg, dp=True).double().to(device)
     assert isinstance(model.rnn, FastGRU)
     batch = _ctc_batch([4, 8, 1, 6, 8], 5, device=device)  # unsorted
+    worst = _worst_per_sample_error(model, batch)
+    assert worst < 1e-9, f"max relative per-sample gradient error {worst:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("trainable", "freeze_layers", "expected"),
+    [("head", 0, 4), ("norm-bias", 0, 1 + 2 * 4 + 4), ("norm-bias", 1, 4 + 4)],
+)
+def test_per_sample_gradients_are_exact_for_every_trainable_subset(
+    trainable: Trainable, freeze_layers: int, expected: int, device: str
+) -> None:
+    """Only the chosen weights get per-sample gradients, each equal to the utterance's own."""
+    torch.manual_seed(2)
+    cfg = ModelConfig(input_dim=5, hidden_size=3, num_layers=2, dropout=0.0, frontend_dim=4)
+    model = BiGRUCTC(cfg, dp=True).double().to(device)
+    trained = set_trainable(model, trainable, freeze_layers)
+    assert len(trained) == expected  # front-end bias, 4 GRU biases a layer, LayerNorm + head 4
+    batch = _ctc_batch([4, 8, 1, 6, 8], 5, device=device)
     worst = _worst_per_sample_error(model, batch)
     assert worst < 1e-9, f"max relative per-sample gradient error {worst:.3g}"
 

@@ -15,9 +15,10 @@ from fedspeech.config import ConfigError, RunConfig
 from fedspeech.model import (
     BiGRUCTC,
     ModelConfig,
-    freeze_lower_layers,
     load_plain_state_dict,
     plain_state_dict,
+    set_trainable,
+    trainable_names,
 )
 from fedspeech_client.batching import LengthBucketSampler, as_ctc_batch, collate_ctc
 from fedspeech_client.train import TrainConfig, train_local
@@ -263,13 +264,28 @@ def test_frozen_layers_stay_fixed_and_the_rest_trains(dp: bool) -> None:
         assert result.epsilon is not None and result.epsilon > 0
 
 
+@pytest.mark.parametrize("dp", [True, False], ids=["dp-sgd", "plain"])
+@pytest.mark.parametrize("trainable", ["head", "norm-bias"])
+def test_a_trainable_subset_trains_only_its_weights(dp: bool, trainable: str) -> None:
+    cfg = ModelConfig(input_dim=6, hidden_size=8, num_layers=2, frontend_dim=5, dropout=0.0)
+    model = BiGRUCTC(cfg)
+    before = plain_state_dict(model)
+    train = TrainConfig(
+        batch_size=4, lr=0.05, trainable=trainable, dp=dp, dp_seed=0 if dp else None
+    )  # type: ignore[arg-type]
+    result = train_local(model, _examples(16), train, planned_steps=4 if dp else None)
+    trained = set(trainable_names(cfg, trainable))  # type: ignore[arg-type]
+    for name, value in result.state_dict.items():
+        assert torch.equal(value, before[name]) == (name not in trained), name
+
+
 def test_freezing_every_layer_leaves_only_the_head_and_bad_counts_are_refused() -> None:
     model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=2))
-    trainable = freeze_lower_layers(model, 2)
+    trainable = set_trainable(model, "all", 2)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
     assert sum(p.numel() for p in trainable) == 2 * 16 + 16 * 29 + 29
-    with pytest.raises(ValueError, match="num_frozen must be in"):
-        freeze_lower_layers(model, 3)
+    with pytest.raises(ValueError, match="freeze_layers must be in"):
+        set_trainable(model, "all", 3)
     with pytest.raises(ConfigError, match="freeze-layers 4 > num-layers 3"):
         RunConfig.from_flat({"freeze-layers": 4, "num-layers": 3})
