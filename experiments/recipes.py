@@ -135,6 +135,39 @@ def sentence_folds(work: Path, only: Sequence[str]) -> list[Fold]:
     return [Fold("dev", train, dev)] if "dev" in only else [Fold("eval", train, evaluate)]
 
 
+AN4_DEV_SPEAKERS = 8  # training speakers held out for tuning (``--folds dev``)
+
+
+def an4_folds(work: Path, only: Sequence[str]) -> list[Fold]:
+    """AN4's official split: 74 training speakers, scored on the 10 test speakers.
+
+    ``--folds dev`` holds 8 (seeded) training speakers out of training and scores them instead:
+    tune there, then run the test rows once. The public start is the shipped en-public-small,
+    which never heard AN4 (``experiments/public_model.py`` keeps it out).
+    """
+    data = shared_data() / "an4"
+    split = dict(
+        line.split("\t")
+        for line in (data / "splits.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    )
+    rows = read_manifest(data / "manifest.tsv")
+    side = {r.path: split[Path(r.path).relative_to(data.resolve()).as_posix()] for r in rows}
+    train = [r for r in rows if side[r.path] == "train"]
+    if "dev" not in only:
+        test = [r for r in rows if side[r.path] == "test"]
+        return [Fold("test", _write(work / "train.tsv", train), _write(work / "test.tsv", test))]
+    speakers = sorted({r.speaker for r in train})
+    random.Random(4).shuffle(speakers)
+    dev = set(speakers[:AN4_DEV_SPEAKERS])
+    return [
+        Fold(
+            "dev",
+            _write(work / "dev-train.tsv", [r for r in train if r.speaker not in dev]),
+            _write(work / "dev.tsv", [r for r in train if r.speaker in dev]),
+        )
+    ]
+
+
 def digits_public(work: Path) -> Path:
     """Public speech for digits: LibriSpeech samples + synthetic digit words (128 voices, 8 kHz).
 
@@ -173,6 +206,7 @@ TASKS: dict[str, Callable[[Path, Sequence[str]], list[Fold]]] = {
     "digits": digits_folds,
     "sentences-silo": sentence_folds,
     "sentences-device": sentence_folds,
+    "an4": an4_folds,
 }
 
 
@@ -217,6 +251,8 @@ def pretrain(task: str, extra: str) -> Path:
     """Train the task's public model (no DP: public data costs no privacy) and score it."""
     from fedspeech_client.central import train_central
 
+    if task not in PUBLIC:
+        raise SystemExit(f"{task} starts from a shipped public model; it has no pretrain row")
     flat = recipe_config(task, "pretrain", None, extra)
     out = WORK / task / "pretrain"
     public = PUBLIC[task](out)

@@ -10,7 +10,7 @@ import pytest
 from experiments import recipes, report
 from fedspeech.config import resolve_run_config
 
-TASKS = ("digits", "sentences-silo", "sentences-device")
+TASKS = ("digits", "sentences-silo", "sentences-device", "an4")
 
 
 @pytest.fixture
@@ -27,6 +27,10 @@ def public_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("mode", recipes.MODES)
 def test_every_recipe_row_is_a_valid_run_config(task: str, mode: str, public_model: Path) -> None:
+    if task not in recipes.PUBLIC and mode == "pretrain":  # starts from a shipped model
+        with pytest.raises(SystemExit, match="starts from a shipped public model"):
+            recipes.pretrain(task, "")
+        return
     # Execute: what the row would run (a typo in a recipe key or a bad value raises here)
     flat = recipes.recipe_config(task, mode, 8.0 if mode == "fed-dp" else None)
     cfg = resolve_run_config(None, flat, cwd=recipes.ROOT)
@@ -35,7 +39,9 @@ def test_every_recipe_row_is_a_valid_run_config(task: str, mode: str, public_mod
     if mode == "fed-dp":
         assert cfg.train.target_epsilon == 8.0
         assert cfg.train.noise_multiplier is None
-    if flat.get("init-model"):
+    if flat.get("init-model", "").startswith("@"):
+        assert flat["init-model"] == "@en-public-small"
+    elif flat.get("init-model"):
         assert Path(flat["init-model"]).parent.parent.parent == public_model
 
 
@@ -150,3 +156,27 @@ def test_public_model_recipe_keeps_private_and_benchmark_speakers_out(
         full_rows, half_rows = read_manifest(full_manifest), read_manifest(half_manifest)
         assert len(half_rows) == round(len(full_rows) / 2)
         assert {r.path for r in half_rows} <= {r.path for r in full_rows}
+
+
+def test_an4_folds_keep_the_official_split_and_tune_on_training_speakers(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedspeech_features.manifest import read_manifest
+
+    monkeypatch.setenv("FEDSPEECH_SHARED_DATA", str(shared_data))
+    # Execute
+    (test,) = recipes.an4_folds(tmp_path, [])
+    (dev,) = recipes.an4_folds(tmp_path, ["dev"])
+    # Assert: 948 training / 130 test utterances of 74 / 10 speakers, as the official split
+    train_rows, test_rows = read_manifest(test.train), read_manifest(test.evaluate)
+    speakers = {r.speaker for r in train_rows}
+    assert (len(train_rows), len(speakers)) == (948, 74)
+    assert (len(test_rows), len({r.speaker for r in test_rows})) == (130, 10)
+    assert speakers.isdisjoint(r.speaker for r in test_rows)
+    assert all("/train/" in str(r.path) for r in train_rows)
+    # ... and the dev fold holds 8 training speakers out, never a test speaker
+    dev_train, dev_eval = read_manifest(dev.train), read_manifest(dev.evaluate)
+    held = {r.speaker for r in dev_eval}
+    assert len(held) == recipes.AN4_DEV_SPEAKERS and held <= speakers
+    assert {r.path for r in dev_train} | {r.path for r in dev_eval} == {r.path for r in train_rows}
+    assert held.isdisjoint(r.speaker for r in dev_train)
