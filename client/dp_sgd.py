@@ -81,7 +81,8 @@ def train_private(
         optimizer=make_optimizer(trainable, cfg, proximal_mu=proximal_mu),
         data_loader=loader,
         noise_multiplier=noise,
-        max_grad_norm=cfg.max_grad_norm,
+        max_grad_norm=_clipping_norms(cfg, len(trainable)),
+        clipping="per_layer" if cfg.clipping == "per-layer" else "flat",
         poisson_sampling=True,
         loss_reduction="mean",  # matches ctc_loss's mean over utterances
         noise_generator=noise_gen,
@@ -103,6 +104,14 @@ def train_private(
         sample_rate=sample_rate,
         privacy_state=state,
     )
+
+
+def _clipping_norms(cfg: TrainConfig, num_tensors: int) -> float | list[float]:
+    """``max-grad-norm``, or with per-layer clipping one equal share per trained tensor whose L2
+    sum is ``max-grad-norm`` (Opacus noises with that sum: the sensitivity is unchanged)."""
+    if cfg.clipping == "flat":
+        return cfg.max_grad_norm
+    return [cfg.max_grad_norm / math.sqrt(num_tensors)] * num_tensors
 
 
 def _private_epochs(

@@ -25,6 +25,10 @@ class TrainConfig:
         noise_multiplier: DP noise std / clipping norm; exactly one of this and ``target_epsilon``.
         target_epsilon: calibrate the noise so the planned steps spend at most this epsilon.
         max_grad_norm: DP per-sample clipping norm.
+        clipping: ``flat`` clips each utterance's whole gradient to ``max_grad_norm``;
+            ``per-layer`` clips each trained tensor's part to ``max_grad_norm / sqrt(n)`` (n
+            tensors train), so the whole stays within ``max_grad_norm``: same sensitivity, same
+            noise, same epsilon (Opacus ``clipping="per_layer"``).
         delta: DP delta (should be below 1 / number of examples).
         accountant: Opacus accountant, ``rdp`` or ``prv``.
         seed: dropout, SpecAugment and non-private shuffling.
@@ -62,6 +66,7 @@ class TrainConfig:
     noise_multiplier: float | None = 1.0
     target_epsilon: float | None = None
     max_grad_norm: float = 1.0
+    clipping: Literal["flat", "per-layer"] = "flat"
     delta: float = 1e-5
     accountant: AccountantName = "rdp"
     seed: int = 0
@@ -89,6 +94,8 @@ class TrainConfig:
             problems.append(f"weight-decay must be >= 0, got {self.weight_decay}")
         if self.optimizer not in ("adam", "sgd"):
             problems.append(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.clipping not in ("flat", "per-layer"):
+            problems.append(f"clipping must be 'flat' or 'per-layer', got {self.clipping!r}")
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp:

@@ -279,6 +279,32 @@ def test_a_trainable_subset_trains_only_its_weights(dp: bool, trainable: str) ->
         assert torch.equal(value, before[name]) == (name not in trained), name
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per-layer"])
+def test_per_layer_clipping_bounds_every_trained_tensor_and_costs_the_same(clipping: str) -> None:
+    # Prepare: one utterance, q = 1, a tiny clipping norm (every raw gradient is larger), next to
+    # no noise, plain SGD: one step moves each tensor by lr x its clipped gradient.
+    cfg = ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0)
+    model = BiGRUCTC(cfg)
+    before = plain_state_dict(model)
+    c = 1e-4
+    train = TrainConfig(
+        batch_size=1, lr=1.0, optimizer="sgd", max_grad_norm=c, noise_multiplier=1e-12,
+        clipping=clipping, trainable="head", dp_seed=0,  # type: ignore[arg-type]
+    )  # fmt: skip
+    # Execute
+    result = train_local(model, _examples(1), train, planned_steps=1)
+    # Assert: per-layer: each of the 4 head tensors moved by exactly c / sqrt(4); flat: the
+    # whole step has norm c, shared unevenly. The accounting is the same either way.
+    moves = [float((result.state_dict[k] - before[k]).norm()) for k in trainable_names(cfg, "head")]
+    assert sum(m**2 for m in moves) ** 0.5 == pytest.approx(c, rel=1e-4)
+    if clipping == "per-layer":
+        assert moves == pytest.approx([c / 2] * 4, rel=1e-4)
+    else:
+        assert max(moves) > 1.1 * c / 2
+    assert result.privacy_state is not None
+    assert result.privacy_state.history == ((1e-12, 1.0, 1),)
+
+
 def test_freezing_every_layer_leaves_only_the_head_and_bad_counts_are_refused() -> None:
     model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=2))
     trainable = set_trainable(model, "all", 2)
