@@ -156,8 +156,8 @@ class FastGRU(nn.Module):
                 # The state each step starts from: h[t-1] forwards, h[t+1] in reverse (0 at the ends).
                 shift = (0, 0, 0, 1) if d else (0, 0, 1, 0)
                 h_prev = F.pad(h[:, 1:] if d else h[:, :-1], shift)  # (B, T, H)
-            if not torch.is_grad_enabled():  # inference: the kernel's states are the output
-                outs.append(h)
+            if not _needs_grad(x, ih, hh):  # inference, or frozen below every trained weight:
+                outs.append(h)  # the kernel's states are the output
                 continue
             gi, gh = ih(x), hh(h_prev)  # (B, T, 3H) each: one matrix product over all steps
             outs.append(GateBackprop.apply(gi, gh, h_prev, h, valid, hh.weight.detach(), bool(d)))
@@ -184,6 +184,13 @@ class FastGRU(nn.Module):
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
             f"bidirectional={self.bidirectional}, batch_first=True"
         )
+
+
+def _needs_grad(x: Tensor, *layers: nn.Linear) -> bool:
+    """Whether autograd needs this direction's gate path: the input or a weight wants a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for m in layers for p in m.parameters())
 
 
 def own_time_index(lengths: Tensor, total: int) -> Tensor:

@@ -1,0 +1,113 @@
+"""Cost of one DP-SGD step by trainable subset (``trainable``), en-public-small's shape.
+
+    python benchmarks/dp_subsets.py [--repeats 7] [--threads 1] [--batch 16] [--frames 170]
+
+Variants, interleaved in one process (all, norm-bias, head, head-recompute, all, ...) on the same
+batch and weights (3x256 BiGRU, 120-dim frames, LayerNorm + head; Opacus ``make_private`` with
+FastGRU, noise 1.0, clipping 1.0, Adam):
+
+    all             every weight trains (3.0M)
+    norm-bias       every bias + the head (BitFit)
+    head            the output LayerNorm + Linear (15.9k): the frozen GRU layers return the fused
+                    kernel's states, nothing is recomputed for autograd
+    head-recompute  ``head`` with the FastGRU gate path forced on in every layer, as before the
+                    frozen layers skipped it (what the skip saves)
+
+Prints the median seconds per step and each variant's ratio to ``all``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
+
+import fedspeech.fast_gru as fast_gru
+from fedspeech.model import BiGRUCTC, ModelConfig, Trainable, set_trainable
+from fedspeech_client.batching import CTCBatch, ctc_loss
+
+VARIANTS: dict[str, tuple[Trainable, bool]] = {
+    "all": ("all", False),
+    "norm-bias": ("norm-bias", False),
+    "head": ("head", False),
+    "head-recompute": ("head", True),
+}
+
+
+def _step_fn(
+    trainable: Trainable, batch: CTCBatch, state: dict[str, torch.Tensor]
+) -> Callable[[], None]:
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = BiGRUCTC(ModelConfig(input_dim=120, hidden_size=256, num_layers=3), dp=True)
+    model.load_state_dict(state)
+    params = set_trainable(model, trainable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine()
+        loader = DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=batch.size)
+        gsm, opt, _ = engine.make_private(
+            module=model,
+            optimizer=torch.optim.Adam(params, lr=1e-3),
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+
+    def step() -> None:
+        opt.zero_grad()
+        ctc_loss(gsm(batch.feats, batch.feat_lens), batch).backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--frames", type=int, default=170)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    b, t = args.batch, args.frames
+    lengths = torch.linspace(t, 0.6 * t, b).round().long()  # (B,) sorted, as collate_ctc gives
+    batch = CTCBatch(
+        torch.randn(b, t, 120), lengths, torch.randint(1, 29, (b, 20)), torch.full((b,), 20)
+    )
+    state = BiGRUCTC(ModelConfig(input_dim=120, hidden_size=256, num_layers=3), dp=True)
+    weights = state.state_dict()
+    steps = {name: _step_fn(trainable, batch, weights) for name, (trainable, _) in VARIANTS.items()}
+    skip = fast_gru._needs_grad
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for name, (_, recompute) in VARIANTS.items():
+            fast_gru._needs_grad = (lambda *_: torch.is_grad_enabled()) if recompute else skip
+            start = time.perf_counter()
+            steps[name]()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    fast_gru._needs_grad = skip
+    base = statistics.median(times["all"])
+    print(
+        f"DP-SGD step, batch {b} x {t} frames, {args.threads} thread(s), median of {args.repeats}"
+    )
+    print("| variant | s / step | vs all |\n|---|---:|---:|")
+    for name, values in times.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.3f} | {med / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
