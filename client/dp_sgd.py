@@ -67,9 +67,8 @@ def train_private(
         log.warning("delta %.2g >= 1/N for N=%d examples: weak guarantee", cfg.delta, len(dataset))
 
     net = convert_model(model, dp=True).to(device).train()
-    trainable = set_trainable(
-        net, cfg.trainable, cfg.freeze_layers
-    )  # fixed weights get no grad, no noise
+    # Fixed weights get no gradient, so no clipping share and no noise.
+    trainable = set_trainable(net, cfg.trainable, cfg.freeze_layers)
     with warnings.catch_warnings():
         # torchcsprng is not installable here; noise comes from torch's PRNG (see dp_seed).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
