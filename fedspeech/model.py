@@ -219,8 +219,10 @@ def trainable_names(
         raise ValueError(f"trainable must be one of {get_args(Trainable)}, got {trainable!r}")
     if not 0 <= freeze_layers <= cfg.num_layers:
         raise ValueError(f"freeze_layers must be in [0, {cfg.num_layers}], got {freeze_layers}")
+    with torch.device("meta"):  # names and order only: no memory, no draw from the global RNG
+        plain = BiGRUCTC(cfg, dp=False).state_dict()
     names = []
-    for name in BiGRUCTC(cfg, dp=False).state_dict():  # cheap: tiny init, names + order
+    for name in plain:
         layer = _RNN_LAYER.fullmatch(name)
         if (name.startswith("frontend.") and freeze_layers) or (
             layer and int(layer[1]) < freeze_layers

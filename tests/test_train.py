@@ -284,6 +284,7 @@ def test_per_layer_clipping_bounds_every_trained_tensor_and_costs_the_same(clipp
     # Prepare: one utterance, q = 1, a tiny clipping norm (every raw gradient is larger), next to
     # no noise, plain SGD: one step moves each tensor by lr x its clipped gradient.
     cfg = ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0)
+    torch.manual_seed(0)
     model = BiGRUCTC(cfg)
     before = plain_state_dict(model)
     c = 1e-4
@@ -296,13 +297,24 @@ def test_per_layer_clipping_bounds_every_trained_tensor_and_costs_the_same(clipp
     # Assert: per-layer: each of the 4 head tensors moved by exactly c / sqrt(4); flat: the
     # whole step has norm c, shared unevenly. The accounting is the same either way.
     moves = [float((result.state_dict[k] - before[k]).norm()) for k in trainable_names(cfg, "head")]
-    assert sum(m**2 for m in moves) ** 0.5 == pytest.approx(c, rel=1e-4)
+    # rel 1e-3: the moves are differences of float32 weights near 0.3 (one ulp: 3e-8)
+    assert sum(m**2 for m in moves) ** 0.5 == pytest.approx(c, rel=1e-3)
     if clipping == "per-layer":
-        assert moves == pytest.approx([c / 2] * 4, rel=1e-4)
+        assert moves == pytest.approx([c / 2] * 4, rel=1e-3)
     else:
         assert max(moves) > 1.1 * c / 2
     assert result.privacy_state is not None
     assert result.privacy_state.history == ((1e-12, 1.0, 1),)
+
+
+def test_choosing_what_trains_draws_nothing_from_the_global_rng() -> None:
+    # Seeded training must not depend on whether a subset was chosen (dropout, shuffling).
+    model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=2))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    set_trainable(model, "norm-bias", 1)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_freezing_every_layer_leaves_only_the_head_and_bad_counts_are_refused() -> None:
