@@ -18,7 +18,7 @@ import fedspeech.metric_keys as mk
 from fedspeech import __version__
 from fedspeech.config import RunConfig
 from fedspeech.devices import resolve_device
-from fedspeech.model import BiGRUCTC, count_parameters
+from fedspeech.model import BiGRUCTC, count_parameters, without_adapters
 from fedspeech.modeldir import save_model_dir
 from fedspeech.pipeline import initial_weights, load_examples
 from fedspeech_client.train import train_local
@@ -94,7 +94,6 @@ def train_central(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "fedspeech_version": __version__,
     }
-    model_dir = save_model_dir(
-        out_dir, result.state_dict, model_cfg, cfg.features, tokenizer, provenance
-    )
+    weights, model_cfg = without_adapters(result.state_dict, model_cfg)
+    model_dir = save_model_dir(out_dir, weights, model_cfg, cfg.features, tokenizer, provenance)
     return CentralResult(model_dir, result, len(examples), len(report.skipped))

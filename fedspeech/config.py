@@ -60,6 +60,7 @@ class ModelSection:
     rnn_cell: CellType = "gru"
     dropout: float = 0.1
     frontend_dim: int = 0
+    adapter_rank: int = 0
 
     def model_config(self, input_dim: int, vocab_size: int) -> ModelConfig:
         """The full ``ModelConfig`` for features of width ``input_dim``."""
@@ -72,6 +73,7 @@ class ModelSection:
             cell=self.rnn_cell,
             dropout=self.dropout,
             frontend_dim=self.frontend_dim,
+            adapter_rank=self.adapter_rank,
         )
 
 
@@ -185,6 +187,14 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
+        rank, trainable = self.model.adapter_rank, self.train.trainable
+        if rank < 0 or (rank == 0) == (trainable == "adapters"):
+            raise ConfigError(
+                f"adapter-rank {rank} with trainable = {trainable!r}: low-rank adapters train only "
+                'with trainable = "adapters", which needs adapter-rank >= 1 (e.g. 8)'
+            )
+        if rank and self.model.rnn_cell != "gru":
+            raise ConfigError(f"adapter-rank needs rnn-cell = 'gru', got {self.model.rnn_cell!r}")
         if self.train.freeze_layers > self.model.num_layers:
             raise ConfigError(
                 f"freeze-layers {self.train.freeze_layers} > num-layers {self.model.num_layers}"

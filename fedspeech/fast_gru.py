@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fedspeech.adapters import LowRankAdapters
 from fedspeech.fast_gru_backprop import GateBackprop
 
 
@@ -109,13 +110,21 @@ class FastGRU(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
-    def forward(self, input: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        input: Tensor,
+        lengths: Tensor | None = None,
+        *,
+        adapters: LowRankAdapters | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Run the GRU over padded utterances.
 
         Args:
             input: ``(B, T, D)`` frames; frames at or after ``lengths[b]`` are padding, whose
                 values (even non-finite ones) never reach the outputs or gradients.
             lengths: ``(B,)`` valid frames per utterance, in any order (None: all ``T``).
+            adapters: low-rank updates ``B A`` of the input projections (``fedspeech.adapters``),
+                owned by the caller; the layer then computes with ``W_ih + B A``.
 
         Returns:
             ``output`` ``(B, T, dirs*H)`` (zero on padding, like a packed ``nn.GRU``) and the
@@ -135,20 +144,26 @@ class FastGRU(nn.Module):
         x = input.masked_fill(~valid[..., None], 0.0) if not bool(valid.all()) else input
         finals: list[Tensor] = []
         for layer in range(self.num_layers):
-            x = self._layer(layer, x, valid, rev)  # (B, T, dirs*H)
+            x = self._layer(layer, x, valid, rev, adapters)  # (B, T, dirs*H)
             finals.extend(self._final_states(x, lengths))
         return x, torch.stack(finals)  # (B, T, dirs*H), (layers*dirs, B, H)
 
-    def _layer(self, layer: int, x: Tensor, valid: Tensor, rev: Tensor) -> Tensor:
+    def _layer(
+        self, layer: int, x: Tensor, valid: Tensor, rev: Tensor, adapters: LowRankAdapters | None
+    ) -> Tensor:
         """One (bi)directional layer: fused recurrence, gate projections, BPTT function."""
         outs = []
         for d in range(self.num_directions):
-            ih, hh = self._projections(layer * self.num_directions + d)
+            k = layer * self.num_directions + d
+            ih, hh = self._projections(k)
+            suffix = self._suffixes()[k]
+            up = [] if adapters is None else [adapters.up_layer(suffix)]
             with torch.no_grad():
                 # The kernel reads the reverse direction's utterances reversed within their lengths
                 # ("own time"), so its padding comes last too; states go back to natural time.
                 h0 = x.new_zeros(1, x.shape[0], self.hidden_size)  # (1, B, H)
-                weights = [ih.weight, hh.weight, ih.bias, hh.bias]
+                w_ih = ih.weight if adapters is None else ih.weight + adapters.delta(suffix)
+                weights = [w_ih, hh.weight, ih.bias, hh.bias]
                 x_run = take_time(x, rev) if d else x  # (B, T, D)
                 h = torch.gru(x_run, h0, weights, True, 1, 0.0, False, False, True)[0]  # (B, T, H)
                 h = take_time(h, rev) if d else h  # (B, T, H), natural time
@@ -156,10 +171,12 @@ class FastGRU(nn.Module):
                 # The state each step starts from: h[t-1] forwards, h[t+1] in reverse (0 at the ends).
                 shift = (0, 0, 0, 1) if d else (0, 0, 1, 0)
                 h_prev = F.pad(h[:, 1:] if d else h[:, :-1], shift)  # (B, T, H)
-            if not _needs_grad(x, ih, hh):  # inference, or frozen below every trained weight:
+            if not _needs_grad(x, ih, hh, *up):  # inference, or frozen below every trained weight:
                 outs.append(h)  # the kernel's states are the output
                 continue
             gi, gh = ih(x), hh(h_prev)  # (B, T, 3H) each: one matrix product over all steps
+            if adapters is not None:
+                gi = gi + adapters.branch(suffix, x)  # (B, T, 3H): x (B A)^T, B per-sample
             outs.append(GateBackprop.apply(gi, gh, h_prev, h, valid, hh.weight.detach(), bool(d)))
         # A copy either way: outputs are views of the no-grad kernel's output.
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0].clone()  # (B, T, dirs*H)

@@ -27,16 +27,20 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from fedspeech.adapters import LowRankAdapters, merged_state
 from fedspeech.strict import parse_dataclass
 
 CellType = Literal["gru", "lstm", "rnn"]
 DPRNNImpl = Literal["fast", "opacus"]
-Trainable = Literal["all", "head", "norm-bias"]
+Trainable = Literal["all", "head", "norm-bias", "adapters"]
 
-# A recurrent weight's plain name, e.g. rnn.weight_ih_l1_reverse -> layer 1.
-_RNN_LAYER = re.compile(r"rnn\.(?:weight|bias)_[ih]h_l(\d+)(?:_reverse)?")
+# A recurrent weight's or adapter's plain name, e.g. rnn.weight_ih_l1_reverse -> layer 1.
+_RNN_LAYER = re.compile(
+    r"(?:rnn\.(?:weight|bias)_[ih]h_|adapters\.up\.|adapters\.down_)l(\d+)(?:_reverse)?(?:\.weight)?"
+)
 
 _PLAIN_CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
@@ -54,6 +58,8 @@ class ModelConfig:
         cell: recurrent cell type.
         dropout: dropout on the recurrent stack's input and output (both flavours alike).
         frontend_dim: width of a Linear+GELU front-end before the RNN; 0 means none.
+        adapter_rank: rank of the low-rank adapters on the GRU input projections
+            (``fedspeech.adapters``); 0 means none.
     """
 
     input_dim: int
@@ -64,6 +70,7 @@ class ModelConfig:
     cell: CellType = "gru"
     dropout: float = 0.1
     frontend_dim: int = 0
+    adapter_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "hidden_size", "num_layers"):
@@ -79,6 +86,10 @@ class ModelConfig:
             raise ValueError(
                 f"frontend_dim must be >= 0 (0 = no front-end), got {self.frontend_dim}"
             )
+        if self.adapter_rank < 0:
+            raise ValueError(f"adapter_rank must be >= 0 (0 = none), got {self.adapter_rank}")
+        if self.adapter_rank and self.cell != "gru":
+            raise ValueError(f"adapters need cell = 'gru', got {self.cell!r}")
 
     @property
     def output_dim(self) -> int:
@@ -138,6 +149,9 @@ class BiGRUCTC(nn.Module):
             batch_first=True,
             bidirectional=cfg.bidirectional,
         )
+        if cfg.adapter_rank and self.needs_sorted_batch:
+            raise ValueError("adapters need the fast DP GRU (dp_rnn = 'fast')")
+        self.adapters = _adapters(cfg) if cfg.adapter_rank else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(cfg.output_dim)
         self.head = nn.Linear(cfg.output_dim, cfg.vocab_size)
@@ -169,15 +183,30 @@ class BiGRUCTC(nn.Module):
             raise ValueError("the DP model needs a batch sorted by decreasing length")
         x = self.dropout(self.frontend(feats))  # (B, T, F) with F = frontend_dim or D
         if self.fast_rnn:
-            y, _ = self.rnn(x, lengths)  # (B, T, H*dirs), zero on padding
+            # adapters by keyword: Opacus's forward hook records the positional inputs only.
+            y, _ = self.rnn(x, lengths, adapters=self.adapters)  # (B, T, H*dirs), 0 on padding
         else:
             packed = pack_padded_sequence(
                 x, lengths, batch_first=True, enforce_sorted=self.needs_sorted_batch
             )
-            out, _ = self.rnn(packed)
+            if self.adapters is None:
+                out, _ = self.rnn(packed)
+            else:  # the fused layer with W_ih + B A in place of W_ih (differentiable in B)
+                merged = self.adapters.merged(dict(self.rnn.named_parameters()))
+                out, _ = functional_call(self.rnn, merged, (packed,))
             y, _ = pad_packed_sequence(out, batch_first=True, total_length=total)  # (B, T, H*dirs)
         y = self.norm(self.dropout(y))  # (B, T, H*dirs)
         return torch.log_softmax(self.head(y), dim=-1)  # (B, T, V)
+
+
+def _adapters(cfg: ModelConfig) -> LowRankAdapters:
+    """Fresh adapters (fixed ``A``, zero ``B``) for every GRU input projection of ``cfg``."""
+    dirs = 2 if cfg.bidirectional else 1
+    first = cfg.frontend_dim or cfg.input_dim
+    widths = [first] * dirs + [cfg.output_dim] * dirs * (cfg.num_layers - 1)
+    return LowRankAdapters(
+        widths, 3 * cfg.hidden_size, cfg.adapter_rank, bidirectional=cfg.bidirectional
+    )
 
 
 def _dp_cell(cell: str, *, fast: bool) -> type[nn.Module]:
@@ -207,16 +236,20 @@ def trainable_names(
     """Plain names (``plain_state_dict`` order) of the weights that train; the rest stay fixed.
 
     ``trainable`` picks a subset (``all``; ``head``: the output LayerNorm and Linear;
-    ``norm-bias``: every bias plus that head, as BitFit trains biases and the task's head), and
+    ``norm-bias``: every bias plus that head, as BitFit trains biases and the task's head;
+    ``adapters``: the low-rank adapters' ``B`` factors plus that head), and
     ``freeze_layers`` fixes the front-end and that many of the lowest recurrent layers on top of
     it. Under DP-SGD only these weights are clipped and noised, and a federated round exchanges
     only them.
 
     Raises:
-        ValueError: ``trainable`` unknown, or ``freeze_layers`` outside ``0..num_layers``.
+        ValueError: ``trainable`` unknown, ``freeze_layers`` outside ``0..num_layers``, or
+            ``adapters`` on a model without them (``adapter_rank = 0``).
     """
     if trainable not in get_args(Trainable):
         raise ValueError(f"trainable must be one of {get_args(Trainable)}, got {trainable!r}")
+    if trainable == "adapters" and not cfg.adapter_rank:
+        raise ValueError("trainable = 'adapters' needs a model with adapters (adapter_rank >= 1)")
     if not 0 <= freeze_layers <= cfg.num_layers:
         raise ValueError(f"freeze_layers must be in [0, {cfg.num_layers}], got {freeze_layers}")
     with torch.device("meta"):  # names and order only: no memory, no draw from the global RNG
@@ -229,7 +262,12 @@ def trainable_names(
         ):
             continue
         top = name.startswith(("norm.", "head."))
-        chosen = {"all": True, "head": top, "norm-bias": top or _is_bias(name)}[trainable]
+        chosen = {
+            "all": True,
+            "head": top,
+            "norm-bias": top or _is_bias(name),
+            "adapters": top or name.startswith("adapters.up."),
+        }[trainable]
         if chosen:
             names.append(name)
     return names
@@ -254,6 +292,29 @@ def set_trainable(
     for name, param in inner.named_parameters():
         param.requires_grad_(name in keep)
     return [p for p in inner.parameters() if p.requires_grad]
+
+
+def with_fresh_adapters(state: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """``state`` (a model without adapters) plus ``cfg``'s fresh adapters: fixed ``A``, zero ``B``.
+
+    The result computes exactly what ``state`` does. Draws nothing from the global RNG.
+    """
+    if not cfg.adapter_rank:
+        return dict(state)
+    with torch.device("meta"):  # every tensor but the adapters' is taken from ``state``
+        names = BiGRUCTC(cfg).state_dict()
+    fresh = _adapters(cfg).state_dict()
+    return {k: state[k] if k in state else fresh[k.removeprefix("adapters.")] for k in names}
+
+
+def without_adapters(
+    state: Mapping[str, Tensor], cfg: ModelConfig
+) -> tuple[dict[str, Tensor], ModelConfig]:
+    """The same model as a plain one: adapters merged into the input projections
+    (``fedspeech.adapters.merged_state``), for export; other models are returned as they are."""
+    if not cfg.adapter_rank:
+        return dict(state), cfg
+    return merged_state(state), dataclasses.replace(cfg, adapter_rank=0)
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:

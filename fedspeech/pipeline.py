@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fedspeech.config import ConfigError, RunConfig
-from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
+from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict, with_fresh_adapters
 from fedspeech.modeldir import load_model_dir
 from fedspeech_features.augment import SpeedPerturbed
 from fedspeech_features.cache import FeatureCache, default_cache_root
@@ -97,14 +98,17 @@ def initial_weights(cfg: RunConfig, model_config: ModelConfig) -> dict[str, Tens
     """
     if cfg.fed.init_model:
         loaded = load_model_dir(cfg.fed.init_model)
-        if loaded.model_config != model_config or loaded.feature_config != cfg.features:
+        # A model without adapters starts an adapter run (they begin as a no-op).
+        fresh = model_config.adapter_rank and not loaded.model_config.adapter_rank
+        wanted = dataclasses.replace(model_config, adapter_rank=0) if fresh else model_config
+        if loaded.model_config != wanted or loaded.feature_config != cfg.features:
             raise ConfigError(
                 f"init-model {cfg.fed.init_model}: model {loaded.model_config} / features "
                 f"{loaded.feature_config} differ from the run config's {model_config} / "
                 f"{cfg.features}"
             )
         log.info("starting from %s", cfg.fed.init_model)
-        return plain_state_dict(loaded.model)
+        return with_fresh_adapters(plain_state_dict(loaded.model), model_config)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
         return plain_state_dict(BiGRUCTC(model_config))

@@ -44,7 +44,7 @@ from fedspeech import __version__
 from fedspeech.config import RunConfig, check_resume_changes
 from fedspeech.devices import resolve_device
 from fedspeech.fed_data import heldout_utterances
-from fedspeech.model import ModelConfig
+from fedspeech.model import ModelConfig, without_adapters
 from fedspeech.modeldir import resolve_model, save_model_dir
 from fedspeech.pipeline import initial_weights
 from fedspeech_features.files import remove_paths
@@ -380,10 +380,11 @@ class FederatedRun:
 
     def finish(self) -> Path:
         """Write the final model directory and reports; close the tracking run."""
+        weights, model_config = without_adapters(self.global_state, self.model_config)
         model_dir = save_model_dir(
             self.run_dir / "model",
-            self.global_state,
-            self.model_config,
+            weights,
+            model_config,
             self.cfg.features,
             self.tokenizer,
             self.provenance(),

@@ -67,16 +67,22 @@ def test_round_spends_what_the_accountant_composes() -> None:
     assert second.state_dict is not None and second.declined_reason is None
 
 
-@pytest.mark.parametrize("trainable", ["head", "norm-bias"])
+@pytest.mark.parametrize("trainable", ["head", "norm-bias", "adapters"])
 def test_a_subset_round_receives_and_sends_only_the_trained_tensors(trainable: str) -> None:
     # Prepare: the server's view: the starting model, the exchanged names and the digest
-    cfg = RunConfig.from_flat({**TINY, "noise-multiplier": 1.3, "trainable": trainable})
+    rank = {"adapter-rank": 2} if trainable == "adapters" else {}
+    cfg = RunConfig.from_flat({**TINY, "noise-multiplier": 1.3, "trainable": trainable, **rank})
     start = initial_weights(cfg, cfg.model.model_config(cfg.features.frame_dim, 29))
     exchanged = exchanged_names(cfg)
     assert exchanged is not None and set(exchanged) < set(start)
     assert {"norm.weight", "norm.bias", "head.weight", "head.bias"} <= set(exchanged)
     if trainable == "head":
         assert len(exchanged) == 4
+    elif trainable == "adapters":  # the B factors of every layer and direction, nothing else
+        adapters = sorted(set(exchanged) - {"norm.weight", "norm.bias", "head.weight", "head.bias"})
+        layers = cfg.model.num_layers * 2
+        assert len(adapters) == layers and all(k.startswith("adapters.up.") for k in adapters)
+        assert sum(k.startswith("adapters.down_") for k in start) == layers  # A: fixed, kept
     else:  # every bias trains too, no weight matrix of the recurrent stack
         assert "rnn.bias_hh_l0" in exchanged and "rnn.weight_ih_l0" not in exchanged
     digest = frozen_digest(start, exchanged)

@@ -6,6 +6,7 @@ where there is one), in float64 so that the tolerances hold for the GPU kernels 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fedspeech_client.dp_sgd
+from fedspeech.adapters import merged_state
 from fedspeech.fast_gru_grad_sampler import FastGRU
 from fedspeech.model import (
     BiGRUCTC,
@@ -27,6 +29,7 @@ from fedspeech.model import (
     Trainable,
     convert_model,
     load_plain_state_dict,
+    plain_state_dict,
     set_trainable,
 )
 from fedspeech_client.batching import CTCBatch, ctc_loss
@@ -190,6 +193,42 @@ def test_per_sample_gradients_are_exact_for_every_trainable_subset(
     batch = _ctc_batch([4, 8, 1, 6, 8], 5, device=device)
     worst = _worst_per_sample_error(model, batch)
     assert worst < 1e-9, f"max relative per-sample gradient error {worst:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("trainable", "freeze_layers", "expected"),
+    [("adapters", 0, 4 + 4), ("adapters", 1, 2 + 4), ("all", 0, 2 + 8 * 2 + 4 + 4)],
+)
+def test_per_sample_gradients_are_exact_with_adapters(
+    trainable: Trainable, freeze_layers: int, expected: int, device: str
+) -> None:
+    """Low-rank adapters' B factors (and whatever else trains) get exact per-sample gradients.
+
+    B is drawn away from its zero start, so the gradient also flows through every adapter into
+    the layer below; A stays fixed and gets none. The adapted DP model equals the plain one with
+    the adapters merged into its input projections.
+    """
+    torch.manual_seed(3)
+    cfg = ModelConfig(
+        input_dim=5, hidden_size=3, num_layers=2, dropout=0.0, frontend_dim=4, adapter_rank=2
+    )
+    model = BiGRUCTC(cfg, dp=True).double().to(device)
+    assert model.adapters is not None
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.normal_()
+    trained = set_trainable(model, trainable, freeze_layers)
+    assert len(trained) == expected  # 4 adapters (one per layer and direction) + head 4
+    batch = _ctc_batch([4, 8, 1, 6, 8], 5, device=device)
+    worst = _worst_per_sample_error(model, batch)
+    assert worst < 1e-9, f"max relative per-sample gradient error {worst:.3g}"
+    plain = BiGRUCTC(dataclasses.replace(cfg, adapter_rank=0)).double().to(device)
+    load_plain_state_dict(plain, merged_state(plain_state_dict(model)))
+    valid = torch.arange(8, device=device)[None, :] < batch.feat_lens.to(device)[:, None]
+    with torch.no_grad():
+        diff = model(batch.feats, batch.feat_lens) - plain(batch.feats, batch.feat_lens)
+    assert float(diff[valid].abs().max()) < 1e-12
 
 
 @settings(max_examples=25, deadline=None)
