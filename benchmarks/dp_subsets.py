@@ -12,6 +12,7 @@ FastGRU, noise 1.0, clipping 1.0, Adam):
                     kernel's states, nothing is recomputed for autograd
     head-recompute  ``head`` with the FastGRU gate path forced on in every layer, as before the
                     frozen layers skipped it (what the skip saves)
+    adapters-r8     rank-8 low-rank adapters' B on every GRU input projection + the head (52.8k)
 
 Prints the median seconds per step and each variant's ratio to ``all``.
 """
@@ -19,6 +20,7 @@ Prints the median seconds per step and each variant's ratio to ``all``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -31,25 +33,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 import fedspeech.fast_gru as fast_gru
-from fedspeech.model import BiGRUCTC, ModelConfig, Trainable, set_trainable
+from fedspeech.model import BiGRUCTC, ModelConfig, Trainable, set_trainable, with_fresh_adapters
 from fedspeech_client.batching import CTCBatch, ctc_loss
 
-VARIANTS: dict[str, tuple[Trainable, bool]] = {
-    "all": ("all", False),
-    "norm-bias": ("norm-bias", False),
-    "head": ("head", False),
-    "head-recompute": ("head", True),
+# name -> (trainable, force the gate path on, adapter rank)
+VARIANTS: dict[str, tuple[Trainable, bool, int]] = {
+    "all": ("all", False, 0),
+    "norm-bias": ("norm-bias", False, 0),
+    "head": ("head", False, 0),
+    "head-recompute": ("head", True, 0),
+    "adapters-r8": ("adapters", False, 8),
 }
+SHAPE = ModelConfig(input_dim=120, hidden_size=256, num_layers=3)
 
 
 def _step_fn(
-    trainable: Trainable, batch: CTCBatch, state: dict[str, torch.Tensor]
+    trainable: Trainable, rank: int, batch: CTCBatch, state: dict[str, torch.Tensor]
 ) -> Callable[[], None]:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    model = BiGRUCTC(ModelConfig(input_dim=120, hidden_size=256, num_layers=3), dp=True)
-    model.load_state_dict(state)
+    cfg = dataclasses.replace(SHAPE, adapter_rank=rank)
+    model = BiGRUCTC(cfg, dp=True)
+    model.load_state_dict(with_fresh_adapters(state, cfg))
     params = set_trainable(model, trainable)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -85,14 +91,13 @@ def main() -> None:
     batch = CTCBatch(
         torch.randn(b, t, 120), lengths, torch.randint(1, 29, (b, 20)), torch.full((b,), 20)
     )
-    state = BiGRUCTC(ModelConfig(input_dim=120, hidden_size=256, num_layers=3), dp=True)
-    weights = state.state_dict()
-    steps = {name: _step_fn(trainable, batch, weights) for name, (trainable, _) in VARIANTS.items()}
+    weights = BiGRUCTC(SHAPE, dp=True).state_dict()
+    steps = {name: _step_fn(t, rank, batch, weights) for name, (t, _, rank) in VARIANTS.items()}
     skip = fast_gru._needs_grad
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for name, (_, recompute) in VARIANTS.items():
+        for name, (_, recompute, _) in VARIANTS.items():
             fast_gru._needs_grad = (lambda *_: torch.is_grad_enabled()) if recompute else skip
             start = time.perf_counter()
             steps[name]()

@@ -18,7 +18,7 @@ import fedspeech.metric_keys as mk
 from fedspeech import __version__
 from fedspeech.config import RunConfig
 from fedspeech.devices import resolve_device
-from fedspeech.model import BiGRUCTC, count_parameters, without_adapters
+from fedspeech.model import BiGRUCTC, count_parameters, set_trainable, without_adapters
 from fedspeech.modeldir import save_model_dir
 from fedspeech.pipeline import initial_weights, load_examples
 from fedspeech_client.train import train_local
@@ -61,9 +61,11 @@ def train_central(
     torch.manual_seed(cfg.train.seed)  # weight init, dropout
     model = BiGRUCTC(model_cfg)
     model.load_state_dict(initial_weights(cfg, model_cfg))  # ``init-model`` or fresh
+    trained = set_trainable(model, cfg.train.trainable, cfg.train.freeze_layers)
     log.info(
-        "training %s parameters on %d utterances for %d epochs (%s) on %s",
-        f"{count_parameters(model):,}",
+        "training %s of %s parameters on %d utterances for %d epochs (%s) on %s",
+        f"{sum(p.numel() for p in trained):,}",
+        f"{count_parameters(model, trainable_only=False):,}",
         len(examples),
         cfg.train.epochs,
         "DP-SGD" if cfg.train.dp else "non-private",

@@ -122,8 +122,13 @@ def _private_epochs(
     device: torch.device,
     delta: float,
 ) -> tuple[float, int]:
-    """Run the DP-SGD epochs; returns (last epoch's mean loss, number of empty batches)."""
+    """Run the DP-SGD epochs; returns (last epoch's mean loss, number of empty batches).
+
+    With ``cfg.ema_decay`` the trained weights end as the moving average of every step's.
+    """
     loss, skipped = math.nan, 0
+    params = [p for p in optimizer.params if p.requires_grad]
+    average = [p.detach().clone() for p in params] if cfg.ema_decay else []
     for epoch in range(cfg.epochs):
         total, count = 0.0, 0
         for raw in _physical_batches(loader, optimizer, cfg.max_physical_batch_size):
@@ -140,10 +145,15 @@ def _private_epochs(
                 total += batch_loss.item() * batch.size
                 count += batch.size
             optimizer.step()
+            if average and not optimizer._is_last_step_skipped:  # a logical step was taken
+                with torch.no_grad():
+                    torch._foreach_lerp_(average, params, 1.0 - cfg.ema_decay)
         loss = total / count if count else math.nan
         eps = epsilon_of(engine.accountant.history, delta, cfg.accountant)
         log.info("epoch %d/%d: loss %.4f, epsilon %.3f", epoch + 1, cfg.epochs, loss, eps)
-
+    if average:
+        with torch.no_grad():
+            torch._foreach_copy_(params, average)
     return loss, skipped
 
 

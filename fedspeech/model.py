@@ -97,8 +97,12 @@ class ModelConfig:
         return self.hidden_size * (2 if self.bidirectional else 1)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form."""
-        return dataclasses.asdict(self)
+        """JSON-serialisable form; ``adapter_rank`` only when there are adapters, so a model
+        without them reads as before in fedspeech versions that predate adapters."""
+        out = dataclasses.asdict(self)
+        if not self.adapter_rank:
+            del out["adapter_rank"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:

@@ -126,7 +126,10 @@ def check_config(
     if not isinstance(config["provenance"], dict):
         raise ModelDirError(f"{where}: provenance must be a JSON object")
     _check_decoding(config["provenance"].get("decoding"), where)
-    model_cfg = _dataclass_from(ModelConfig, config["model"], where, "model")
+    model = config["model"]
+    if isinstance(model, dict) and "adapter_rank" not in model:  # written without adapters
+        model = {**model, "adapter_rank": 0}
+    model_cfg = _dataclass_from(ModelConfig, model, where, "model")
     feature_cfg = _dataclass_from(FeatureConfig, config["features"], where, "features")
     tok = config["tokenizer"]
     alphabet = _check_keys(tok, {"alphabet"}, where, "tokenizer")["alphabet"]

@@ -29,6 +29,9 @@ class TrainConfig:
             ``per-layer`` clips each trained tensor's part to ``max_grad_norm / sqrt(n)`` (n
             tensors train), so the whole stays within ``max_grad_norm``: same sensitivity, same
             noise, same epsilon (Opacus ``clipping="per_layer"``).
+        ema_decay: DP-SGD returns an exponential moving average of the trained weights over the
+            call's steps (decay per step; 0: the last step's weights). Averaging the iterates is
+            post-processing: it costs no privacy.
         delta: DP delta (should be below 1 / number of examples).
         accountant: Opacus accountant, ``rdp`` or ``prv``.
         seed: dropout, SpecAugment and non-private shuffling.
@@ -48,8 +51,10 @@ class TrainConfig:
             train). Under DP-SGD fewer trainable weights means less noise in total for the
             same clipping norm: the lever for fine-tuning a public model on little private data.
         trainable: which weights train (``fedspeech.model.trainable_names``): ``all``, ``head``
-            (the output LayerNorm and Linear) or ``norm-bias`` (every bias, and the head:
-            BitFit); ``freeze_layers`` applies on top. The rest stay as the starting model
+            (the output LayerNorm and Linear), ``norm-bias`` (every bias, and the head:
+            BitFit) or ``adapters`` (the ``B`` factors of the low-rank adapters on the GRU input
+            projections, ``adapter-rank`` in the model section, and the head: FFA-LoRA,
+            ``fedspeech.adapters``); ``freeze_layers`` applies on top. The rest stay as the starting model
             has them, and a federated round sends and receives only the weights that train.
         device: where training and evaluation run (``fedspeech.devices``): ``auto`` (CUDA when
             available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. Every process of a run that
@@ -67,6 +72,7 @@ class TrainConfig:
     target_epsilon: float | None = None
     max_grad_norm: float = 1.0
     clipping: Literal["flat", "per-layer"] = "flat"
+    ema_decay: float = 0.0
     delta: float = 1e-5
     accountant: AccountantName = "rdp"
     seed: int = 0
@@ -96,6 +102,8 @@ class TrainConfig:
             problems.append(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.clipping not in ("flat", "per-layer"):
             problems.append(f"clipping must be 'flat' or 'per-layer', got {self.clipping!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp:

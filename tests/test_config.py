@@ -50,11 +50,24 @@ def test_wrong_type_or_choice_is_rejected(key: str, value: object) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("num-partitions", 0), ("tempo-augment", 1.5), ("tempo-augment", -0.1), ("tempo-max", 0.9)],
-)
+    [
+        ("num-partitions", 0), ("tempo-augment", 1.5), ("tempo-augment", -0.1), ("tempo-max", 0.9),
+        ("ema-decay", 1.0), ("ema-decay", -0.5),
+    ],
+)  # fmt: skip
 def test_out_of_range_value_is_rejected(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"{key} must be"):
         RunConfig.from_flat({key: value})
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"trainable": "adapters"}, {"adapter-rank": 4}, {"adapter-rank": 4, "trainable": "head"}],
+)
+def test_adapters_need_both_their_rank_and_trainable_adapters(keys: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match='trainable = "adapters", which needs adapter-rank'):
+        RunConfig.from_flat(keys)
+    assert RunConfig.from_flat({"adapter-rank": 4, "trainable": "adapters"}).model.adapter_rank == 4
 
 
 def test_overrides_parse_toml_values_and_round_trip() -> None:

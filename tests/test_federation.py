@@ -19,9 +19,10 @@ from opacus.accountants import RDPAccountant
 from fedspeech.app.cli import main as cli_main
 from fedspeech.app.simulate import SimulationOutcome, simulate
 from fedspeech.config import RunConfig
+from fedspeech.exchange import exchanged_names
 from fedspeech.fed_data import client_manifest, feature_cache_dir
 from fedspeech.modeldir import load_model_dir
-from fedspeech.pipeline import load_examples
+from fedspeech.pipeline import initial_weights, load_examples
 from fedspeech_client.local_round import round_steps
 from fedspeech_client.node_state import load_ledger
 from fedspeech_server.tracking import read_rounds, read_start
@@ -123,6 +124,42 @@ def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
     assert [m.step for m in wer] == [0, 1, 2] and [m.step for m in eps] == [1, 2]
     assert eps[1].value == pytest.approx(second["epsilon_max"], rel=1e-9)
     print(f"\nsimulation 4 clients x 2 rounds: {wall:.1f} s wall; rounds {_round_times(outcome)}")
+
+
+@pytest.mark.slow  # ~25 s of simulation
+def test_an_adapter_run_sends_only_adapter_tensors_and_exports_a_plain_model(
+    data_dir: Path, no_leftovers: Path
+) -> None:
+    # Prepare: DP-SGD on rank-2 adapters (+ the head) of the tiny model, 2 sites, 1 round
+    run_dir = no_leftovers
+    overrides = {**TINY_SIMULATION, "data-dir": str(data_dir), "num-server-rounds": 1}
+    overrides.update({"num-partitions": 2, "trainable": "adapters", "adapter-rank": 2})
+    cfg = RunConfig.from_flat(overrides)
+    model_config = cfg.model.model_config(cfg.features.frame_dim, 29)
+    start = initial_weights(cfg, model_config)
+    exchanged = exchanged_names(cfg)
+    assert exchanged is not None
+    adapters = [k for k in exchanged if k.startswith("adapters.")]
+    assert adapters == ["adapters.up.l0.weight", "adapters.up.l0_reverse.weight"]
+    # Execute
+    outcome = simulate(
+        overrides=overrides, num_supernodes=2, out=run_dir, output=run_dir.with_suffix(".log")
+    )
+    # Assert: the round moved exactly the adapters' B and the head, each way
+    assert outcome.finished and outcome.rounds == 1, _log_tail(run_dir)
+    (row,) = read_rounds(run_dir)
+    assert row["clients_ok"] == 2 and row["epsilon_max"] > 0
+    assert row["exchanged_weights"] == sum(start[k].numel() for k in exchanged)
+    assert row["exchanged_weights"] == 2 * (3 * 16 * 2) + 2 * 32 + 32 * 29 + 29
+    # Assert: the exported model is a plain GRU (adapters merged into W_ih); every weight that
+    # did not train is the starting model's, bit for bit
+    assert outcome.model_dir is not None
+    loaded = load_model_dir(outcome.model_dir)
+    assert loaded.model_config.adapter_rank == 0
+    final = _weights(outcome.model_dir)
+    assert not any(k.startswith("adapters.") for k in final)
+    moved = {k for k in final if not torch.equal(final[k], start[k])}
+    assert moved == {"rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse", *exchanged} - set(adapters)
 
 
 @pytest.mark.slow  # ~50 s: two simulations (the default suite keeps the 2-round DP one)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import pickle
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedspeech.model import BiGRUCTC, ModelConfig
+from fedspeech.model import BiGRUCTC, ModelConfig, with_fresh_adapters
 from fedspeech.modeldir import ModelDirError, load_model_dir, save_model_dir
 from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
@@ -91,6 +92,29 @@ def test_dp_model_loads_as_plain_model_with_same_outputs(tmp_path: Path) -> None
 
     assert not loaded.model.dp
     torch.testing.assert_close(loaded.model(feats, lengths), dp(feats, lengths))
+
+
+def test_a_model_with_adapters_round_trips_and_config_names_its_rank_only_then(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: the tiny model with rank-2 adapters whose B moved (a checkpoint of an adapter run)
+    cfg = dataclasses.replace(tiny_model().cfg, adapter_rank=2)
+    adapted = BiGRUCTC(cfg, dp=True).eval()
+    adapted.load_state_dict(with_fresh_adapters(tiny_model().state_dict(), cfg))
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.shape[-1] == 2:  # the B factors
+                p.normal_()
+    feats, lengths = torch.randn(2, 30, FEATURES.frame_dim), torch.tensor([30, 12])
+    # Execute
+    save_model_dir(tmp_path / "m", adapted, None, FEATURES, CharTokenizer())
+    loaded = load_model_dir(tmp_path / "m")
+    # Assert: same outputs from the plain flavour; the rank is in config.json, absent without
+    assert loaded.model_config.adapter_rank == 2
+    torch.testing.assert_close(loaded.model(feats, lengths), adapted(feats, lengths))
+    assert not torch.allclose(loaded.model(feats, lengths), tiny_model()(feats, lengths))
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["adapter_rank"] == 2
+    assert "adapter_rank" not in json.loads((model_dir / "config.json").read_text())["model"]
 
 
 def test_save_replaces_a_model_dir_but_nothing_else(model_dir: Path, tmp_path: Path) -> None:

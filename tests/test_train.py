@@ -10,6 +10,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import wrap_collate_with_empty
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.model import (
@@ -305,6 +306,39 @@ def test_per_layer_clipping_bounds_every_trained_tensor_and_costs_the_same(clipp
         assert max(moves) > 1.1 * c / 2
     assert result.privacy_state is not None
     assert result.privacy_state.history == ((1e-12, 1.0, 1),)
+
+
+def test_ema_returns_the_moving_average_of_every_steps_weights() -> None:
+    # Prepare: DP-SGD on the head, 4 Poisson steps; record the weights after every optimizer step
+    cfg = ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0)
+    torch.manual_seed(0)
+    model = BiGRUCTC(cfg)
+    names = trainable_names(cfg, "head")
+    start = plain_state_dict(model)
+    decay = 0.6
+    train = TrainConfig(
+        batch_size=2, epochs=2, lr=0.05, noise_multiplier=0.5, trainable="head", dp_seed=0,
+        ema_decay=decay,
+    )  # fmt: skip
+    steps: list[list[torch.Tensor]] = []
+
+    def record(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        steps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        result = train_local(model, _examples(4), train, planned_steps=4)
+    finally:
+        handle.remove()
+    # Assert: the returned head is the EMA of the 4 steps' weights, started at the model's
+    assert len(steps) == 4
+    average = [start[k].clone() for k in names]
+    for weights in steps:
+        average = [a + (1 - decay) * (w - a) for a, w in zip(average, weights, strict=True)]
+    for name, expected in zip(names, average, strict=True):
+        assert torch.allclose(result.state_dict[name], expected, atol=1e-6), name
+        assert not torch.allclose(result.state_dict[name], steps[-1][names.index(name)])
+    assert result.privacy_state is not None and result.privacy_state.num_steps == 4
 
 
 def test_choosing_what_trains_draws_nothing_from_the_global_rng() -> None:

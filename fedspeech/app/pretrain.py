@@ -121,7 +121,7 @@ def pretrain(
     """
     from fedspeech.config import ConfigError
     from fedspeech.devices import resolve_device
-    from fedspeech.model import BiGRUCTC, plain_state_dict
+    from fedspeech.model import BiGRUCTC, plain_state_dict, without_adapters
     from fedspeech.modeldir import load_model_dir, save_model_dir
     from fedspeech.pipeline import initial_weights, load_examples
     from fedspeech_client.epochs import load_epoch_state, save_epoch_state, train_epochs
@@ -258,8 +258,9 @@ def pretrain(
         **{k: record[k] for k in ("data", "hours", "chosen_epoch", "dev", "eval")},
         "decoding": {k: decoding[k] for k in ("blank_bias", "tuned_on")},
     }
+    weights, plain_config = without_adapters(weights, model_config)
     model_dir = save_model_dir(
-        run_dir / "model", weights, model_config, cfg.features, tokenizer, provenance
+        run_dir / "model", weights, plain_config, cfg.features, tokenizer, provenance
     )
     record_file = run_dir / "pretrain.json"
     atomic_write(record_file, json.dumps(record, indent=2) + "\n")
