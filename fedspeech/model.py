@@ -10,6 +10,9 @@ Two flavours share one state-dict layout (that of a plain ``nn.GRU``/``nn.LSTM``
 
 ``plain_state_dict`` exports either flavour (also inside Opacus's ``GradSampleModule``) under the
 plain names, and ``convert_model`` moves weights between flavours; outputs agree to float rounding.
+A model with ``adapter_rank`` > 0 also holds low-rank adapters on the GRU input projections
+(``fedspeech.adapters``, names ``adapters.*``) in both flavours; ``without_adapters`` merges them
+into a plain model's weights.
 
 >>> cfg = ModelConfig(input_dim=120, hidden_size=32, num_layers=2)
 >>> model = BiGRUCTC(cfg)
