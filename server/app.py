@@ -90,14 +90,19 @@ def _flower_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> SendRound:
     strategy = make_strategy(
         cfg.fed, user_dp=user_dp, secure=cfg.secure_aggregation, sampler=sampler
     )
-    import_state(strategy, run.strategy_arrays)
     config = {"run-key": run.state.run_key}
     exchanged = exchanged_names(cfg)  # None: every tensor trains and travels
     if exchanged is not None:
         config["frozen-digest"] = frozen_digest(initial_weights(cfg, run.model_config), exchanged)
+        # Before the server optimizer's state: a run resumed with another ``trainable`` stops here.
+        check_frozen(
+            run.global_state, exchanged, config["frozen-digest"], where="the server's model"
+        )
         log.info(
             "rounds exchange %d trained tensors (trainable=%s)", len(exchanged), cfg.train.trainable
         )
+
+    import_state(strategy, run.strategy_arrays)
 
     def send(server_round: int, weights: Mapping[str, Tensor]) -> RoundAttempt:
         sent = dict(weights)
