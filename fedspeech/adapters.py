@@ -17,7 +17,7 @@ Per-sample gradients stay exact: ``B`` is an ``nn.Linear`` (bias-free) applied t
 Opacus's own ``nn.Linear`` grad sampler gives each utterance's gradient from (``A x``, the gate
 gradients) in one product over time, as for ``FastGRU``'s own projections.
 
->>> adapters = LowRankAdapters([120, 64], gates=96, rank=4)
+>>> adapters = LowRankAdapters([120, 120], gates=96, rank=4)  # one layer, both directions
 >>> x = torch.randn(2, 7, 120)
 >>> bool(adapters.branch("_l0", x).abs().max() == 0)  # B starts at zero
 True
@@ -52,7 +52,6 @@ class LowRankAdapters(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {rank}")
-        self.rank = rank
         directions = 2 if bidirectional else 1
         self.suffixes = [
             f"_l{k // directions}{'_reverse' if k % directions else ''}" for k in range(len(widths))
@@ -94,13 +93,12 @@ class LowRankAdapters(nn.Module):
         """``x (B A)^T`` computed as ``B (A x)``: ``(..., D) -> (..., 3H)``."""
         return self.up_layer(suffix)(x @ self.down(suffix).T)
 
-    def merged(self, weights: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    def merged(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``weights`` (an ``nn.GRU``'s named parameters) with every ``B A`` added to its
-        ``{prefix}weight_ih{suffix}``; differentiable in ``B``."""
+        ``weight_ih{suffix}``; differentiable in ``B``."""
         out = dict(weights)
         for suffix in self.suffixes:
-            name = f"{prefix}weight_ih{suffix}"
-            out[name] = out[name] + self.delta(suffix)
+            out[f"weight_ih{suffix}"] = out[f"weight_ih{suffix}"] + self.delta(suffix)
         return out
 
 
