@@ -19,6 +19,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fedspeech.fast_gru_grad_sampler import per_sample_grads_only
 from fedspeech.model import convert_model, plain_state_dict, set_trainable
 from fedspeech.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
 from fedspeech_client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
@@ -87,6 +88,7 @@ def train_private(
         noise_generator=noise_gen,
     )
     assert isinstance(optimizer, DPOptimizer)
+    per_sample_grads_only(gsm)  # the optimizer uses the per-sample gradients only
     with warnings.catch_warnings():
         # Opacus's hooks on the first layer fire although the features need no gradient: harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

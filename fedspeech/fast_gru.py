@@ -37,10 +37,46 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from fedspeech.adapters import LowRankAdapters
 from fedspeech.fast_gru_backprop import GateBackprop
+
+
+class GateProjection(nn.Linear):
+    """A gate projection of ``FastGRU``: an ``nn.Linear`` that can skip its summed weight gradient.
+
+    With ``summed_grads = False`` (``fedspeech.fast_gru_grad_sampler.per_sample_grads_only``, set
+    by DP-SGD) the backward returns only the input's gradient. Under Opacus the weights' gradients
+    are the per-sample ones its grad sampler computes from the hooks; autograd's summed weight
+    gradient, one more matrix product over every frame as large as the per-sample one, would be
+    overwritten by the clipped, noised sum unused. The weights then have no ``.grad``.
+    """
+
+    summed_grads: bool = True
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``input W^T + b``: ``(B, T, in)`` -> ``(B, T, out)``."""
+        if self.summed_grads:
+            return super().forward(input)
+        out: Tensor = _InputGradOnly.apply(input, self.weight, self.bias)
+        return out
+
+
+class _InputGradOnly(torch.autograd.Function):
+    """``F.linear`` whose backward gives the input its gradient and the weights none."""
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        (weight,) = ctx.saved_tensors
+        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None
 
 
 class FastGRU(nn.Module):
@@ -80,8 +116,8 @@ class FastGRU(nn.Module):
         gates = 3 * hidden_size  # r, z, n stacked as in nn.GRU
         # One (input, hidden) projection pair per (layer, direction), in nn.GRU's order.
         widths = [input_size] + [hidden_size * self.num_directions] * (num_layers - 1)
-        ih = [nn.Linear(w, gates) for w in widths for _ in range(self.num_directions)]
-        hh = [nn.Linear(hidden_size, gates) for _ in ih]
+        ih = [GateProjection(w, gates) for w in widths for _ in range(self.num_directions)]
+        hh = [GateProjection(hidden_size, gates) for _ in ih]
         self.ih = nn.ModuleList(ih)
         self.hh = nn.ModuleList(hh)
         # The projections' tensors again under nn.GRU's names, registered in nn.GRU's order:
@@ -181,10 +217,10 @@ class FastGRU(nn.Module):
         # A copy either way: outputs are views of the no-grad kernel's output.
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0].clone()  # (B, T, dirs*H)
 
-    def _projections(self, k: int) -> tuple[nn.Linear, nn.Linear]:
+    def _projections(self, k: int) -> tuple[GateProjection, GateProjection]:
         """The (input, hidden) projections of (layer, direction) number ``k``."""
         ih, hh = self.ih[k], self.hh[k]
-        assert isinstance(ih, nn.Linear) and isinstance(hh, nn.Linear)
+        assert isinstance(ih, GateProjection) and isinstance(hh, GateProjection)
         return ih, hh
 
     def _final_states(self, y: Tensor, lengths: Tensor) -> list[Tensor]:

@@ -14,10 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 from fedspeech.decoding import check_blank_bias
-from fedspeech.model import BiGRUCTC, ModelConfig
+from fedspeech.model import ModelConfig, plain_shapes
 from fedspeech.strict import StrictError, check_keys, parse_dataclass
 from fedspeech_features.errors import FedspeechDataError
 from fedspeech_features.mfcc import FeatureConfig
@@ -202,8 +200,7 @@ def _dataclass_from(cls: type[T], data: Any, where: Path, section: str) -> T:
 
 def expected_shapes(cfg: ModelConfig, where: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the plain model's weights, from a meta-device model (no memory)."""
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in BiGRUCTC(cfg).state_dict().items()}
+    shapes = {k: tuple(v) for k, v in plain_shapes(cfg).items()}
     total = sum(math.prod(s) for s in shapes.values())
     if total > MAX_PARAMETERS:
         raise ModelDirError(f"{where}: {total:,} parameters exceed the limit {MAX_PARAMETERS:,}")

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fedspeech_client.dp_sgd
 from fedspeech.adapters import merged_state
-from fedspeech.fast_gru_grad_sampler import FastGRU
+from fedspeech.fast_gru_grad_sampler import FastGRU, per_sample_grads_only
 from fedspeech.model import (
     BiGRUCTC,
     ModelConfig,
@@ -80,6 +80,7 @@ def _worst_per_sample_error(dp_model: BiGRUCTC, batch: CTCBatch) -> float:
     """
     reference = convert_model(dp_model, dp=False)
     gsm = GradSampleModule(dp_model, batch_first=True, loss_reduction="mean")
+    assert per_sample_grads_only(gsm) == 2 * len(dp_model.rnn.ih)  # as DP-SGD runs it
     ctc_loss(gsm(batch.feats, batch.feat_lens), batch).backward()
     samples = {
         name.removeprefix("_module."): p.grad_sample
@@ -87,6 +88,8 @@ def _worst_per_sample_error(dp_model: BiGRUCTC, batch: CTCBatch) -> float:
         if p.requires_grad
     }
     assert all(s is not None for s in samples.values()), "a trained weight has no grad_sample"
+    # The projections' summed gradients were skipped: only the per-sample ones exist.
+    assert all(p.grad is None for name, p in dp_model.rnn.named_parameters() if "_l" in name)
     worst = 0.0
     for i in range(batch.size):
         n, m = int(batch.feat_lens[i]), int(batch.label_lens[i])
@@ -285,11 +288,15 @@ def test_padding_values_never_matter(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_privacy_engine_clips_per_sample_gradients_from_fast_gru(device: str) -> None:
+@pytest.mark.parametrize("summed_grads", [True, False])
+def test_privacy_engine_clips_per_sample_gradients_from_fast_gru(
+    device: str, summed_grads: bool
+) -> None:
     """End to end: make_private (hooks), no noise, every utterance clipped.
 
     The step must be ``-lr/B * sum_i clip(g_i)`` with ``g_i`` each utterance's gradient in the
-    plain (nn.GRU) model: Opacus's optimizer clipped exactly FastGRU's per-sample gradients.
+    plain (nn.GRU) model: Opacus's optimizer clipped exactly FastGRU's per-sample gradients,
+    whether or not autograd also computed the projections' summed gradients (DP-SGD skips them).
     """
     torch.manual_seed(3)
     cfg = ModelConfig(input_dim=5, hidden_size=4, num_layers=2, dropout=0.0)
@@ -307,6 +314,8 @@ def test_privacy_engine_clips_per_sample_gradients_from_fast_gru(device: str) ->
         noise_generator=torch.Generator(device=device),  # as fedspeech_client.dp_sgd passes it
     )
     assert isinstance(optimizer, DPOptimizer)
+    if not summed_grads:
+        per_sample_grads_only(gsm)
     before = {name: p.detach().clone() for name, p in plain.named_parameters()}
     ctc_loss(gsm(batch.feats, batch.feat_lens), batch).backward()
     optimizer.step()
