@@ -19,8 +19,8 @@ ServerApp, Ray's GCS, raylet, agents and ClientApp actors: ``benchmarks/procmem.
 of RSS and of PSS. Goal: the steady round time and the peak RSS within 1.2x of each other across
 populations, peak RSS < 4 GB.
 
-The corpus (``max(N) x per-client + 8`` synthetic utterances) is built once, each population uses
-its first ``N x per-client`` utterances, and the features are extracted before the clock starts
+The corpus (``max(N) x per-client + 8`` synthetic utterances, or ``--distinct`` + 8 repeated
+across the clients) is built once, each population uses its first ``N x per-client`` utterances, and the features are extracted before the clock starts
 (``--data-dir`` keeps both for the next run). With ``--secure-aggregation`` every round runs
 SecAgg+ (``secure-aggregation = true``).
 """
@@ -63,16 +63,17 @@ def prepare(args: argparse.Namespace, data_dir: Path) -> tuple[Path, Path, dict[
     Returns:
         The corpus folder, the eval manifest and ``{population: manifest}``.
     """
-    total = max(args.populations) * args.per_client + EVAL_UTTERANCES
-    cfg = RunConfig.from_flat({**SETTINGS, "synthetic-utterances": total})
+    needed = max(args.populations) * args.per_client
+    distinct = min(args.distinct, needed) if args.distinct else needed
+    cfg = RunConfig.from_flat({**SETTINGS, "synthetic-utterances": distinct + EVAL_UTTERANCES})
     corpus = corpus_manifest(cfg, data_dir)
     rows = read_manifest(corpus)
     eval_manifest = corpus.parent / "scale-eval.tsv"
     write_manifest(eval_manifest, rows[-EVAL_UTTERANCES:])
     manifests = {}
     for n in args.populations:
-        manifest = corpus.parent / f"scale-n{n}x{args.per_client}.tsv"
-        write_manifest(manifest, rows[: n * args.per_client])
+        manifest = corpus.parent / f"scale-n{n}x{args.per_client}-d{distinct}.tsv"
+        write_manifest(manifest, [rows[i % distinct] for i in range(n * args.per_client)])
         manifests[n] = manifest
         population_cfg = RunConfig.from_flat(_overrides(args, n, manifest, eval_manifest, data_dir))
         client_manifest(population_cfg, data_dir, 0, n)  # writes all N partitions (not timed)
@@ -194,6 +195,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--per-client", type=int, default=2, help="utterances per client")
     parser.add_argument("--hidden-size", type=int, default=16)
+    parser.add_argument(
+        "--distinct",
+        type=int,
+        default=0,
+        help="synthesize only this many utterances and repeat them across the clients "
+        "(0: every client its own; 10,000 clients x 2 would take ~20 min to synthesize)",
+    )
     parser.add_argument("--secure-aggregation", action="store_true", help="rounds through SecAgg+")
     parser.add_argument("--data-dir", type=Path, help="corpus and feature cache (kept)")
     parser.add_argument("--keep", type=Path, help="run folders and logs here (kept)")

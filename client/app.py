@@ -40,6 +40,7 @@ from flwr.clientapp import ClientApp
 
 import fedspeech.metric_keys as mk
 from fedspeech_client.secagg import secure_aggregation_mod
+from fedspeech_client.vce_poll import patch_simulation_engine
 
 if TYPE_CHECKING:
     from fedspeech.privacy_ledger import PrivacyLedger
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedspeech.client")
 
 app = ClientApp()
+
+# In Flower's simulation process (which loads this module before its engine starts): poll the
+# messages in flight, not every virtual node (fedspeech_client.vce_poll). Elsewhere a no-op.
+patch_simulation_engine()
 
 _LEDGER_KEY = "fedspeech.privacy"  # context.state record holding the ledger JSON
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fedspeech.config import RunConfig
 from fedspeech.exchange import check_frozen, exchanged_names, frozen_digest
+from fedspeech.launch import mark_server_done
 from fedspeech.logs import show_progress
 from fedspeech.pipeline import initial_weights
 from fedspeech_server.rounds import ClientReport
@@ -77,6 +78,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     model_dir = run.finish()
     log.info("done: %d rounds; final model directory %s", run.state.round, model_dir.resolve())
+    mark_server_done()  # under `fedspeech simulate`: its launcher may stop Flower now
 
 
 def _flower_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> SendRound:

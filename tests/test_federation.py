@@ -7,6 +7,7 @@ every process its simulation started is gone afterwards.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +71,7 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
-    data_dir: Path, no_leftovers: Path
+    data_dir: Path, no_leftovers: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare: partition 0's budget lies between its epsilon after one and after two rounds
     overrides = {**TINY_SIMULATION, "data-dir": str(data_dir), "num-server-rounds": 2}
@@ -87,12 +88,17 @@ def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
     run_dir = no_leftovers
     # Execute
     start = time.perf_counter()
-    outcome = simulate(
-        overrides=overrides, num_supernodes=4, out=run_dir, output=run_dir.with_suffix(".log")
-    )
+    with caplog.at_level(logging.INFO, logger="fedspeech"):
+        outcome = simulate(
+            overrides=overrides, num_supernodes=4, out=run_dir, output=run_dir.with_suffix(".log")
+        )
     wall = time.perf_counter() - start
     # Assert: both rounds ran; partition 0 trained in round 1 and declined in round 2
     assert outcome.finished and outcome.rounds == 2, _log_tail(run_dir)
+    # ... and the launcher stopped Flower once the server had marked the run done (the fixture
+    # checks that no process was left behind; the MLflow checks below, that nothing was lost)
+    assert len(list((run_dir / ".flwr").glob("server-done-*"))) == 1
+    assert any("the server finished the run" in r.getMessage() for r in caplog.records)
     first, second = outcome.history
     assert (first["clients_ok"], first["clients_declined"]) == (4, 0)
     assert (second["clients_ok"], second["clients_declined"], second["clients_failed"]) == (3, 1, 0)

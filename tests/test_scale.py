@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from benchmarks.procmem import TreeMemorySampler
@@ -142,3 +142,88 @@ def test_the_memory_sampler_sums_the_tagged_processes_only() -> None:
     assert sampler.peak.processes == 2
     assert 2 * 60 * 2**20 < sampler.peak.rss_bytes < 2 * 200 * 2**20
     assert 2 * 60 * 2**20 < sampler.peak.pss_bytes <= sampler.peak.rss_bytes
+
+
+# ------------------------------------------------- Flower's engine: polling by message (vce_poll)
+
+
+def _link_state(nodes: int) -> tuple[Any, list[int], Any]:
+    """A real in-memory link state set up as Flower's simulation does: run, ``nodes`` nodes,
+    and an in-memory grid that pushes messages into it."""
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.simulation.run_simulation import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    state = factory.state()
+    run = Run.create_empty(run_id=1)
+    run.primary_task_id, run.federation_id = 1, NOOP_FEDERATION_ID
+    state.run_ids[1] = RunRecord(run=run)
+    state.task_store[1] = Task(task_id=1, run_id=1)
+    node_ids = list(vce_api._register_nodes(nodes, factory))
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return state, node_ids, grid
+
+
+def _drain(loop: Callable[..., None], state: Any, nodes: dict[int, int]) -> list[Message]:
+    """What ``loop`` (an ``add_messages_to_queue``) hands to the actors in 3 of its passes."""
+    import threading
+    from queue import Queue
+
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=loop, args=(state, queue, nodes, stop))
+    thread.start()
+    time.sleep(0.25)  # the loops pass every 0.1 s
+    stop.set()
+    thread.join()
+    return [queue.get() for _ in range(queue.qsize())]
+
+
+def test_polling_by_message_delivers_what_flowers_loop_delivers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedspeech_client.vce_poll import patch_simulation_engine, pending_nodes, polled_by_message
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):  # the SuperLink's
+        monkeypatch.setattr(TaskIdentity, name, value)
+    original = getattr(vce_api.add_messages_to_queue, "__wrapped__", vce_api.add_messages_to_queue)
+    delivered = {}
+    for name, loop in (("flower", original), ("ours", polled_by_message)):
+        # Prepare: 200 nodes, messages for 5 of them (two for one node)
+        state, ids, grid = _link_state(200)
+        targets = [ids[3], ids[50], ids[50], ids[120], ids[199]]
+        messages = [
+            Message(
+                RecordDict({"c": ConfigRecord({"i": i})}), dst_node_id=dst, message_type="train"
+            )
+            for i, dst in enumerate(targets)
+        ]
+        assert len(list(grid.push_messages(messages))) == 5
+        assert pending_nodes(state, ids) == [ids[3], ids[50], ids[120], ids[199]]
+        # Execute
+        got = _drain(loop, state, {node: i for i, node in enumerate(ids)})
+        # Assert: every message handed over once, none left undelivered
+        assert sorted(int(str(m.content["c"]["i"])) for m in got) == [0, 1, 2, 3, 4]
+        assert pending_nodes(state, ids) == []
+        delivered[name] = sorted(
+            (ids.index(m.metadata.dst_node_id), m.content["c"]["i"]) for m in got
+        )
+    assert delivered["flower"] == delivered["ours"]  # node (by position) and message alike
+    # ... and the patch goes into Flower's engine once, wrapping its loop
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", original)
+    assert patch_simulation_engine() is True
+    assert vce_api.add_messages_to_queue.__wrapped__ is original  # type: ignore[attr-defined]
+    assert patch_simulation_engine() is False  # already in place

@@ -39,9 +39,10 @@ from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedspeech.launch import LAUNCH_ID_VAR, server_done_marker
+
 log = logging.getLogger("fedspeech")
 
-LAUNCH_ID_VAR = "FEDSPEECH_LAUNCH_ID"
 CONNECTION = "fedspeech"
 _STARTUP_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 10.0
@@ -185,6 +186,10 @@ def flwr_run(
 ) -> int:
     """``flwr run APP fedspeech --stream ...`` against ``link``; returns its exit status.
 
+    Returns 0 as soon as the ServerApp has marked the run done (``fedspeech.launch``): ``flwr
+    run`` then gets ``_DONE_GRACE_S`` to stream the last log lines and is stopped, and the
+    caller's cleanup stops the rest, instead of waiting for Flower's own teardown.
+
     Args:
         link: the SuperLink.
         app_dir: the Flower app (``write_app``'s folder, or a checkout with pyproject.toml).
@@ -201,25 +206,62 @@ def flwr_run(
         *("--federation-config", federation),
     ]
     log.info("%s", " ".join(command))
-    if output is None and sys.stdout.isatty():
-        return subprocess.run(command, env=dict(link.env), check=False).returncode
-    # A file (or a pipe): without the colour codes Flower and Ray put on every line.
+    done = server_done_marker(link.flwr_home, link.launch_id)
+    # A terminal gets Flower's output as it is; a file (or a pipe) without the colour codes
+    # Flower and Ray put on every line.
+    tty = output is None and sys.stdout.isatty()
     sys.stdout.flush()
     sink = open(output, "ab") if output is not None else nullcontext(sys.stdout.buffer)  # noqa: SIM115
     with sink as fh:
+        pipe = None if tty else subprocess.PIPE
         proc = subprocess.Popen(
-            command, env=dict(link.env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            command, env=dict(link.env), stdout=pipe, stderr=pipe and subprocess.STDOUT
         )
+        stopper = _StopWhenDone(proc, done)
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                fh.write(_ANSI.sub(b"", line))
-                fh.flush()
-            return proc.wait()
+            if proc.stdout is not None:
+                for line in proc.stdout:
+                    fh.write(_ANSI.sub(b"", line))
+                    fh.flush()
+            rc = proc.wait()
         except BaseException:  # as subprocess.run does: never leave the child running
             proc.kill()
             proc.wait()
             raise
+        finally:
+            stopper.cancel()
+    return 0 if stopper.fired else rc
+
+
+_DONE_POLL_S = 0.1
+_DONE_GRACE_S = 1.0  # for the last log lines (Flower uploads them every 0.2 s)
+
+
+class _StopWhenDone(threading.Thread):
+    """Stops ``proc`` (``flwr run``) once ``marker`` exists (see ``flwr_run``)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], marker: Path) -> None:
+        super().__init__(name="fedspeech-done-watch", daemon=True)
+        self.proc, self.marker = proc, marker
+        self.fired = False
+        self._cancel = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._cancel.wait(_DONE_POLL_S):
+            if self.proc.poll() is not None:
+                return
+            if self.marker.exists():
+                if not self._cancel.wait(_DONE_GRACE_S) and self.proc.poll() is None:
+                    self.fired = True
+                    log.info("the server finished the run: stopping the simulation's processes")
+                    self.proc.terminate()
+                return
+
+    def cancel(self) -> None:
+        """Stop watching (``flwr run`` ended) and wait for the thread."""
+        self._cancel.set()
+        self.join()
 
 
 # The Flower app ``flwr run`` packs: the installed components, and every run-config key with its
