@@ -13,15 +13,17 @@ The central evaluation set is fixed (8 utterances, ``eval-manifest``).
 
 Per population it prints: startup (launch -> round 1 begins; the ServerApp starts its first round
 while Ray still starts, so compare "launch -> round 1 end"), round 1 (Ray's actors warm up), the
-median of the later rounds ("steady round"), the clients' own seconds per round (median), and the
+mean of the later rounds ("steady round": Flower polls for messages and replies every 0.1 s, so
+single rounds jump by 0.1 s and a median of a few flips), the clients' own seconds per round, and the
 peak memory of the whole process tree (SuperLink, SuperExec, the simulation process with the
 ServerApp, Ray's GCS, raylet, agents and ClientApp actors: ``benchmarks/procmem.py``), as the sum
 of RSS and of PSS. Goal: the steady round time and the peak RSS within 1.2x of each other across
 populations, peak RSS < 4 GB.
 
 The corpus (``max(N) x per-client + 8`` synthetic utterances, or ``--distinct`` + 8 repeated
-across the clients) is built once, each population uses its first ``N x per-client`` utterances, and the features are extracted before the clock starts
-(``--data-dir`` keeps both for the next run). With ``--secure-aggregation`` every round runs
+across the clients) is built once, each population uses its first ``N x per-client``
+utterances, and the features are extracted before the clock starts (``--data-dir`` keeps both
+for the next run). With ``--secure-aggregation`` every round runs
 SecAgg+ (``secure-aggregation = true``).
 """
 
@@ -129,9 +131,9 @@ def run_population(
         "wall": wall,
         "startup": (run_dir / "eval_manifest.tsv").stat().st_mtime - launched,
         "round1": history[0]["round_seconds"],
-        "steady_round": statistics.median(h["round_seconds"] for h in later),
-        "steady_train": statistics.median(h["train_seconds"] for h in later),
-        "client_seconds": statistics.median(h["client_seconds"] or 0.0 for h in later),
+        "steady_round": statistics.mean(h["round_seconds"] for h in later),
+        "steady_train": statistics.mean(h["train_seconds"] for h in later),
+        "client_seconds": statistics.mean(h["client_seconds"] or 0.0 for h in later),
         "clients_ok": [h["clients_ok"] for h in history],
         "peak_rss": sampler.peak.rss_bytes,
         "peak_pss": sampler.peak.pss_bytes,
@@ -160,7 +162,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> bool:
     mode = "SecAgg+" if args.secure_aggregation else "plain FedAvg"
     print(
         f"setup: {args.rounds} rounds, {args.per_client} utterances per client, BiGRU 1x"
-        f"{args.hidden_size}, 1 epoch, non-private, {mode}; steady = median of rounds "
+        f"{args.hidden_size}, 1 epoch, non-private, {mode}; steady = mean of rounds "
         f"2..{args.rounds}"
     )
     print(f"{'population':<20}" + "".join(f"{r['population']:>12}" for r in results))

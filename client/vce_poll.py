@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Mapping
 from queue import Queue
 from typing import Any
 
@@ -35,15 +35,16 @@ FLOWER_VERSIONS = ("1.42.",)  # whose InMemoryLinkState has ``lock`` and ``messa
 _POLL_S = 0.1  # Flower's
 
 
-def pending_nodes(state: Any, nodes: Iterable[int]) -> list[int]:
-    """The nodes among ``nodes`` with an undelivered message in ``state``, in ``nodes``' order."""
+def pending_nodes(state: Any, nodes: Container[int]) -> list[int]:
+    """The nodes among ``nodes`` with an undelivered message in ``state``, each once, in the
+    order their first such message was stored (O(messages), whatever the number of nodes)."""
     with state.lock:
-        waiting = {
+        waiting = dict.fromkeys(
             m.metadata.dst_node_id
             for m in state.message_ins_store.values()
             if m.metadata.delivered_at == ""
-        }
-    return [n for n in nodes if n in waiting] if waiting else []
+        )
+    return [n for n in waiting if n in nodes]
 
 
 def polled_by_message(
@@ -51,7 +52,7 @@ def polled_by_message(
 ) -> None:
     """Flower's ``add_messages_to_queue``, asking only the nodes that have a message waiting."""
     while not f_stop.is_set():
-        for node_id in pending_nodes(state, nodes_mapping.keys()):
+        for node_id in pending_nodes(state, nodes_mapping):
             for msg in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(msg)
         f_stop.wait(_POLL_S)
