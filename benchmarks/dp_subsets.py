@@ -4,9 +4,12 @@
 
 Variants, interleaved in one process (all, norm-bias, head, head-recompute, all, ...) on the same
 batch and weights (3x256 BiGRU, 120-dim frames, LayerNorm + head; Opacus ``make_private`` with
-FastGRU, noise 1.0, clipping 1.0, Adam):
+FastGRU, noise 1.0, clipping 1.0, Adam; the projections' summed weight gradients skipped, as
+``fedspeech_client.dp_sgd`` runs it: ``per_sample_grads_only``):
 
     all             every weight trains (3.0M)
+    all-summed      ``all`` with autograd also computing the projections' summed weight
+                    gradients, which DP-SGD never uses (as before they were skipped)
     norm-bias       every bias + the head (BitFit)
     head            the output LayerNorm + Linear (15.9k): the frozen GRU layers return the fused
                     kernel's states, nothing is recomputed for autograd
@@ -33,22 +36,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 import fedspeech.fast_gru as fast_gru
+from fedspeech.fast_gru_grad_sampler import per_sample_grads_only
 from fedspeech.model import BiGRUCTC, ModelConfig, Trainable, set_trainable, with_fresh_adapters
 from fedspeech_client.batching import CTCBatch, ctc_loss
 
-# name -> (trainable, force the gate path on, adapter rank)
-VARIANTS: dict[str, tuple[Trainable, bool, int]] = {
-    "all": ("all", False, 0),
-    "norm-bias": ("norm-bias", False, 0),
-    "head": ("head", False, 0),
-    "head-recompute": ("head", True, 0),
-    "adapters-r8": ("adapters", False, 8),
+# name -> (trainable, force the gate path on, adapter rank, keep the summed gradients)
+VARIANTS: dict[str, tuple[Trainable, bool, int, bool]] = {
+    "all": ("all", False, 0, False),
+    "all-summed": ("all", False, 0, True),
+    "norm-bias": ("norm-bias", False, 0, False),
+    "head": ("head", False, 0, False),
+    "head-recompute": ("head", True, 0, False),
+    "adapters-r8": ("adapters", False, 8, False),
 }
 SHAPE = ModelConfig(input_dim=120, hidden_size=256, num_layers=3)
 
 
 def _step_fn(
-    trainable: Trainable, rank: int, batch: CTCBatch, state: dict[str, torch.Tensor]
+    trainable: Trainable,
+    rank: int,
+    summed: bool,
+    batch: CTCBatch,
+    state: dict[str, torch.Tensor],
 ) -> Callable[[], None]:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
@@ -68,6 +77,8 @@ def _step_fn(
             noise_multiplier=1.0,
             max_grad_norm=1.0,
         )
+    if not summed:
+        per_sample_grads_only(gsm)
 
     def step() -> None:
         opt.zero_grad()
@@ -92,12 +103,15 @@ def main() -> None:
         torch.randn(b, t, 120), lengths, torch.randint(1, 29, (b, 20)), torch.full((b,), 20)
     )
     weights = BiGRUCTC(SHAPE, dp=True).state_dict()
-    steps = {name: _step_fn(t, rank, batch, weights) for name, (t, _, rank) in VARIANTS.items()}
+    steps = {
+        name: _step_fn(t, rank, summed, batch, weights)
+        for name, (t, _, rank, summed) in VARIANTS.items()
+    }
     skip = fast_gru._needs_grad
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for name, (_, recompute, _) in VARIANTS.items():
+        for name, (_, recompute, _, _) in VARIANTS.items():
             fast_gru._needs_grad = (lambda *_: torch.is_grad_enabled()) if recompute else skip
             start = time.perf_counter()
             steps[name]()
