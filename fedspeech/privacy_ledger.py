@@ -17,12 +17,16 @@ True
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -166,10 +170,10 @@ def epsilon_of(history: Sequence[HistoryEntry], delta: float, accountant: Accoun
     steps = [h for h in history if h[2] > 0]
     if not steps:
         return 0.0
-    # Lazy: importing opacus takes ~1.2 s, which runs without DP need not pay.
-    from opacus.accountants import create_accountant
-
     if accountant == "prv":
+        # Lazy: importing opacus takes ~2 s, which runs without PRV need not pay (RDP: below).
+        from opacus.accountants import create_accountant
+
         try:
             return _prv_epsilon(create_accountant(mechanism="prv"), steps, delta)
         except (RuntimeError, ValueError, OverflowError) as exc:
@@ -200,33 +204,54 @@ def _rdp_epsilon(history: list[HistoryEntry], delta: float) -> float:
     that reports its user-level epsilon (2000 rounds: 9 min). The curve of one step is memoised
     per (sigma, q) (``_rdp_curve``); the result is bit-identical (tests/test_user_dp.py).
     """
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as analysis
-
     rdp = sum(_rdp_curve(sigma, q) * steps for sigma, q, steps in history)
     with warnings.catch_warnings():
         # "Optimal order is the largest alpha": more orders could give a tighter bound; the one
         # returned is still a valid upper bound, and the warning filled every client's log.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        eps, _ = analysis.get_privacy_spent(
-            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
-        )
+        eps, _ = rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
     return float(eps)
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments: no state leaks through
 def _rdp_curve(sigma: float, q: float) -> np.ndarray:
     """RDP of one step of the sampled Gaussian mechanism at Opacus's default orders (read-only)."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as analysis
-
     curve = np.asarray(
-        analysis.compute_rdp(
-            q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
-        )
+        rdp_analysis().compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS))
     )
     curve.setflags(write=False)
     return curve
+
+
+# Opacus's ``RDPAccountant.DEFAULT_ALPHAS`` (tests/test_privacy.py holds them equal).
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+_RDP_MODULE = "opacus.accountants.analysis.rdp"
+
+
+@functools.cache
+def rdp_analysis() -> ModuleType:
+    """Opacus's RDP analysis module (``opacus.accountants.analysis.rdp``), without Opacus's package.
+
+    ``import opacus`` runs the package's ``__init__`` (privacy engine, optimizers, the GDP
+    accountant with scipy.stats, torch.distributed): ~2 s here, which the simulation's pre-flight
+    privacy plan and the server paid for epsilon alone (docs/benchmarks.md, federation
+    overhead). The module itself needs only numpy and scipy.special, so its file is loaded on its
+    own: the same code, the same arithmetic. Where Opacus is already imported, its module is
+    used as it is.
+    """
+    loaded = sys.modules.get(_RDP_MODULE)
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("opacus")  # finds the package without importing it
+    if package is None or package.origin is None:
+        raise ImportError("opacus is not installed")
+    path = Path(package.origin).parent / "accountants" / "analysis" / "rdp.py"
+    spec = importlib.util.spec_from_file_location("fedspeech._opacus_rdp_analysis", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def calibrate_noise_multiplier(
