@@ -213,9 +213,11 @@ def flwr_run(
     sys.stdout.flush()
     sink = open(output, "ab") if output is not None else nullcontext(sys.stdout.buffer)  # noqa: SIM115
     with sink as fh:
-        pipe = None if tty else subprocess.PIPE
         proc = subprocess.Popen(
-            command, env=dict(link.env), stdout=pipe, stderr=pipe and subprocess.STDOUT
+            command,
+            env=dict(link.env),
+            stdout=None if tty else subprocess.PIPE,
+            stderr=None if tty else subprocess.STDOUT,
         )
         stopper = _StopWhenDone(proc, done)
         try:
