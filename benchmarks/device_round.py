@@ -34,9 +34,9 @@ import cProfile
 import json
 import logging
 import pstats
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
+from benchmarks.workdirs import add_folder_args, work_folders
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest, feature_cache_dir
@@ -140,7 +141,9 @@ def simulate_rounds(
     }
 
 
-def message_phases(args: argparse.Namespace, data_dir: Path, dp: bool) -> dict[str, Any]:
+def message_phases(
+    args: argparse.Namespace, data_dir: Path, work: Path, dp: bool
+) -> dict[str, Any]:
     """Seconds per ClientApp message, by phase (in this process; see the module docstring)."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -151,7 +154,9 @@ def message_phases(args: argparse.Namespace, data_dir: Path, dp: bool) -> dict[s
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
         setattr(TaskIdentity, name, value)  # what Flower sets in a ClientApp process
     flat = run_config(args, data_dir, dp)
-    flat["out-dir"] = str(data_dir.parent / f"messages-{'dp' if dp else 'nodp'}")
+    out_dir = work / f"messages-{'dp' if dp else 'nodp'}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # fresh ledgers: no client may decline
+    flat["out-dir"] = str(out_dir)
     cfg = RunConfig.from_flat(flat)
     weights = ArrayRecord(initial_weights(cfg, cfg.model.model_config(cfg.features.frame_dim, 29)))
 
@@ -169,6 +174,8 @@ def message_phases(args: argparse.Namespace, data_dir: Path, dp: bool) -> dict[s
         reply = app(message, context)
         if reply.has_error():
             raise RuntimeError(f"partition {partition}: {reply.error.reason}")
+        if "decline" in reply.content:
+            raise RuntimeError(f"partition {partition} declined: {reply.content['decline']}")
         return time.perf_counter() - start
 
     first = call(0)
@@ -260,17 +267,12 @@ def main() -> None:
     parser.add_argument("--per-message", type=int, default=6, help="profiled messages a flavour")
     parser.add_argument("--skip-simulation", action="store_true", help="only the per-message part")
     parser.add_argument("--skip-messages", action="store_true", help="only the simulations")
-    parser.add_argument("--data-dir", type=Path, help="corpus and feature cache (kept)")
-    parser.add_argument("--keep", type=Path, help="run folders and logs here (kept)")
-    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    add_folder_args(parser)
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (round 1 includes Ray's warm-up)")
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="fedspeech-device-round-") as tmp:
-        work = (args.keep or Path(tmp)).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-        data_dir = (args.data_dir or work / "data").resolve()
+    with work_folders(args, "fedspeech-device-round-") as (work, data_dir):
         start = time.perf_counter()
         prepare(args, data_dir)
         print(f"prepared corpus, partitions and features in {time.perf_counter() - start:.0f} s")
@@ -281,7 +283,7 @@ def main() -> None:
                 print(f"{name}: rounds {results[name]['sim']['rounds']}", flush=True)
         if not args.skip_messages:
             for name in ("nodp", "dp"):
-                results[name]["messages"] = message_phases(args, data_dir, dp=name == "dp")
+                results[name]["messages"] = message_phases(args, data_dir, work, dp=name == "dp")
         report(results, args)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

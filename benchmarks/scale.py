@@ -34,7 +34,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 from benchmarks.procmem import TreeMemorySampler
+from benchmarks.workdirs import add_folder_args, work_folders
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest, feature_cache_dir
@@ -205,17 +205,12 @@ def main() -> None:
         "(0: every client its own; 10,000 clients x 2 would take ~20 min to synthesize)",
     )
     parser.add_argument("--secure-aggregation", action="store_true", help="rounds through SecAgg+")
-    parser.add_argument("--data-dir", type=Path, help="corpus and feature cache (kept)")
-    parser.add_argument("--keep", type=Path, help="run folders and logs here (kept)")
-    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    add_folder_args(parser)
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (round 1 includes Ray's warm-up)")
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="fedspeech-scale-") as tmp:
-        work = (args.keep or Path(tmp)).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-        data_dir = (args.data_dir or work / "data").resolve()
+    with work_folders(args, "fedspeech-scale-") as (work, data_dir):
         start = time.perf_counter()
         _, eval_manifest, manifests = prepare(args, data_dir)
         print(f"prepared corpus, partitions and features in {time.perf_counter() - start:.0f} s")
