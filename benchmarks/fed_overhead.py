@@ -102,6 +102,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out=run_dir,
         client_cpus=args.client_cpus,
         output=work / "flwr.log",
+        engine=args.engine,
     )
     wall = time.perf_counter() - start
     if not outcome.finished:
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--client-cpus", type=int, default=1)
+    parser.add_argument("--engine", choices=("flower", "local"), default="flower")
     parser.add_argument("--cold", action="store_true", help="do not warm the feature cache")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it")
     parser.add_argument("--json", type=Path, help="also write the measurements here")

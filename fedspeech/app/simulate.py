@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,12 +19,16 @@ from typing import TYPE_CHECKING, Any
 from fedspeech.config import RESUME_CHANGEABLE_KEYS, ConfigError, RunConfig
 
 if TYPE_CHECKING:
+    from fedspeech.app.local_engine import WorkerPool
     from fedspeech_server.tracker_protocol import EndStatus
 
 log = logging.getLogger("fedspeech")
 
 # Ray CPUs per virtual client: with 1, a 2-core machine trains two clients at a time.
 DEFAULT_CLIENT_CPUS = 1
+# flower: Flower's simulation runtime (SuperLink, SuperExec, Ray); local: the same apps in this
+# process and a pool of worker processes (fedspeech.app.local_engine).
+ENGINES = ("flower", "local")
 _REASON_CHARS = 300  # of a failed run's reason on the final line
 
 
@@ -104,6 +110,14 @@ def register(sub: Any) -> None:
         help="share of a GPU Ray reserves per client (Flower's client-resources-num-gpus; "
         "0.5: two clients per GPU at a time); the run config's device says where clients train",
     )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="flower",
+        help="flower: Flower's simulation runtime (a local SuperLink, Ray actors; default); "
+        "local: the same ServerApp and ClientApp in this process and a pool of worker processes, "
+        "without Flower's runtime processes: seconds less start-up on a small run",
+    )
     p.set_defaults(handler=_cmd_simulate)
 
 
@@ -117,6 +131,7 @@ def simulate(
     client_cpus: int = DEFAULT_CLIENT_CPUS,
     client_gpus: float = 0.0,
     output: Path | None = None,
+    engine: str = "flower",
 ) -> SimulationOutcome:
     """Run a local simulation; see ``fedspeech simulate --help``.
 
@@ -135,6 +150,8 @@ def simulate(
         client_cpus: Ray CPUs reserved per virtual client.
         client_gpus: share of a GPU Ray reserves per virtual client (0: none).
         output: file for Flower's streamed logs (None: stdout).
+        engine: ``flower`` (Flower's simulation runtime: SuperLink, Ray) or ``local`` (the same
+            apps in this process and a pool of workers, ``fedspeech.app.local_engine``).
 
     Raises:
         ConfigError: bad run config, a resume that changes what defines the run, or problems
@@ -145,10 +162,44 @@ def simulate(
         SimulationInterrupted: interrupted (a ``KeyboardInterrupt``, raised after the cleanup;
             the run is closed as KILLED; ``.outcome`` says where it stood).
     """
+    from fedspeech.app.flower_launch import federation_config
+    from fedspeech.config import project_dir
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    project = project_dir()
+    if resume:
+        cfg, n, run_dir = _resumed_config(project, preset, overrides, out, num_supernodes)
+    else:
+        cfg, n, run_dir = _fresh_config(project, preset, overrides, out, num_supernodes)
+    federation = federation_config(n, client_cpus=client_cpus, client_gpus=client_gpus)
+    with ExitStack() as stack:
+        pool = None
+        if engine == "local":  # its workers import torch and Opacus while the server starts
+            from fedspeech.app.local_engine import WorkerPool
+
+            pool = WorkerPool(
+                max(1, min(n, available_cpus() // client_cpus)),
+                threads=client_cpus,
+                log_file=str(output) if output else None,
+            )
+            stack.callback(pool.close)
+            pool.start()
+        return _launch(cfg, n, run_dir, federation, pool, output)
+
+
+def _launch(
+    cfg: RunConfig,
+    n: int,
+    run_dir: Path,
+    federation: dict[str, object],
+    pool: WorkerPool | None,
+    output: Path | None,
+) -> SimulationOutcome:
+    """Check, prepare and run the simulation ``simulate`` resolved; see there."""
     import time
 
     from fedspeech.app.flower_launch import (
-        federation_config,
         flwr_run,
         interrupts_ignored,
         local_superlink,
@@ -156,14 +207,7 @@ def simulate(
         write_run_config,
     )
     from fedspeech.app.preflight import check_run
-    from fedspeech.config import project_dir
 
-    project = project_dir()
-    if resume:
-        cfg, n, run_dir = _resumed_config(project, preset, overrides, out, num_supernodes)
-    else:
-        cfg, n, run_dir = _fresh_config(project, preset, overrides, out, num_supernodes)
-    federation = federation_config(n, client_cpus=client_cpus, client_gpus=client_gpus)
     check_run(cfg, n).raise_for_problems()
     flat = cfg.to_flat()
     if cfg.fed.pretrain_utterances and not cfg.fed.resume:
@@ -178,14 +222,17 @@ def simulate(
     config_file = write_run_config(run_dir / "run_config.toml", flat)
     start = time.perf_counter()
     try:
-        with local_superlink(run_dir / ".flwr") as link:
-            rc = flwr_run(
-                link,
-                write_app(run_dir / ".flwr" / "app"),
-                run_config=config_file,
-                federation_config=federation,
-                output=output,
-            )
+        if pool is not None:
+            rc = _run_local(config_file, n, pool, output)
+        else:
+            with local_superlink(run_dir / ".flwr") as link:
+                rc = flwr_run(
+                    link,
+                    write_app(run_dir / ".flwr" / "app"),
+                    run_config=config_file,
+                    federation_config=federation,
+                    output=output,
+                )
     except KeyboardInterrupt as exc:
         with interrupts_ignored():  # stopping is done: record how the run ended first
             _close_tracking(cfg, run_dir, "KILLED", "interrupted (SIGINT or SIGTERM)")
@@ -197,6 +244,31 @@ def simulate(
             reason = outcome.error or f"flwr run exited with status {rc} before the last round"
             _close_tracking(cfg, run_dir, "FAILED", reason)
     return outcome
+
+
+def _run_local(config_file: Path, n: int, pool: WorkerPool, output: Path | None) -> int:
+    """The ServerApp in this process over ``pool``; 0 when it returned, 1 when it raised (the
+    server recorded why in the run folder and the tracking run)."""
+    import tomllib
+
+    from fedspeech.app.local_engine import run_server
+
+    run_config = tomllib.loads(config_file.read_text(encoding="utf-8"))  # as Flower reads it
+    try:
+        run_server(run_config, n, pool, log_file=str(output) if output else None)
+    except Exception as exc:
+        log.error("the ServerApp stopped: %s: %s", type(exc).__name__, exc)
+        log.debug("ServerApp traceback", exc_info=True)
+        return 1
+    return 0
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (its affinity mask; cgroup quotas are not read)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _fresh_config(
@@ -341,6 +413,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             resume=args.resume,
             client_cpus=args.client_cpus,
             client_gpus=args.client_gpus,
+            engine=args.engine,
         )
     except SimulationInterrupted as stop:
         outcome, interrupted = stop.outcome, True
