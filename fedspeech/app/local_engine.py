@@ -30,6 +30,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -47,6 +48,8 @@ log = logging.getLogger("fedspeech.engine")
 _PRELOAD = ("torch", "opacus", "fedspeech_client.app", "fedspeech_client.local_round")
 _CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
 _NODE_DIED = 0  # ErrorCode.UNKNOWN: the worker process ended without a reply
+# Top-level loggers of our packages (``fedspeech.*`` names and modules' ``__name__``).
+_OUR_LOGGERS = ("fedspeech", "fedspeech_client", "fedspeech_server", "fedspeech_features")
 
 
 def handle_message(message: Message, context: Context) -> tuple[Message, Context]:
@@ -76,18 +79,33 @@ def _init_worker(environ: Mapping[str, str], threads: int, log_file: str | None)
 
     torch.set_num_threads(threads)
     if log_file:
-        _log_to(log_file)
+        logs_to(log_file, everything=True).__enter__()  # never left: the worker's whole life
 
 
-def _log_to(path: str) -> logging.Handler:
-    """Send fedspeech's records to ``path`` (appended) instead of the console."""
+@contextmanager
+def logs_to(path: str | None, *, everything: bool = False) -> Iterator[None]:
+    """Send fedspeech's and Flower's log records to ``path``, appended, instead of the console
+    (as Flower's runtime sends its processes' output to ``flwr run``'s log); ``everything``: the
+    root logger's too (a worker process). Restored afterwards; ``None``: logging is left alone."""
+    if path is None:
+        yield
+        return
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("fedspeech")
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    return handler
+    names = [*_OUR_LOGGERS, "flwr"] + ([""] if everything else [])
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    for logger in loggers:
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate, level in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        handler.close()
 
 
 def _warm() -> int:
@@ -98,7 +116,10 @@ def _warm() -> int:
 
 
 class WorkerPool:
-    """``workers`` processes that run ClientApp messages; restarted when one dies.
+    """``workers`` processes that run ClientApp messages, one message each at a time.
+
+    Each worker is a one-process executor of its own: when a worker dies (killed, out of
+    memory) only the message it held fails, and only that worker is replaced.
 
     Args:
         workers: ClientApps that run at once.
@@ -111,16 +132,22 @@ class WorkerPool:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         self._initargs = (threads, log_file)
-        self._executor: ProcessPoolExecutor | None = None
+        self._slots: list[ProcessPoolExecutor | None] = [None] * workers
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start the workers and their imports in the background (``submit`` waits for them)."""
-        threading.Thread(target=self._pool, name="fedspeech-pool-start", daemon=True).start()
 
-    def _pool(self) -> ProcessPoolExecutor:
+        def start_all() -> None:
+            for slot in range(self.workers):
+                self._executor(slot)
+
+        threading.Thread(target=start_all, name="fedspeech-pool-start", daemon=True).start()
+
+    def _executor(self, slot: int) -> ProcessPoolExecutor:
         with self._lock:
-            if self._executor is None:
+            executor = self._slots[slot]
+            if executor is None:
                 methods = multiprocessing.get_all_start_methods()
                 ctx = multiprocessing.get_context(
                     "forkserver" if "forkserver" in methods else "spawn"
@@ -128,37 +155,48 @@ class WorkerPool:
                 if ctx.get_start_method() == "forkserver":
                     ctx.set_forkserver_preload(list(_PRELOAD))
                 executor = ProcessPoolExecutor(
-                    self.workers, mp_context=ctx, initializer=_init_worker,
+                    1, mp_context=ctx, initializer=_init_worker,
                     initargs=(dict(os.environ), *self._initargs),
                 )  # fmt: skip
-                for _ in range(self.workers):  # one process each, started now
-                    executor.submit(_warm)
-                self._executor = executor
-            return self._executor
+                executor.submit(_warm)  # its process starts now, not at the first message
+                self._slots[slot] = executor
+            return executor
 
-    def submit(self, message: Message, context: Context) -> Future[tuple[Message, Context]]:
-        """Queue ``handle_message(message, context)``."""
-        executor = self._pool()
+    def submit(
+        self, slot: int, message: Message, context: Context
+    ) -> Future[tuple[Message, Context]]:
+        """Run ``handle_message(message, context)`` on worker ``slot`` (idle: the caller's
+        bookkeeping; a broken worker is replaced first)."""
         try:
-            return executor.submit(handle_message, message, context)
-        except BrokenProcessPool:  # a worker died since the last round: start afresh
-            self.discard_broken()
-            return self._pool().submit(handle_message, message, context)
+            return self._executor(slot).submit(handle_message, message, context)
+        except BrokenProcessPool:  # it died since its last message
+            self.replace(slot)
+            return self._executor(slot).submit(handle_message, message, context)
 
-    def discard_broken(self) -> None:
-        """Drop the executor if a worker died (the next ``submit`` starts new ones)."""
+    def replace(self, slot: int) -> None:
+        """Stop worker ``slot`` (killed if still running a message); the next use starts anew."""
         with self._lock:
-            executor = self._executor
-            if executor is not None and getattr(executor, "_broken", False):
-                executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = None
+            executor, self._slots[slot] = self._slots[slot], None
+        if executor is not None:
+            _stop(executor, kill=True)
 
     def close(self) -> None:
-        """Stop the workers (a message still running is abandoned)."""
+        """Stop every worker (a message still running is abandoned)."""
         with self._lock:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True, cancel_futures=True)
-                self._executor = None
+            executors, self._slots = self._slots, [None] * self.workers
+        for executor in executors:
+            if executor is not None:
+                _stop(executor, kill=False)
+
+
+def _stop(executor: ProcessPoolExecutor, *, kill: bool) -> None:
+    """Shut ``executor`` down; ``kill``: without waiting for the message its process runs."""
+    if kill:
+        # ProcessPoolExecutor cannot cancel a running call: end its process (private but
+        # long-stable attribute; a missing one only leaves the process to finish its message).
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.kill()
+    executor.shutdown(wait=not kill, cancel_futures=True)
 
 
 class PoolGrid(Grid):
@@ -203,37 +241,55 @@ class PoolGrid(Grid):
     ) -> Iterable[Message]:
         """Deliver every message to its node's ClientApp; the replies that came within ``timeout``.
 
-        A node that does not exist, or whose worker died, answers with an error reply.
+        Messages wait for a free worker in the order given. A node that does not exist, or
+        whose worker died, answers with an error reply; a message still running or waiting at
+        the timeout gets none (its worker is stopped), as a node that does not answer in Flower.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending: dict[Future[tuple[Message, Context]], Message] = {}
         replies: list[Message] = []
+        waiting: deque[Message] = deque()
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's Grids do
             node = message.metadata.dst_node_id
-            if node not in self.contexts:
+            if node in self.contexts:
+                waiting.append(message)
+            else:
                 replies.append(_error(message, _NODE_DIED, f"no node {node} in this federation"))
-                continue
-            pending[self.pool.submit(message, self.contexts[node])] = message
-        while pending:
+        free = list(range(self.pool.workers))
+        running: dict[Future[tuple[Message, Context]], tuple[int, Message]] = {}
+        while waiting or running:
+            while waiting and free:
+                slot, message = free.pop(), waiting.popleft()
+                future = self.pool.submit(
+                    slot, message, self.contexts[message.metadata.dst_node_id]
+                )
+                running[future] = (slot, message)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
-            if not done:  # the round's timeout: the rest are missing replies, as in Flower
-                for future in pending:
-                    future.cancel()
-                log.warning("%d message(s) unanswered after %.0f s", len(pending), timeout)
+            done, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
+            if not done:  # the round's timeout: the rest are missing replies
+                log.warning(
+                    "%d message(s) unanswered after %.0f s: their workers are restarted",
+                    len(running) + len(waiting),
+                    timeout,
+                )
+                for slot, _ in running.values():
+                    self.pool.replace(slot)
                 break
             for future in done:
-                replies.append(self._reply(future, pending.pop(future)))
+                slot, message = running.pop(future)
+                free.append(slot)
+                replies.append(self._reply(future, message, slot))
         return replies
 
-    def _reply(self, future: Future[tuple[Message, Context]], message: Message) -> Message:
+    def _reply(
+        self, future: Future[tuple[Message, Context]], message: Message, slot: int
+    ) -> Message:
         node = message.metadata.dst_node_id
         try:
             reply, context = future.result()
         except BrokenProcessPool as exc:
             self.failures += 1
-            self.pool.discard_broken()
+            self.pool.replace(slot)
             log.error("node %d: its worker process died (%s); the message failed", node, exc)
             return _error(message, _NODE_DIED, f"the ClientApp's worker process died: {exc}")
         self.contexts[node] = context
@@ -293,15 +349,6 @@ def run_server(
     context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
-    logger = logging.getLogger("fedspeech")
-    saved = logger.propagate, logger.level
-    handler = _log_to(log_file) if log_file else None
-    try:
-        with server_identity():
-            app(grid, context)
-    finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            handler.close()
-            logger.propagate, logger.level = saved
+    with logs_to(log_file), server_identity():
+        app(grid, context)
     return grid

@@ -1,0 +1,135 @@
+"""The local engine (``fedspeech simulate --engine local``): failures stay with their node.
+
+A ClientApp that raises answers with an error reply; a worker process that dies mid-message
+fails that message only (the other nodes of the round reply, the worker is replaced, the next
+round has every node back); a message past ``round-timeout`` gets no reply and its worker is
+restarted. In every case the run goes on, the failures are counted, and the privacy spent by a
+node that crashed after training stays charged. The happy path (epsilon, declines, MLflow) is
+``tests/test_federation.py``, parametrized over both engines.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedspeech.app.cli import main as cli_main
+from fedspeech.app.simulate import simulate
+from fedspeech.config import RunConfig
+from fedspeech.fed_data import client_manifest
+from fedspeech_client.local_round import round_steps
+from fedspeech_client.node_state import load_ledger
+from fedspeech_features.manifest import read_manifest
+from tests.conftest import TINY_SIMULATION
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny synthetic corpus (and feature cache) for the module's simulations."""
+    return tmp_path_factory.mktemp("local-engine-data")
+
+
+@pytest.fixture()
+def no_workers_left() -> Iterator[None]:
+    """Afterwards no worker process of this test's pool may be alive."""
+    yield
+    assert not multiprocessing.active_children()
+
+
+def _overrides(data_dir: Path, run_dir: Path, **more: object) -> dict[str, object]:
+    return {
+        **TINY_SIMULATION,
+        "data-dir": str(data_dir),
+        "tracking-uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}",
+        "min-successful-clients": 2,
+        **more,
+    }
+
+
+class _KillOnMarker:
+    """Kills each process that announces a ``hang`` in ``marker`` (``FEDSPEECH_FAULT_MARKER``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+        self.killed: list[int] = []
+        self._seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> _KillOnMarker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            lines = self.marker.read_text().splitlines() if self.marker.exists() else []
+            for line in lines[self._seen :]:
+                pid, kind = line.split()[:2]
+                if kind.startswith("hang"):
+                    os.kill(int(pid), signal.SIGKILL)
+                    self.killed.append(int(pid))
+            self._seen = len(lines)
+
+
+@pytest.mark.usefixtures("no_workers_left")
+def test_a_raising_client_and_a_killed_worker_fail_only_their_own_messages(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: partition 0 raises in round 1; partition 1's worker is killed in round 2 after
+    # it trained (its ledger is saved before the fault acts, as in a real crash)
+    run_dir = tmp_path / "run"
+    overrides = _overrides(data_dir, run_dir, **{"num-server-rounds": 3})
+    marker = tmp_path / "faults.txt"
+    monkeypatch.setenv("FEDSPEECH_FAULT", "0:raise@1,1:hang=120@2")
+    monkeypatch.setenv("FEDSPEECH_FAULT_MARKER", str(marker))
+    # Execute
+    with _KillOnMarker(marker) as killer:
+        outcome = simulate(overrides=overrides, num_supernodes=3, out=run_dir, engine="local")
+    # Assert: every round ran with the other two nodes, and round 3 with all three again
+    assert outcome.finished and outcome.rounds == 3
+    assert len(killer.killed) == 1
+    counts = [(h["clients_ok"], h["clients_failed"]) for h in outcome.history]
+    assert counts == [(2, 1), (2, 1), (3, 0)]
+    reasons = (run_dir / "report" / "clients.tsv").read_text()
+    assert "injected fault" in reasons and "worker process died" in reasons
+    # Assert: partition 1 is charged for all three rounds, the one it crashed in included
+    cfg = RunConfig.from_flat({**overrides, "num-partitions": 3})
+    size = len(read_manifest(client_manifest(cfg, data_dir, 1, 3)))
+    _, steps = round_steps(size, int(overrides["batch-size"]), 1)  # type: ignore[call-overload]
+    ledger = load_ledger(run_dir / "client-state" / "partition-1.json", 1e-5)
+    assert ledger is not None and ledger.num_steps == 3 * steps
+
+
+@pytest.mark.slow  # waits out a 15 s round timeout
+@pytest.mark.usefixtures("no_workers_left")
+def test_a_message_past_the_round_timeout_is_missing_and_its_worker_restarted(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: partition 2 hangs in round 1, past the round timeout
+    run_dir = tmp_path / "run"
+    overrides = _overrides(data_dir, run_dir, **{"num-server-rounds": 2, "round-timeout": 15.0})
+    monkeypatch.setenv("FEDSPEECH_FAULT", "2:hang=600@1")
+    # Execute
+    outcome = simulate(overrides=overrides, num_supernodes=3, out=run_dir, engine="local")
+    # Assert: round 1 went on without it; in round 2 its restarted worker answered
+    assert outcome.finished
+    counts = [(h["clients_ok"], h["clients_failed"]) for h in outcome.history]
+    assert counts == [(2, 1), (3, 0)]
+    assert "no reply before the timeout" in (run_dir / "report" / "clients.tsv").read_text()
+
+
+def test_the_cli_refuses_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["simulate", "--engine", "ray"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'ray'" in capsys.readouterr().err
