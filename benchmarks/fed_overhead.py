@@ -1,7 +1,7 @@
 """Benchmark: federation overhead of ``fedspeech simulate`` (8 clients x 3 rounds, DP on).
 
-    python benchmarks/fed_overhead.py [--clients 8] [--rounds 3] [--utterances 1200]
-        [--hidden-size 64] [--epochs 1] [--cold] [--keep DIR] [--json FILE]
+    python benchmarks/fed_overhead.py [--engines flower local] [--clients 8] [--rounds 3]
+        [--utterances 1200] [--hidden-size 64] [--epochs 1] [--cold] [--keep DIR] [--json FILE]
 
 overhead = simulate wall time / ideal time, where
 
@@ -18,6 +18,10 @@ The overhead splits into a fixed part (startup, round 1's extra for Ray's actors
 imports, the teardown after the last round) and a per-round part (rounds 2.. against their own
 ideal time, the "steady" ratio). The last line says from which amount of client work the
 overhead seconds would fit into the goal.
+
+Each engine (``fedspeech simulate --engine``: Flower's runtime, the local engine) runs the same
+simulation, one after the other in one run, on the same prepared data, each with a new MLflow
+store; the last lines put their ratios side by side.
 
 The synthetic corpus is built and the feature cache warmed before the clock starts (data
 preparation, like the corpus; ``--cold`` leaves the cache cold, so round 1 extracts features).
@@ -79,9 +83,10 @@ def warm_feature_cache(cfg: RunConfig, data_dir: Path, clients: int) -> float:
     return time.perf_counter() - start
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """One simulation; returns the measurements."""
-    data_dir, run_dir = work / "data", work / "run"
+def run(args: argparse.Namespace, work: Path, engine: str) -> dict[str, Any]:
+    """One simulation on ``engine``; returns the measurements."""
+    # --cold: each engine extracts its own features
+    data_dir, run_dir = (work / engine if args.cold else work) / "data", work / engine / "run"
     overrides = {
         **SETTINGS,
         "synthetic-utterances": args.utterances,
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "num-server-rounds": args.rounds,
         "min-clients": args.clients,
         "data-dir": str(data_dir),
-        "tracking-uri": f"sqlite:///{work / 'mlflow.db'}",
+        "tracking-uri": f"sqlite:///{work / engine / 'mlflow.db'}",
     }
     cfg = RunConfig.from_flat({**overrides, "num-partitions": args.clients})
     prepare = warm_feature_cache(cfg, data_dir, 0 if args.cold else args.clients)
@@ -101,12 +106,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         num_supernodes=args.clients,
         out=run_dir,
         client_cpus=args.client_cpus,
-        output=work / "flwr.log",
-        engine=args.engine,
+        output=work / engine / "flwr.log",
+        engine=engine,
     )
     wall = time.perf_counter() - start
     if not outcome.finished:
-        tail = (work / "flwr.log").read_text(errors="replace")[-3000:]
+        tail = (work / engine / "flwr.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"simulation did not finish (exit {outcome.returncode}):\n{tail}")
     first_round_at = (run_dir / "eval_manifest.tsv").stat().st_mtime
     return {
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def report(m: dict[str, Any], args: argparse.Namespace) -> float:
+def report(m: dict[str, Any], args: argparse.Namespace, engine: str) -> float:
     """Print the breakdown; return the overhead ratio."""
     history = m["history"]
     client_s = sum(h["client_seconds"] or 0.0 for h in history)
@@ -141,6 +146,7 @@ def report(m: dict[str, Any], args: argparse.Namespace) -> float:
     )
     first_extra = history[0]["round_seconds"] - steady * round_ideal(history[0])
     fixed = m["startup"] + first_extra + rest
+    print(f"--- engine {engine}")
     print(f"setup                   {args.clients} clients x {args.rounds} rounds, DP on, "
           f"{args.utterances} synthetic utterances (IID), BiGRU {SETTINGS['num-layers']}x"
           f"{args.hidden_size}, {args.epochs} epoch(s) per round")  # fmt: skip
@@ -181,19 +187,28 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--client-cpus", type=int, default=1)
-    parser.add_argument("--engine", choices=("flower", "local"), default="flower")
+    parser.add_argument(
+        "--engines", nargs="+", choices=("flower", "local"), default=["flower", "local"]
+    )
     parser.add_argument("--cold", action="store_true", help="do not warm the feature cache")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        measured = run(args, args.keep.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="fedspeech-fed-overhead-") as tmp:
-            measured = run(args, Path(tmp))
-    report(measured, args)
+    measured: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="fedspeech-fed-overhead-") as tmp:
+        work = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            work = args.keep.resolve()
+        for engine in args.engines:
+            measured[engine] = run(args, work, engine)
+    ratios = {engine: report(m, args, engine) for engine, m in measured.items()}
+    print("--- side by side (one run)")
+    for engine, ratio in ratios.items():
+        m = measured[engine]
+        print(f"{engine:<8} wall {m['wall']:5.1f} s  startup {m['startup']:4.1f} s  "
+              f"overhead ratio {ratio:.2f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(measured, indent=2) + "\n", encoding="utf-8")
 

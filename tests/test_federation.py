@@ -147,6 +147,33 @@ def test_dp_simulation_composes_epsilon_and_a_tiny_budget_declines(
     )
 
 
+@pytest.mark.slow  # ~25 s: the same run on both engines
+def test_the_local_engine_trains_the_model_flower_trains(data_dir: Path, tmp_path: Path) -> None:
+    # Prepare: one seeded DP run of 4 clients x 2 rounds
+    overrides = {**TINY_SIMULATION, "data-dir": str(data_dir), "num-server-rounds": 2}
+    outcomes: dict[str, SimulationOutcome] = {}
+    # Execute: on Flower's runtime, then on the local engine
+    for engine in ("flower", "local"):
+        run_dir = tmp_path / engine
+        overrides["tracking-uri"] = _sqlite_uri(run_dir)
+        outcomes[engine] = simulate(
+            overrides=overrides, num_supernodes=4, out=run_dir, engine=engine,
+            output=run_dir.with_suffix(".log"),
+        )  # fmt: skip
+    # Assert: the same rounds, privacy and model (to float rounding: replies may arrive, and be
+    # summed, in another order)
+    flower, local = outcomes["flower"], outcomes["local"]
+    assert flower.finished and local.finished
+    keys = ("clients_ok", "clients_failed", "num_examples", "epsilon_max")
+    assert [[h[k] for k in keys] for h in local.history] == [
+        [h[k] for k in keys] for h in flower.history
+    ]
+    assert flower.model_dir is not None and local.model_dir is not None
+    expected = _weights(flower.model_dir)
+    for name, value in _weights(local.model_dir).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow  # ~25 s of simulation
 def test_an_adapter_run_sends_only_adapter_tensors_and_exports_a_plain_model(
     data_dir: Path, no_leftovers: Path

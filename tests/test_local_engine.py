@@ -21,7 +21,7 @@ import pytest
 
 from fedspeech.app.cli import main as cli_main
 from fedspeech.app.simulate import simulate
-from fedspeech.config import RunConfig
+from fedspeech.config import ConfigError, RunConfig
 from fedspeech.fed_data import client_manifest
 from fedspeech_client.local_round import round_steps
 from fedspeech_client.node_state import load_ledger
@@ -126,6 +126,12 @@ def test_a_message_past_the_round_timeout_is_missing_and_its_worker_restarted(
     counts = [(h["clients_ok"], h["clients_failed"]) for h in outcome.history]
     assert counts == [(2, 1), (3, 0)]
     assert "no reply before the timeout" in (run_dir / "report" / "clients.tsv").read_text()
+
+
+def test_gpu_shares_are_refused_on_the_local_engine(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="use --engine flower"):
+        simulate(out=tmp_path / "run", engine="local", client_gpus=0.5)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_cli_refuses_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:

@@ -180,13 +180,14 @@ class WorkerPool:
         if executor is not None:
             _stop(executor, kill=True)
 
-    def close(self) -> None:
-        """Stop every worker (a message still running is abandoned)."""
+    def close(self, *, kill: bool = False) -> None:
+        """Stop every worker; ``kill``: at once, abandoning the messages they run (an
+        interrupted run), else after them."""
         with self._lock:
             executors, self._slots = self._slots, [None] * self.workers
         for executor in executors:
             if executor is not None:
-                _stop(executor, kill=False)
+                _stop(executor, kill=kill)
 
 
 def _stop(executor: ProcessPoolExecutor, *, kill: bool) -> None:

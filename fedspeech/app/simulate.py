@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,19 +172,29 @@ def simulate(
     else:
         cfg, n, run_dir = _fresh_config(project, preset, overrides, out, num_supernodes)
     federation = federation_config(n, client_cpus=client_cpus, client_gpus=client_gpus)
-    with ExitStack() as stack:
-        pool = None
-        if engine == "local":  # its workers import torch and Opacus while the server starts
-            from fedspeech.app.local_engine import WorkerPool
+    if engine == "flower":
+        return _launch(cfg, n, run_dir, federation, None, output)
+    if client_gpus:
+        raise ConfigError(
+            "--client-gpus reserves Ray GPU shares: the local engine has none (the run "
+            "config's device says where clients train); use --engine flower"
+        )
+    from fedspeech.app.local_engine import WorkerPool
 
-            pool = WorkerPool(
-                max(1, min(n, available_cpus() // client_cpus)),
-                threads=client_cpus,
-                log_file=str(output) if output else None,
-            )
-            stack.callback(pool.close)
-            pool.start()
-        return _launch(cfg, n, run_dir, federation, pool, output)
+    # Its workers import torch and Opacus while the server starts.
+    pool = WorkerPool(
+        max(1, min(n, available_cpus() // client_cpus)),
+        threads=client_cpus,
+        log_file=str(output) if output else None,
+    )
+    pool.start()
+    try:
+        outcome = _launch(cfg, n, run_dir, federation, pool, output)
+    except BaseException:
+        pool.close(kill=True)
+        raise
+    pool.close()
+    return outcome
 
 
 def _launch(
