@@ -18,8 +18,8 @@ What stays as in Flower's runtime:
 
 What differs: a worker serves many nodes and keeps its imports (Flower's Ray actors do too); the
 workers are forked from a forkserver that imports torch, Opacus and the client once, while the
-server starts; a worker that dies (killed, out of memory) fails the messages it held, which are
-reported like a crashed ClientApp, and the pool is rebuilt for the next ones.
+server starts; a worker that dies (killed, out of memory) fails the one message it held, which is
+reported like a crashed ClientApp, and only that worker is started again for the next ones.
 """
 
 from __future__ import annotations
@@ -211,7 +211,6 @@ class PoolGrid(Grid):
     def __init__(self, contexts: Mapping[int, Context], pool: WorkerPool) -> None:
         self.contexts = dict(contexts)
         self.pool = pool
-        self.failures = 0  # messages lost with a worker process that died
 
     def set_run(self, run: Run) -> None:
         """Unused: there is no SuperLink."""
@@ -289,7 +288,6 @@ class PoolGrid(Grid):
         try:
             reply, context = future.result()
         except BrokenProcessPool as exc:
-            self.failures += 1
             self.pool.replace(slot)
             log.error("node %d: its worker process died (%s); the message failed", node, exc)
             return _error(message, _NODE_DIED, f"the ClientApp's worker process died: {exc}")
@@ -335,11 +333,8 @@ def run_server(
     pool: WorkerPool,
     *,
     log_file: str | None = None,
-) -> PoolGrid:
+) -> None:
     """Run ``fedspeech_server.app.app`` over ``num_nodes`` virtual nodes served by ``pool``.
-
-    Returns:
-        The grid (its ``failures``: messages lost with a worker that died).
 
     Raises:
         What the ServerApp raises (``RoundFailedError``: a round had too few clients).
@@ -352,4 +347,3 @@ def run_server(
     )
     with logs_to(log_file), server_identity():
         app(grid, context)
-    return grid
