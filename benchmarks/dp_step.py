@@ -100,6 +100,8 @@ def _step_fn(variant: str, config: str, device: torch.device) -> Step:
         return plain_step
     from opacus import PrivacyEngine  # lazy: the plain variants' processes never import it
 
+    import fedspeech.fast_gru_grad_sampler  # noqa: F401  (registers FastGRU's grad sampler)
+
     net = convert_model(base, dp=True, dp_rnn="opacus" if variant == "b" else "fast").train()
     loader = DataLoader(TensorDataset(torch.zeros(4 * batch_size, 1)), batch_size=batch_size)
     with warnings.catch_warnings():

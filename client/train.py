@@ -29,7 +29,6 @@ from fedspeech_client.batching import (
     collate_ctc,
     ctc_loss,
 )
-from fedspeech_client.dp_sgd import train_private
 from fedspeech_client.train_config import (
     TrainConfig,
     TrainResult,
@@ -94,6 +93,9 @@ def train_local(
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)
         if cfg.dp:
+            # Lazy: Opacus's import (~1.3 s) is for private training only
+            from fedspeech_client.dp_sgd import train_private
+
             return train_private(
                 model,
                 dataset,

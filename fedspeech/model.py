@@ -220,12 +220,14 @@ def _adapters(cfg: ModelConfig) -> LowRankAdapters:
 def _dp_cell(cell: str, *, fast: bool) -> type[nn.Module]:
     """The DP twin of a recurrent layer type: ``FastGRU`` (``fast``) or Opacus's layer.
 
-    Imported here, not at module level: importing opacus costs ~1.2 s (measured here) and
-    configures the root logger, which inference (transcribe, fresh ClientApp processes) never needs.
+    ``FastGRU`` comes without Opacus: non-private training uses it too (it is faster than the
+    fused GRU's backward here), and importing opacus costs ~1.3 s (measured here) and configures
+    the root logger. Code that wraps a model in Opacus imports
+    ``fedspeech.fast_gru_grad_sampler`` first (``fedspeech_client.dp_sgd`` does), which registers
+    FastGRU's grad sampler; without it Opacus refuses the model (an unsupported layer).
     """
     if fast:
-        # This import also registers FastGRU's grad sampler with Opacus.
-        from fedspeech.fast_gru_grad_sampler import FastGRU
+        from fedspeech.fast_gru import FastGRU
 
         return FastGRU
     from opacus.layers import DPGRU, DPLSTM, DPRNN

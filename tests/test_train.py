@@ -175,6 +175,29 @@ def test_plain_training_is_seeded_and_leaves_caller_rng_alone() -> None:
     assert a.metrics["num-steps"] == 6 and a.metrics["num-examples"] == 9
 
 
+def test_plain_training_does_not_import_opacus() -> None:
+    """Opacus (~1.3 s to import, and it configures the root logger) is for DP-SGD only: a
+    non-private client's first message, or ``fedspeech train --no-dp``, never loads it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from fedspeech.model import BiGRUCTC, ModelConfig\n"
+        "from fedspeech_client.train import TrainConfig, train_local\n"
+        "from fedspeech_features.dataset import Example\n"
+        "data = [Example(None, torch.randn(9, 6), torch.tensor([1, 2]), 'ab', 's', 0.1)] * 4\n"
+        "model = BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1))\n"
+        "result = train_local(model, data, TrainConfig(epochs=1, batch_size=2, dp=False))\n"
+        "print(int(result.metrics['num-steps']), 'opacus' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout.split()  # fmt: skip
+    assert out == ["2", "False"]  # it trained, through FastGRU, without Opacus
+
+
 def test_train_config_requires_one_noise_setting() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         TrainConfig(noise_multiplier=1.0, target_epsilon=3.0)
