@@ -358,6 +358,11 @@ _OVERRIDE = re.compile(
 )
 
 
+# A key whose "=" is followed by nothing, or by the next key=...
+_EMPTY_OVERRIDE = re.compile(r"\s*(?P<key>[A-Za-z0-9_.-]+)\s*=(?=\s*$|\s+[A-Za-z0-9_.-]+\s*=)")
+_OVERRIDE_START = re.compile(r"[A-Za-z0-9_.-]+\s*=")
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
     """Parse ``"key=value key2 = 'a b'"``: TOML values, bare words are strings, spaces around
     ``=`` and quoted values with spaces allowed.
@@ -366,12 +371,20 @@ def parse_overrides(text: str) -> dict[str, Any]:
     {'num-server-rounds': 5, 'run-name': 'a b', 'dp': False, 'corpus': 'x.tsv'}
 
     Raises:
-        ConfigError: text that is not a sequence of key=value pairs (the rest is quoted).
+        ConfigError: text that is not a sequence of key=value pairs (the rest is quoted), or a
+            key without a value (``dp= epochs=2`` would otherwise read ``epochs=2`` as dp's).
     """
     out: dict[str, Any] = {}
     position = 0
     while position < len(text.rstrip()):
         match = _OVERRIDE.match(text, position)
+        empty = _EMPTY_OVERRIDE.match(text, position)
+        if empty is not None and (match is None or _OVERRIDE_START.match(match["value"])):
+            key = empty["key"]
+            raise ConfigError(
+                f'override {key!r} has no value (in {text!r}): give one, or write {key}="" '
+                "for an empty string; quote a value that contains '='"
+            )
         if match is None:
             rest = text[position:].strip()
             raise ConfigError(

@@ -86,6 +86,31 @@ def test_malformed_override_is_rejected() -> None:
         parse_overrides("n-mfcc")
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("noise-multiplier= planned-rounds=5", "noise-multiplier"),
+        ("dp =", "dp"),
+        ("a=1 lr= ", "lr"),
+    ],
+)
+def test_a_key_without_a_value_is_refused_not_fed_the_next_pair(text: str, key: str) -> None:
+    # Before: "noise-multiplier= planned-rounds=5" set noise-multiplier to "planned-rounds=5"
+    with pytest.raises(ConfigError, match=f"override '{key}' has no value"):
+        parse_overrides(text)
+
+
+def test_an_empty_value_and_an_equals_sign_in_a_value_are_still_read() -> None:
+    assert parse_overrides('noise-multiplier="" planned-rounds=5') == {
+        "noise-multiplier": "",
+        "planned-rounds": 5,
+    }
+    assert parse_overrides('corpus=a=b.tsv run-name = "x=y"') == {
+        "corpus": "a=b.tsv",
+        "run-name": "x=y",
+    }
+
+
 def test_a_later_target_epsilon_replaces_an_earlier_noise_multiplier() -> None:
     # Execute: pyproject sets noise-multiplier; the override asks for a target epsilon instead
     cfg = resolve_run_config(None, "target-epsilon=8", cwd=PYPROJECT.parent)
