@@ -17,8 +17,8 @@ What stays as in Flower's runtime:
 - at most ``workers`` ClientApps run at once (Ray's ``client-resources-num-cpus`` rule).
 
 What differs: a worker serves many nodes and keeps its imports (Flower's Ray actors do too); the
-workers are forked from a forkserver that imports torch, Opacus and the client once, while the
-server starts; a worker that dies (killed, out of memory) fails the one message it held, which is
+workers are forked from a forkserver that imports torch, the client (and Opacus, for DP-SGD)
+once, while the server starts; a worker that dies (killed, out of memory) fails the one message it held, which is
 reported like a crashed ClientApp, and only that worker is started again for the next ones.
 """
 
@@ -44,8 +44,10 @@ from flwr.supercore.run import Run
 
 log = logging.getLogger("fedspeech.engine")
 
-# What a worker needs for its first message, imported once by the forkserver (~2.4 s here).
-_PRELOAD = ("torch", "opacus", "fedspeech_client.app", "fedspeech_client.local_round")
+# What a worker needs for its first message, imported once by the forkserver: torch and the
+# client ~1.2 s here; DP-SGD adds Opacus, ~1.3 s.
+PRELOAD = ("torch", "fedspeech_client.app", "fedspeech_client.local_round")
+PRELOAD_DP = (*PRELOAD, "fedspeech_client.dp_sgd")
 _CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
 _NODE_DIED = 0  # ErrorCode.UNKNOWN: the worker process ended without a reply
 # Top-level loggers of our packages (``fedspeech.*`` names and modules' ``__name__``).
@@ -108,9 +110,9 @@ def logs_to(path: str | None, *, everything: bool = False) -> Iterator[None]:
         handler.close()
 
 
-def _warm() -> int:
+def _warm(preload: tuple[str, ...]) -> int:
     """Import what the first message needs (a no-op after the forkserver's preload)."""
-    for name in _PRELOAD:
+    for name in preload:
         __import__(name)
     return os.getpid()
 
@@ -125,12 +127,22 @@ class WorkerPool:
         workers: ClientApps that run at once.
         threads: torch threads per worker.
         log_file: where the workers' log records go (None: the console).
+        preload: modules every worker imports before its first message (``PRELOAD_DP``: with
+            DP-SGD's).
     """
 
-    def __init__(self, workers: int, *, threads: int = 1, log_file: str | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        *,
+        threads: int = 1,
+        log_file: str | None = None,
+        preload: tuple[str, ...] = PRELOAD,
+    ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
+        self.preload = preload
         self._initargs = (threads, log_file)
         self._slots: list[ProcessPoolExecutor | None] = [None] * workers
         self._lock = threading.Lock()
@@ -153,12 +165,16 @@ class WorkerPool:
                     "forkserver" if "forkserver" in methods else "spawn"
                 )
                 if ctx.get_start_method() == "forkserver":
-                    ctx.set_forkserver_preload(list(_PRELOAD))
+                    # A forkserver already running (an earlier run of this process) keeps its
+                    # preload; the workers' _warm imports what it lacks.
+                    ctx.set_forkserver_preload(list(self.preload))
                 executor = ProcessPoolExecutor(
                     1, mp_context=ctx, initializer=_init_worker,
                     initargs=(dict(os.environ), *self._initargs),
                 )  # fmt: skip
-                executor.submit(_warm)  # its process starts now, not at the first message
+                executor.submit(
+                    _warm, self.preload
+                )  # its process starts now, not at the first message
                 self._slots[slot] = executor
             return executor
 

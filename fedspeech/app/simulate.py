@@ -179,13 +179,14 @@ def simulate(
             "--client-gpus reserves Ray GPU shares: the local engine has none (the run "
             "config's device says where clients train); use --engine flower"
         )
-    from fedspeech.app.local_engine import WorkerPool
+    from fedspeech.app.local_engine import PRELOAD, PRELOAD_DP, WorkerPool
 
-    # Its workers import torch and Opacus while the server starts.
+    # Its workers import torch (and Opacus) while the server starts.
     pool = WorkerPool(
         max(1, min(n, available_cpus() // client_cpus)),
         threads=client_cpus,
         log_file=str(output) if output else None,
+        preload=PRELOAD_DP if cfg.sample_level_dp else PRELOAD,
     )
     pool.start()
     try:
