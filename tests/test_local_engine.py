@@ -4,7 +4,8 @@ A ClientApp that raises answers with an error reply; a worker process that dies 
 fails that message only (the other nodes of the round reply, the worker is replaced, the next
 round has every node back); a message past ``round-timeout`` gets no reply and its worker is
 restarted. In every case the run goes on, the failures are counted, and the privacy spent by a
-node that crashed after training stays charged. The happy path (epsilon, declines, MLflow) is
+node that crashed after training stays charged. A resumed run continues its ledgers and its
+MLflow run as on Flower's runtime. The happy path (epsilon, declines, MLflow) is
 ``tests/test_federation.py``, parametrized over both engines.
 """
 
@@ -126,6 +127,29 @@ def test_a_message_past_the_round_timeout_is_missing_and_its_worker_restarted(
     counts = [(h["clients_ok"], h["clients_failed"]) for h in outcome.history]
     assert counts == [(2, 1), (3, 0)]
     assert "no reply before the timeout" in (run_dir / "report" / "clients.tsv").read_text()
+
+
+@pytest.mark.usefixtures("no_workers_left")
+def test_a_run_resumed_on_the_local_engine_continues_its_ledgers_and_tracking_run(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a finished 2-round run
+    run_dir = tmp_path / "run"
+    overrides = _overrides(data_dir, run_dir, **{"num-server-rounds": 2})
+    first = simulate(overrides=overrides, num_supernodes=3, out=run_dir, engine="local")
+    # Execute: one more round
+    resumed = simulate(overrides={"num-server-rounds": 3}, out=run_dir, resume=True, engine="local")
+    # Assert: round 3 ran in the same MLflow run, and every node's ledger holds its 3 rounds
+    assert first.finished and resumed.finished and resumed.rounds == 3
+    assert resumed.tracking_run_id == first.tracking_run_id
+    assert [h["round"] for h in resumed.history] == [1, 2, 3]
+    cfg = RunConfig.from_flat({**overrides, "num-partitions": 3})
+    for i in range(3):
+        size = len(read_manifest(client_manifest(cfg, data_dir, i, 3)))
+        _, steps = round_steps(size, int(overrides["batch-size"]), 1)  # type: ignore[call-overload]
+        ledger = load_ledger(run_dir / "client-state" / f"partition-{i}.json", 1e-5)
+        assert ledger is not None and ledger.num_steps == 3 * steps
+    assert resumed.history[2]["epsilon_max"] > resumed.history[1]["epsilon_max"]
 
 
 def test_gpu_shares_are_refused_on_the_local_engine(tmp_path: Path) -> None:
