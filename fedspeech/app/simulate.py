@@ -1,9 +1,11 @@
-"""``fedspeech simulate``: a federated simulation on this machine through Flower's ``flwr run``.
+"""``fedspeech simulate``: a federated simulation on this machine, through Flower's ``flwr run``
+(``--engine flower``) or the local engine (``--engine local``, ``fedspeech.app.local_engine``).
 
 Resolves the run config (pyproject <- preset <- ``--run-config``), makes its paths absolute (the
 Flower processes run elsewhere), builds the synthetic corpus once up front, then runs the app in
-``fedspeech.app.flower_launch`` and prints where the run stands. Plain ``flwr run .`` works too; see
-``fedspeech.app.flower_launch`` for the environment it needs.
+``fedspeech.app.flower_launch`` (or over the local engine's worker pool) and prints where the run
+stands. Plain ``flwr run .`` works too; see ``fedspeech.app.flower_launch`` for the environment it
+needs.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class SimulationOutcome:
 
     Attributes:
         run_dir: the run folder (``out-dir``).
-        returncode: ``flwr run``'s exit status.
+        returncode: ``flwr run``'s exit status (the local engine: 0, or 1 when the ServerApp
+            raised).
         rounds: the last round the checkpoint holds (0: none).
         finished: the run reached ``num-server-rounds``.
         model_dir: the final model directory, if written.
