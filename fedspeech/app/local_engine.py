@@ -18,8 +18,9 @@ What stays as in Flower's runtime:
 
 What differs: a worker serves many nodes and keeps its imports (Flower's Ray actors do too); the
 workers are forked from a forkserver that imports torch, the client (and Opacus, for DP-SGD)
-once, while the server starts; a worker that dies (killed, out of memory) fails the one message it held, which is
-reported like a crashed ClientApp, and only that worker is started again for the next ones.
+once, while the server starts; a worker that dies (killed, out of memory) fails the one message
+it held, which is reported like a crashed ClientApp, and only that worker is started again for
+the next ones.
 """
 
 from __future__ import annotations
