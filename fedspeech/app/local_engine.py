@@ -147,6 +147,9 @@ class WorkerPool:
         self._initargs = (threads, log_file)
         self._slots: list[ProcessPoolExecutor | None] = [None] * workers
         self._lock = threading.Lock()
+        # Per started worker, its warm-up: done when the worker can take a message (a worker
+        # started again after a death appends one).
+        self.warmed: list[Future[int]] = []
 
     def start(self) -> None:
         """Start the workers and their imports in the background (``submit`` waits for them)."""
@@ -173,9 +176,8 @@ class WorkerPool:
                     1, mp_context=ctx, initializer=_init_worker,
                     initargs=(dict(os.environ), *self._initargs),
                 )  # fmt: skip
-                executor.submit(
-                    _warm, self.preload
-                )  # its process starts now, not at the first message
+                # Its process starts now, not at the first message.
+                self.warmed.append(executor.submit(_warm, self.preload))
                 self._slots[slot] = executor
             return executor
 
