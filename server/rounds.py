@@ -44,12 +44,16 @@ class ClientReport:
             non-finite values, wrong names/shapes/dtypes, a bad example count).
         metrics: the reply's metrics (empty for failures).
         reason: why it declined, failed or was rejected.
+        node: the Flower node id it came from, or was sent to (None: not known). A failure
+            carries no partition id: ``update_clients`` files it under the partition this node
+            replied as before (or after).
     """
 
     client: str
     status: ReplyStatus
     metrics: Mapping[str, float] = field(default_factory=dict)
     reason: str = ""
+    node: int | None = None
 
 
 @dataclass(frozen=True)
@@ -189,9 +193,23 @@ def update_norm(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> fl
 def update_clients(
     table: dict[str, dict[str, Any]], server_round: int, reports: Sequence[ClientReport]
 ) -> None:
-    """Fold a round's replies into the per-client table (in place)."""
+    """Fold a round's replies into the per-client table (in place).
+
+    A report named by its node only (``node-<id>``: a failure, which carries no partition id)
+    goes to the row of the client that node replied as before; a named report takes over an
+    earlier ``node-<id>`` row of its node. Rows remember their node id (``node``).
+    """
     for r in reports:
-        row = table.setdefault(r.client, {**{f"rounds_{s}": 0 for s in _STATUSES}, "epsilon": None})
+        name = r.client
+        if r.node is not None:
+            anonymous = f"node-{r.node}"
+            if name == anonymous:
+                name = next((k for k, v in table.items() if v.get("node") == r.node), name)
+            elif anonymous in table:
+                _fold_row(table, table.pop(anonymous), name)
+        row = table.setdefault(name, _new_row())
+        if r.node is not None:
+            row["node"] = r.node
         row[f"rounds_{r.status}"] = row.get(f"rounds_{r.status}", 0) + 1  # older rows lack some
         row["last_round"] = server_round
         if mk.EPSILON in r.metrics:
@@ -204,6 +222,20 @@ def update_clients(
             row["num_examples"] = int(r.metrics[mk.NUM_EXAMPLES])
         if r.reason:
             row["last_reason"] = r.reason
+
+
+def _new_row() -> dict[str, Any]:
+    return {**{f"rounds_{s}": 0 for s in _STATUSES}, "epsilon": None}
+
+
+def _fold_row(table: dict[str, dict[str, Any]], old: Mapping[str, Any], name: str) -> None:
+    """Add ``old``'s round counts to row ``name``; its last reason stays if ``name`` has none."""
+    row = table.setdefault(name, _new_row())
+    for key, value in old.items():
+        if key.startswith("rounds_"):
+            row[key] = row.get(key, 0) + value
+    row.setdefault("last_reason", old.get("last_reason", ""))
+    row["last_round"] = max(row.get("last_round", 0), old.get("last_round", 0))
 
 
 def clients_tsv(table: Mapping[str, Mapping[str, Any]]) -> str:

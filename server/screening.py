@@ -60,9 +60,11 @@ def client_report(msg: Message, sent: ArraySpec | None = None) -> ClientReport:
         sent: names -> (shape, dtype) of the weights the client was sent (``array_spec``); a
             trained reply must return exactly these. None: not checked.
     """
-    name = f"node-{msg.metadata.src_node_id}"
+    node = msg.metadata.src_node_id
+    name = f"node-{node}"
     if msg.has_error():
-        return ClientReport(name, "failed", {}, f"error {msg.error.code}: {msg.error.reason}")
+        reason = f"error {msg.error.code}: {msg.error.reason}"
+        return ClientReport(name, "failed", {}, reason, node=node)
     content = msg.content
     metrics_record = content.get("metrics")
     metrics = (
@@ -75,17 +77,21 @@ def client_report(msg: Message, sent: ArraySpec | None = None) -> ClientReport:
     if metrics.get(mk.DECLINED):
         decline = content.get("decline")
         reason = str(decline.get("reason", "")) if isinstance(decline, ConfigRecord) else ""
-        return ClientReport(name, "declined", metrics, reason or "declined")
+        return ClientReport(name, "declined", metrics, reason or "declined", node=node)
     arrays = content.get("arrays")
     if not isinstance(arrays, ArrayRecord) or WEIGHT_KEY not in metrics:
-        return ClientReport(name, "failed", metrics, "reply without arrays or num-examples")
+        return ClientReport(
+            name, "failed", metrics, "reply without arrays or num-examples", node=node
+        )
     examples = metrics[WEIGHT_KEY]
     if not (math.isfinite(examples) and examples > 0):
-        return ClientReport(name, "rejected", metrics, f"num-examples {examples!r} is not > 0")
+        return ClientReport(
+            name, "rejected", metrics, f"num-examples {examples!r} is not > 0", node=node
+        )
     problem = None if sent is None else screen_arrays(arrays, sent)
     if problem is not None:
-        return ClientReport(name, "rejected", metrics, problem)
-    return ClientReport(name, "ok", metrics)
+        return ClientReport(name, "rejected", metrics, problem, node=node)
+    return ClientReport(name, "ok", metrics, node=node)
 
 
 def array_spec(arrays: ArrayRecord) -> ArraySpec:
@@ -141,7 +147,9 @@ def reject_contributors(reports: Sequence[ClientReport], problem: str) -> list[C
     """The reports of a round whose secure aggregate ``screen_sum`` refused: every ``ok``
     contributor becomes ``rejected`` (the server cannot tell whose update spoiled the sum)."""
     return [
-        ClientReport(r.client, "rejected", r.metrics, f"secure aggregate rejected: {problem}")
+        ClientReport(
+            r.client, "rejected", r.metrics, f"secure aggregate rejected: {problem}", node=r.node
+        )
         if r.status == "ok"
         else r
         for r in reports
@@ -152,7 +160,13 @@ def missing_reports(sent: Iterable[Message], replies: Iterable[Message]) -> list
     """A ``failed`` report for every node that was sent a message but did not reply in time."""
     answered = {m.metadata.src_node_id for m in replies}
     return [
-        ClientReport(f"node-{m.metadata.dst_node_id}", "failed", {}, "no reply before the timeout")
+        ClientReport(
+            f"node-{m.metadata.dst_node_id}",
+            "failed",
+            {},
+            "no reply before the timeout",
+            node=m.metadata.dst_node_id,
+        )
         for m in sent
         if m.metadata.dst_node_id not in answered
     ]

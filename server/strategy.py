@@ -125,7 +125,13 @@ class ScreeningStrategy(FedAvg):
             )
             log.warning("round %d: %s; the round releases noise only", server_round, reason)
             self._left_out = [
-                ClientReport(f"node-{m.metadata.dst_node_id}", "failed", {}, reason)
+                ClientReport(
+                    f"node-{m.metadata.dst_node_id}",
+                    "failed",
+                    {},
+                    reason,
+                    node=m.metadata.dst_node_id,
+                )
                 for m in messages
             ]
             messages = []

@@ -101,8 +101,15 @@ def test_a_raising_client_and_a_killed_worker_fail_only_their_own_messages(
     assert len(killer.killed) == 1
     counts = [(h["clients_ok"], h["clients_failed"]) for h in outcome.history]
     assert counts == [(2, 1), (2, 1), (3, 0)]
-    reasons = (run_dir / "report" / "clients.tsv").read_text()
-    assert "injected fault" in reasons and "worker process died" in reasons
+    # ... and each failure is counted in its partition's row (the replies that failed carried
+    # no partition id: the server knows it from the node's other rounds)
+    lines = (run_dir / "report" / "clients.tsv").read_text().splitlines()
+    rows = {r.split("\t")[0]: dict(zip(lines[0].split("\t"), r.split("\t"), strict=True))
+            for r in lines[1:]}  # fmt: skip
+    assert sorted(rows) == ["partition-0", "partition-1", "partition-2"]
+    assert [rows[f"partition-{i}"]["rounds_failed"] for i in range(3)] == ["1", "1", "0"]
+    assert "injected fault" in rows["partition-0"]["last_reason"]
+    assert "worker process died" in rows["partition-1"]["last_reason"]
     # Assert: partition 1 is charged for all three rounds, the one it crashed in included
     cfg = RunConfig.from_flat({**overrides, "num-partitions": 3})
     size = len(read_manifest(client_manifest(cfg, data_dir, 1, 3)))

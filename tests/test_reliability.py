@@ -169,6 +169,23 @@ def test_below_min_successful_clients_nothing_is_aggregated() -> None:
     assert not getattr(strategy, "m_t", None)
 
 
+def test_a_failure_is_filed_under_the_partition_its_node_replied_as() -> None:
+    # Prepare: node 7 fails before it ever named its partition, then replies as partition-0,
+    # then fails again; node 8 only ever fails (a real SuperNode without a partition id)
+    table: dict[str, dict[str, Any]] = {}
+    crash = ClientReport("node-7", "failed", {}, "error 2: crashed", node=7)
+    # Execute
+    update_clients(table, 1, [crash, ClientReport("node-8", "failed", {}, "timeout", node=8)])
+    update_clients(table, 2, [ClientReport("partition-0", "ok", {"epsilon": 1.5}, node=7)])
+    update_clients(table, 3, [ClientReport("node-7", "failed", {}, "timeout", node=7)])
+    # Assert: one row per client; node 7's failures counted in partition-0's row
+    assert sorted(table) == ["node-8", "partition-0"]
+    row = table["partition-0"]
+    assert (row["rounds_ok"], row["rounds_failed"], row["last_round"]) == (1, 2, 3)
+    assert row["epsilon"] == 1.5 and row["last_reason"] == "timeout"
+    assert table["node-8"]["rounds_failed"] == 1
+
+
 def test_client_table_counts_rejections_next_to_failures() -> None:
     table: dict[str, dict[str, Any]] = {"old": {"rounds_ok": 1, "rounds_failed": 0}}  # older row
     update_clients(table, 2, [ClientReport("old", "rejected", {}, "w: non-finite")])
