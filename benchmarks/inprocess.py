@@ -14,13 +14,12 @@ import copy
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from flwr.app import Context, Message
 from flwr.app import Error as FlowerError
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from fedspeech.app.local_engine import DirectGrid
 
 SECAGG_CONFIGS = "secaggplus_configs"  # Flower's SecAgg+ record name
 
@@ -35,7 +34,7 @@ class Delivery:
     seconds: float
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(DirectGrid):
     """Delivers copies of the messages to ``app`` (see the module docstring).
 
     Args:
@@ -44,34 +43,10 @@ class InProcessGrid(Grid):
     """
 
     def __init__(self, app: ClientApp, contexts: Mapping[int, Context]) -> None:
+        super().__init__(contexts)
         self.app = app
-        self.contexts = dict(contexts)
         self.replies: list[Message] = []
         self.deliveries: list[Delivery] = []
-
-    def set_run(self, run: Run) -> None:
-        """Unused: there is no SuperLink."""
-
-    @property
-    def run(self) -> Run:
-        """Unused: there is no SuperLink."""
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Unused: strategies build their messages themselves."""
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        """The nodes of the federation."""
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Unused: see ``send_and_receive``."""
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Unused: see ``send_and_receive``."""
-        raise NotImplementedError
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -219,17 +219,18 @@ def _stop(executor: ProcessPoolExecutor, *, kill: bool) -> None:
     executor.shutdown(wait=not kill, cancel_futures=True)
 
 
-class PoolGrid(Grid):
-    """A Flower ``Grid`` whose nodes are ``contexts``, their messages run by ``pool``.
+class DirectGrid(Grid):
+    """A Flower ``Grid`` without a SuperLink: the nodes are ``contexts``, and a subclass's
+    ``send_and_receive`` delivers and collects in one call (``push_messages`` and
+    ``pull_messages`` are not supported; Flower's strategies and SecAgg+ workflow use only
+    ``send_and_receive`` and ``get_node_ids``).
 
     Args:
         contexts: node id -> that node's Context (kept here between messages).
-        pool: the worker processes.
     """
 
-    def __init__(self, contexts: Mapping[int, Context], pool: WorkerPool) -> None:
+    def __init__(self, contexts: Mapping[int, Context]) -> None:
         self.contexts = dict(contexts)
-        self.pool = pool
 
     def set_run(self, run: Run) -> None:
         """Unused: there is no SuperLink."""
@@ -249,11 +250,24 @@ class PoolGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Unsupported: ``send_and_receive`` delivers and collects in one call."""
-        raise NotImplementedError("PoolGrid delivers through send_and_receive")
+        raise NotImplementedError(f"{type(self).__name__} delivers through send_and_receive")
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Unsupported: see ``push_messages``."""
-        raise NotImplementedError("PoolGrid delivers through send_and_receive")
+        raise NotImplementedError(f"{type(self).__name__} delivers through send_and_receive")
+
+
+class PoolGrid(DirectGrid):
+    """A ``DirectGrid`` whose messages are run by ``pool``.
+
+    Args:
+        contexts: node id -> that node's Context (kept here between messages).
+        pool: the worker processes.
+    """
+
+    def __init__(self, contexts: Mapping[int, Context], pool: WorkerPool) -> None:
+        super().__init__(contexts)
+        self.pool = pool
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
