@@ -40,6 +40,7 @@ from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.app import Error as FlowerError
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -49,8 +50,7 @@ log = logging.getLogger("fedspeech.engine")
 # client ~1.2 s here; DP-SGD adds Opacus, ~1.3 s.
 PRELOAD = ("torch", "fedspeech_client.app", "fedspeech_client.local_round")
 PRELOAD_DP = (*PRELOAD, "fedspeech_client.dp_sgd")
-_CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
-_NODE_DIED = 0  # ErrorCode.UNKNOWN: the worker process ended without a reply
+_NODE_DIED = ErrorCode.UNKNOWN  # the worker process ended without a reply (Ray: an actor died)
 # Top-level loggers of our packages (``fedspeech.*`` names and modules' ``__name__``).
 _OUR_LOGGERS = ("fedspeech", "fedspeech_client", "fedspeech_server", "fedspeech_features")
 
@@ -68,7 +68,7 @@ def handle_message(message: Message, context: Context) -> tuple[Message, Context
         log.exception("node %d: the ClientApp raised", context.node_id)
         reason = f"{type(exc)}:<'{exc}'>"
         reply = Message(
-            FlowerError(code=_CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message
+            FlowerError(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message
         )
     return reply, context
 
