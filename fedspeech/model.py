@@ -224,7 +224,9 @@ def _dp_cell(cell: str, *, fast: bool) -> type[nn.Module]:
     fused GRU's backward here), and importing opacus costs ~1.3 s (measured here) and configures
     the root logger. Code that wraps a model in Opacus imports
     ``fedspeech.fast_gru_grad_sampler`` first (``fedspeech_client.dp_sgd`` does), which registers
-    FastGRU's grad sampler; without it Opacus refuses the model (an unsupported layer).
+    FastGRU's grad samplers; without it Opacus accepts the model but computes FastGRU's
+    per-sample gradients its generic way (functorch), slower and without the summed-gradient
+    skip.
     """
     if fast:
         from fedspeech.fast_gru import FastGRU
