@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import logging
 import pstats
 import shutil
 import statistics
@@ -44,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
-from benchmarks.workdirs import add_folder_args, work_folders
+from benchmarks.workdirs import parse_round_args, work_folders
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest, feature_cache_dir
@@ -267,11 +266,7 @@ def main() -> None:
     parser.add_argument("--per-message", type=int, default=6, help="profiled messages a flavour")
     parser.add_argument("--skip-simulation", action="store_true", help="only the per-message part")
     parser.add_argument("--skip-messages", action="store_true", help="only the simulations")
-    add_folder_args(parser)
-    args = parser.parse_args()
-    if args.rounds < 2:
-        parser.error("--rounds must be >= 2 (round 1 includes Ray's warm-up)")
-    logging.basicConfig(level=logging.WARNING)
+    args = parse_round_args(parser)
     with work_folders(args, "fedspeech-device-round-") as (work, data_dir):
         start = time.perf_counter()
         prepare(args, data_dir)

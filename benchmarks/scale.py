@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 from benchmarks.procmem import TreeMemorySampler
-from benchmarks.workdirs import add_folder_args, work_folders
+from benchmarks.workdirs import parse_round_args, work_folders
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest, feature_cache_dir
@@ -205,11 +204,7 @@ def main() -> None:
         "(0: every client its own; 10,000 clients x 2 would take ~20 min to synthesize)",
     )
     parser.add_argument("--secure-aggregation", action="store_true", help="rounds through SecAgg+")
-    add_folder_args(parser)
-    args = parser.parse_args()
-    if args.rounds < 2:
-        parser.error("--rounds must be >= 2 (round 1 includes Ray's warm-up)")
-    logging.basicConfig(level=logging.WARNING)
+    args = parse_round_args(parser)
     with work_folders(args, "fedspeech-scale-") as (work, data_dir):
         start = time.perf_counter()
         _, eval_manifest, manifests = prepare(args, data_dir)
