@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import Tensor
 
@@ -31,6 +32,7 @@ from fedspeech.model import BiGRUCTC, load_plain_state_dict
 from fedspeech.pipeline import initial_weights, load_examples
 from fedspeech.privacy_ledger import PrivacyBudgetError, PrivacyLedger, calibrate_noise_multiplier
 from fedspeech_client.batching import LabelledFeatures
+from fedspeech_client.example_memo import MEMO, Loaded
 from fedspeech_client.node_state import NodeData
 from fedspeech_client.train import train_local
 from fedspeech_features.dataset import SKIP_KINDS, Example
@@ -65,7 +67,8 @@ class RoundOutcome:
 
 
 def load_node_examples(node: NodeData, cfg: RunConfig) -> tuple[list[Example], dict[str, float]]:
-    """The node's training examples (features from the node's cache after the first round).
+    """The node's training examples: from memory while its files are unchanged
+    (``fedspeech_client.example_memo``), else from the node's feature cache.
 
     Unusable utterances are skipped, each named with its reason in the node's log.
 
@@ -81,8 +84,15 @@ def load_node_examples(node: NodeData, cfg: RunConfig) -> tuple[list[Example], d
         from fedspeech.fed_data import prepared_client_manifest
 
         manifest = prepared_client_manifest(cfg, cfg.fed.data_dir, *node.partition)
-    examples, report, summary = load_examples(manifest, cfg.features, cache_root=node.cache_dir)
-    log.info("%s: %s", node.label, summary)
+
+    def load() -> Loaded:
+        examples, report, summary = load_examples(manifest, cfg.features, cache_root=node.cache_dir)
+        log.info("%s: %s", node.label, summary)
+        return examples, report
+
+    (examples, report), kept = MEMO.get(Path(manifest), cfg.features, node.cache_dir, load)
+    if kept:
+        log.info("%s: %d examples, kept in memory since the last round", node.label, len(examples))
     if not examples:
         raise FedspeechDataError(
             f"{manifest}: no usable utterances ({len(report.skipped)} skipped)"

@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flwr.app import Message, RecordDict
 
 from fedspeech.app.cli import main as cli_main
+from fedspeech.app.local_engine import _AffinityQueue, server_identity
 from fedspeech.app.simulate import simulate
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.fed_data import client_manifest
@@ -143,7 +145,12 @@ def test_a_run_resumed_on_the_local_engine_continues_its_ledgers_and_tracking_ru
     # Prepare: a finished 2-round run
     run_dir = tmp_path / "run"
     overrides = _overrides(data_dir, run_dir, **{"num-server-rounds": 2})
-    first = simulate(overrides=overrides, num_supernodes=3, out=run_dir, engine="local")
+    log_file = tmp_path / "run.log"
+    first = simulate(
+        overrides=overrides, num_supernodes=3, out=run_dir, engine="local", output=log_file
+    )
+    # (round 2: each worker took first a node it served in round 1, whose examples it kept)
+    assert log_file.read_text().count("examples, kept in memory since the last round") >= 2
     # Execute: one more round
     resumed = simulate(overrides={"num-server-rounds": 3}, out=run_dir, resume=True, engine="local")
     # Assert: round 3 ran in the same MLflow run, and every node's ledger holds its 3 rounds
@@ -170,3 +177,16 @@ def test_the_cli_refuses_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -
         cli_main(["simulate", "--engine", "ray"])
     assert stop.value.code == 2
     assert "invalid choice: 'ray'" in capsys.readouterr().err
+
+
+def test_a_free_worker_takes_first_a_node_it_served_last() -> None:
+    # Prepare: nodes 1..5 in this order; worker 0 ran node 4 last, worker 1 ran nodes 2 and 5
+    with server_identity():
+        messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 6)]
+    queue = _AffinityQueue(messages, {4: 0, 2: 1, 5: 1, 3: 7})
+    # Execute: the workers free up in this order
+    taken = [queue.take(slot).metadata.dst_node_id for slot in (1, 0, 0, 1, 1)]
+    # Assert: each its own nodes (oldest first), then the oldest of the rest; each message once
+    assert taken == [2, 4, 1, 5, 3] and len(queue) == 0
+    with pytest.raises(IndexError):
+        queue.take(0)

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -51,6 +51,7 @@ log = logging.getLogger("fedspeech.engine")
 PRELOAD = ("torch", "fedspeech_client.app", "fedspeech_client.local_round")
 PRELOAD_DP = (*PRELOAD, "fedspeech_client.dp_sgd")
 _NODE_DIED = ErrorCode.UNKNOWN  # the worker process ended without a reply (Ray: an actor died)
+_WORKER_SCOPE = ExitStack()  # what a worker process keeps entered until it exits
 # Top-level loggers of our packages (``fedspeech.*`` names and modules' ``__name__``).
 _OUR_LOGGERS = ("fedspeech", "fedspeech_client", "fedspeech_server", "fedspeech_features")
 
@@ -81,8 +82,8 @@ def _init_worker(environ: Mapping[str, str], threads: int, log_file: str | None)
     import torch
 
     torch.set_num_threads(threads)
-    if log_file:
-        logs_to(log_file, everything=True).__enter__()  # never left: the worker's whole life
+    if log_file:  # never left: the worker's whole life (held here, else it is left when
+        _WORKER_SCOPE.enter_context(logs_to(log_file, everything=True))  # collected)
 
 
 @contextmanager
@@ -268,34 +269,39 @@ class PoolGrid(DirectGrid):
     def __init__(self, contexts: Mapping[int, Context], pool: WorkerPool) -> None:
         super().__init__(contexts)
         self.pool = pool
+        self._served_by: dict[int, int] = {}  # node -> the worker slot that ran its last message
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Deliver every message to its node's ClientApp; the replies that came within ``timeout``.
 
-        Messages wait for a free worker in the order given. A node that does not exist, or
+        Messages wait for a free worker in the order given, except that a worker takes first
+        a message for a node it served last (it still has the node's examples in memory:
+        ``fedspeech_client.example_memo``). A node that does not exist, or
         whose worker died, answers with an error reply; a message still running or waiting at
         the timeout gets none (its worker is stopped), as a node that does not answer in Flower.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        waiting: deque[Message] = deque()
+        deliverable: list[Message] = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's Grids do
             node = message.metadata.dst_node_id
             if node in self.contexts:
-                waiting.append(message)
+                deliverable.append(message)
             else:
                 replies.append(_error(message, _NODE_DIED, f"no node {node} in this federation"))
+        waiting = _AffinityQueue(deliverable, self._served_by)
         free = list(range(self.pool.workers))
         running: dict[Future[tuple[Message, Context]], tuple[int, Message]] = {}
         while waiting or running:
             while waiting and free:
-                slot, message = free.pop(), waiting.popleft()
-                future = self.pool.submit(
-                    slot, message, self.contexts[message.metadata.dst_node_id]
-                )
+                slot = free.pop()
+                message = waiting.take(slot)
+                node = message.metadata.dst_node_id
+                future = self.pool.submit(slot, message, self.contexts[node])
+                self._served_by[node] = slot
                 running[future] = (slot, message)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
@@ -327,6 +333,35 @@ class PoolGrid(DirectGrid):
         self.contexts[node] = context
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return reply
+
+
+class _AffinityQueue:
+    """Messages in the order given; ``take(slot)`` gives first the oldest one whose node
+    ``served_by`` says worker ``slot`` ran last, else the oldest one."""
+
+    def __init__(self, messages: Iterable[Message], served_by: Mapping[int, int]) -> None:
+        self._all: deque[Message] = deque(messages)
+        self._by_slot: dict[int, deque[Message]] = {}
+        for message in self._all:
+            slot = served_by.get(message.metadata.dst_node_id)
+            if slot is not None:
+                self._by_slot.setdefault(slot, deque()).append(message)
+        self._taken: set[int] = set()  # id() of the messages taken (each is in two queues)
+        self._left = len(self._all)
+
+    def __len__(self) -> int:
+        return self._left
+
+    def take(self, slot: int) -> Message:
+        """The next message for worker ``slot``. Raises IndexError when none is left."""
+        for queue in (self._by_slot.get(slot), self._all):
+            while queue:
+                message = queue.popleft()
+                if id(message) not in self._taken:
+                    self._taken.add(id(message))
+                    self._left -= 1
+                    return message
+        raise IndexError("no message left")
 
 
 def _error(message: Message, code: int, reason: str) -> Message:
