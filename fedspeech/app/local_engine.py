@@ -17,8 +17,9 @@ What stays as in Flower's runtime:
 - at most ``workers`` ClientApps run at once (Ray's ``client-resources-num-cpus`` rule).
 
 What differs: a worker serves many nodes and keeps its imports (Flower's Ray actors do too); the
-workers are forked from a forkserver that imports torch, the client (and Opacus, for DP-SGD)
-once, while the server starts; a worker that dies (killed, out of memory) fails the one message
+workers are forked from a forkserver that imports the client (and Opacus, for DP-SGD) once,
+while the server starts (a fork of this process, which has torch already, where that is safe:
+``fedspeech.app.zygote``); a worker that dies (killed, out of memory) fails the one message
 it held, which is reported like a crashed ClientApp, and only that worker is started again for
 the next ones.
 """
@@ -43,6 +44,8 @@ from flwr.app import Error as FlowerError
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fedspeech.app.zygote import start_forkserver
 
 log = logging.getLogger("fedspeech.engine")
 
@@ -145,6 +148,7 @@ class WorkerPool:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         self.preload = preload
+        self.threads = threads
         self._initargs = (threads, log_file)
         self._slots: list[ProcessPoolExecutor | None] = [None] * workers
         self._lock = threading.Lock()
@@ -153,7 +157,12 @@ class WorkerPool:
         self.warmed: list[Future[int]] = []
 
     def start(self) -> None:
-        """Start the workers and their imports in the background (``submit`` waits for them)."""
+        """Start the workers and their imports in the background (``submit`` waits for them).
+
+        Where it is safe, their forkserver is a fork of this process (``fedspeech.app.zygote``):
+        torch is imported already there.
+        """
+        start_forkserver(self.preload, threads=self.threads)
 
         def start_all() -> None:
             for slot in range(self.workers):
