@@ -24,7 +24,6 @@ import contextlib
 import functools
 import logging
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +36,7 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
-from benchmarks.fed_overhead import SETTINGS, warm_feature_cache
+from benchmarks.fed_overhead import SETTINGS, create_store, warm_feature_cache
 from fedspeech.app import local_engine
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
@@ -159,13 +158,8 @@ def main() -> None:
         }
         cfg = RunConfig.from_flat({**overrides, "num-partitions": args.clients})
         warm_feature_cache(cfg, work / "data", args.clients)
-        if not args.new_store:  # MLflow creates its tables, in another process
-            subprocess.run(
-                [sys.executable, "-c", "import sys, mlflow; "
-                 "mlflow.MlflowClient(sys.argv[1]).search_experiments()",
-                 overrides["tracking-uri"]],
-                check=True, capture_output=True,
-            )  # fmt: skip
+        if not args.new_store:
+            create_store(overrides["tracking-uri"])
         timeline = one_run(args, work, overrides)
     store = "a new" if args.new_store else "an existing"
     print(f"local engine, {args.clients} DP clients x {args.rounds} rounds, {store} MLflow store")

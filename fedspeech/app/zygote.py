@@ -25,6 +25,7 @@ when this process has gone, without running this process's exit handlers.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -32,8 +33,13 @@ import socket
 import sys
 import threading
 from multiprocessing import connection, forkserver, util
+from typing import Any
 
 log = logging.getLogger("fedspeech.engine")
+
+# multiprocessing's private parts this module uses (stable from 3.4 to 3.13; see ``usable``)
+_SERVER: Any = forkserver._forkserver
+_CONNECTION: Any = connection
 
 
 def usable(threads: int) -> str | None:
@@ -44,7 +50,7 @@ def usable(threads: int) -> str | None:
         return f"{threads} torch threads per worker"
     if threading.active_count() != 1:
         return f"{threading.active_count()} threads in this process"
-    if forkserver._forkserver._forkserver_pid is not None:
+    if _SERVER._forkserver_pid is not None:
         return "a forkserver runs already"
     return None
 
@@ -57,10 +63,10 @@ def start_forkserver(preload: tuple[str, ...], threads: int) -> bool:
     if why_not is not None:
         log.debug("workers from a fresh forkserver: %s", why_not)
         return False
-    server = forkserver._forkserver
+    server = _SERVER
     with server._lock:
         listener = socket.socket(socket.AF_UNIX)
-        address = connection.arbitrary_address("AF_UNIX")
+        address = _CONNECTION.arbitrary_address("AF_UNIX")
         listener.bind(address)
         if not util.is_abstract_socket_namespace(address):
             os.chmod(address, 0o600)
@@ -81,10 +87,9 @@ def start_forkserver(preload: tuple[str, ...], threads: int) -> bool:
 def _stop_tqdm_monitor() -> None:
     """End tqdm's monitor thread (started by the first progress bar; the next bar starts it
     again), the one thread a process that showed features' progress has besides its own."""
-    tqdm = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
-    monitor = getattr(tqdm, "monitor", None)
-    if monitor is not None:
-        monitor.exit()  # wakes it and joins it
+    tqdm: Any = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
+    if tqdm is not None and tqdm.monitor is not None:
+        tqdm.monitor.exit()  # wakes it and joins it
         tqdm.monitor = None
 
 
@@ -109,8 +114,7 @@ def _detach_descriptors(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in keep and fd != null:
-            try:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed already
+                os.fstat(fd)
                 os.dup2(null, fd)
-            except OSError:  # the listing's own descriptor, closed already
-                pass
     os.close(null)
