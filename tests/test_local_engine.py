@@ -22,8 +22,8 @@ import pytest
 from flwr.app import Message, RecordDict
 
 from fedspeech.app.cli import main as cli_main
-from fedspeech.app.local_engine import _AffinityQueue, server_identity
-from fedspeech.app.simulate import simulate
+from fedspeech.app.local_engine import _AffinityQueue, kept_workers, server_identity
+from fedspeech.app.simulate import SimulationOutcome, simulate
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.fed_data import client_manifest
 from fedspeech_client.local_round import round_steps
@@ -164,6 +164,41 @@ def test_a_run_resumed_on_the_local_engine_continues_its_ledgers_and_tracking_ru
         ledger = load_ledger(run_dir / "client-state" / f"partition-{i}.json", 1e-5)
         assert ledger is not None and ledger.num_steps == 3 * steps
     assert resumed.history[2]["epsilon_max"] > resumed.history[1]["epsilon_max"]
+
+
+@pytest.mark.usefixtures("no_workers_left")
+def test_kept_workers_serve_the_next_run_with_its_environment_and_its_log(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: two one-round runs; only the second has partition 0 raise
+    runs = [tmp_path / "first", tmp_path / "second"]
+
+    def run(folder: Path) -> SimulationOutcome:
+        overrides = _overrides(data_dir, folder / "run", **{"num-server-rounds": 1})
+        return simulate(
+            overrides=overrides,
+            num_supernodes=3,
+            out=folder / "run",
+            engine="local",
+            output=folder / "run.log",
+        )
+
+    # Execute
+    with kept_workers():
+        first = run(runs[0])
+        workers = {child.pid for child in multiprocessing.active_children()}
+        monkeypatch.setenv("FEDSPEECH_FAULT", "0:raise@1")
+        second = run(runs[1])
+        # Assert: the second run had the first's workers
+        assert workers and {child.pid for child in multiprocessing.active_children()} == workers
+    # Assert: each run's environment and log: the fault in the second only, each run's client
+    # records in its own log; the second run's nodes were in memory already
+    assert [(h["clients_ok"], h["clients_failed"]) for h in first.history] == [(3, 0)]
+    assert [(h["clients_ok"], h["clients_failed"]) for h in second.history] == [(2, 1)]
+    logs = [(folder / "run.log").read_text() for folder in runs]
+    assert all("INFO fedspeech_client.local_round" in text for text in logs)
+    assert "injected fault" not in logs[0] and "injected fault" in logs[1]
+    assert "kept in memory since the last round" in logs[1]
 
 
 def test_gpu_shares_are_refused_on_the_local_engine(tmp_path: Path) -> None:

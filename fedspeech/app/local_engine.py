@@ -37,6 +37,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -54,18 +55,32 @@ log = logging.getLogger("fedspeech.engine")
 PRELOAD = ("torch", "fedspeech_client.app", "fedspeech_client.local_round")
 PRELOAD_DP = (*PRELOAD, "fedspeech_client.dp_sgd")
 _NODE_DIED = ErrorCode.UNKNOWN  # the worker process ended without a reply (Ray: an actor died)
-_WORKER_SCOPE = ExitStack()  # what a worker process keeps entered until it exits
+_WORKER_SCOPE = ExitStack()  # a worker's log routing for the run it serves now
+_worker_setup: RunSetup | None = None  # in a worker: the run it serves now
+_kept: dict[tuple[int, int], WorkerPool] | None = (
+    None  # within ``kept_workers``: (workers, threads)
+)
 # Top-level loggers of our packages (``fedspeech.*`` names and modules' ``__name__``).
 _OUR_LOGGERS = ("fedspeech", "fedspeech_client", "fedspeech_server", "fedspeech_features")
 
 
-def handle_message(message: Message, context: Context) -> tuple[Message, Context]:
+@dataclass(frozen=True)
+class RunSetup:
+    """What a worker takes from the run it serves: the environment of its ``simulate`` call
+    (not the forkserver's) and where its log records go (None: the console)."""
+
+    environ: Mapping[str, str]
+    log_file: str | None
+
+
+def handle_message(message: Message, context: Context, setup: RunSetup) -> tuple[Message, Context]:
     """Run ``fedspeech_client.app.app`` on one message in a worker: the reply and the context.
 
     An exception becomes an error reply naming it, as in Flower's runtime.
     """
     from fedspeech_client.app import app
 
+    _serve_run(setup)
     try:
         reply = app(message, context)
     except Exception as exc:
@@ -77,16 +92,24 @@ def handle_message(message: Message, context: Context) -> tuple[Message, Context
     return reply, context
 
 
-def _init_worker(environ: Mapping[str, str], threads: int, log_file: str | None) -> None:
-    """A new worker: the environment of the ``simulate`` call (not the forkserver's), ``threads``
-    torch threads (as Ray gives an actor its CPUs), and its log records in ``log_file``."""
-    os.environ.clear()
-    os.environ.update(environ)
+def _init_worker(threads: int) -> None:
+    """A new worker: ``threads`` torch threads (as Ray gives an actor its CPUs)."""
     import torch
 
     torch.set_num_threads(threads)
-    if log_file:  # never left: the worker's whole life (held here, else it is left when
-        _WORKER_SCOPE.enter_context(logs_to(log_file, everything=True))  # collected)
+
+
+def _serve_run(setup: RunSetup) -> None:
+    """Take on ``setup`` in a worker, when it is another run's than the last message's."""
+    global _worker_setup
+    if setup == _worker_setup:
+        return
+    os.environ.clear()
+    os.environ.update(setup.environ)
+    _WORKER_SCOPE.close()  # the last run's log routing
+    if setup.log_file:
+        _WORKER_SCOPE.enter_context(logs_to(setup.log_file, everything=True))
+    _worker_setup = setup
 
 
 @contextmanager
@@ -149,7 +172,7 @@ class WorkerPool:
         self.workers = workers
         self.preload = preload
         self.threads = threads
-        self._initargs = (threads, log_file)
+        self.setup = RunSetup(dict(os.environ), log_file)  # sent with each message
         self._slots: list[ProcessPoolExecutor | None] = [None] * workers
         self._lock = threading.Lock()
         # Per started worker, its warm-up: done when the worker can take a message (a worker
@@ -183,9 +206,8 @@ class WorkerPool:
                     # preload; the workers' _warm imports what it lacks.
                     ctx.set_forkserver_preload(list(self.preload))
                 executor = ProcessPoolExecutor(
-                    1, mp_context=ctx, initializer=_init_worker,
-                    initargs=(dict(os.environ), *self._initargs),
-                )  # fmt: skip
+                    1, mp_context=ctx, initializer=_init_worker, initargs=(self.threads,)
+                )
                 # Its process starts now, not at the first message.
                 self.warmed.append(executor.submit(_warm, self.preload))
                 self._slots[slot] = executor
@@ -194,13 +216,13 @@ class WorkerPool:
     def submit(
         self, slot: int, message: Message, context: Context
     ) -> Future[tuple[Message, Context]]:
-        """Run ``handle_message(message, context)`` on worker ``slot`` (idle: the caller's
-        bookkeeping; a broken worker is replaced first)."""
+        """Run ``handle_message(message, context, self.setup)`` on worker ``slot`` (idle: the
+        caller's bookkeeping; a broken worker is replaced first)."""
         try:
-            return self._executor(slot).submit(handle_message, message, context)
+            return self._executor(slot).submit(handle_message, message, context, self.setup)
         except BrokenProcessPool:  # it died since its last message
             self.replace(slot)
-            return self._executor(slot).submit(handle_message, message, context)
+            return self._executor(slot).submit(handle_message, message, context, self.setup)
 
     def replace(self, slot: int) -> None:
         """Stop worker ``slot`` (killed if still running a message); the next use starts anew."""
@@ -217,6 +239,59 @@ class WorkerPool:
         for executor in executors:
             if executor is not None:
                 _stop(executor, kill=kill)
+
+
+@contextmanager
+def kept_workers() -> Iterator[None]:
+    """Keep the local engine's workers from one ``simulate`` run to the next, in this block.
+
+    A run then finds its workers started, with their imports done and the examples of the nodes
+    they served in memory (``fedspeech_client.example_memo``): for a sweep of runs in one
+    process, such as ``experiments/recipes.py``. Runs with as many workers and torch threads
+    share a pool. The workers stop when the block is left (at once, when it is left by an
+    exception).
+    """
+    global _kept
+    if _kept is not None:  # nested: the outer block keeps them
+        yield
+        return
+    _kept = {}
+    try:
+        yield
+    except BaseException:
+        pools, _kept = _kept, None
+        for pool in pools.values():
+            pool.close(kill=True)
+        raise
+    pools, _kept = _kept, None
+    for pool in pools.values():
+        pool.close()
+
+
+@contextmanager
+def run_pool(
+    workers: int, *, threads: int, log_file: str | None, preload: tuple[str, ...]
+) -> Iterator[WorkerPool]:
+    """A started pool for one run: a kept one (``kept_workers``) or a new one, stopped after
+    the run; on an exception (an interrupt) stopped at once, a kept one too."""
+    key = (workers, threads)
+    pool = _kept.get(key) if _kept is not None else None
+    if pool is None:
+        pool = WorkerPool(workers, threads=threads, log_file=log_file, preload=preload)
+        pool.start()  # its workers import torch (and Opacus) while the server starts
+        if _kept is not None:
+            _kept[key] = pool
+    else:
+        pool.setup = RunSetup(dict(os.environ), log_file)
+    try:
+        yield pool
+    except BaseException:
+        pool.close(kill=True)
+        if _kept is not None:
+            _kept.pop(key, None)
+        raise
+    if _kept is None:
+        pool.close()
 
 
 def _stop(executor: ProcessPoolExecutor, *, kill: bool) -> None:

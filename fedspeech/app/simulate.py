@@ -182,23 +182,15 @@ def simulate(
             "--client-gpus reserves Ray GPU shares: the local engine has none (the run "
             "config's device says where clients train); use --engine flower"
         )
-    from fedspeech.app.local_engine import PRELOAD, PRELOAD_DP, WorkerPool
+    from fedspeech.app.local_engine import PRELOAD, PRELOAD_DP, run_pool
 
-    # Its workers import torch (and Opacus) while the server starts.
-    pool = WorkerPool(
+    with run_pool(
         max(1, min(n, available_cpus() // client_cpus)),
         threads=client_cpus,
         log_file=str(output) if output else None,
         preload=PRELOAD_DP if cfg.sample_level_dp else PRELOAD,
-    )
-    pool.start()
-    try:
-        outcome = _launch(cfg, n, run_dir, federation, pool, output)
-    except BaseException:
-        pool.close(kill=True)
-        raise
-    pool.close()
-    return outcome
+    ) as pool:
+        return _launch(cfg, n, run_dir, federation, pool, output)
 
 
 def _launch(
