@@ -2,7 +2,7 @@
 
     python benchmarks/fed_overhead.py [--engines flower local] [--clients 8] [--rounds 3]
         [--utterances 1200] [--hidden-size 64] [--epochs 1] [--cold] [--existing-store]
-        [--keep DIR] [--json FILE]
+        [--runs 1] [--keep DIR] [--json FILE]
 
 overhead = simulate wall time / ideal time, where
 
@@ -23,7 +23,10 @@ overhead seconds would fit into the goal.
 Each engine (``fedspeech simulate --engine``: Flower's runtime, the local engine) runs the same
 simulation, one after the other in one run, on the same prepared data, each with a new MLflow
 store (``--existing-store``: one whose tables an earlier run created, as for every run but a
-store's first); the last lines put their ratios side by side.
+store's first); the last lines put their ratios side by side. ``--runs N`` runs each engine N
+times in a row in this process, into the same store: the local engine's later runs find the
+first's workers started (``fedspeech.app.local_engine.kept_workers``, as a sweep of runs in one
+process would) and MLflow imported.
 
 The synthetic corpus is built and the feature cache warmed before the clock starts (data
 preparation, like the corpus; ``--cold`` leaves the cache cold, so round 1 extracts features).
@@ -35,6 +38,7 @@ from the run folder: the server writes ``eval_manifest.tsv`` as the last step be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -47,6 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
+from fedspeech.app.local_engine import kept_workers
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest, feature_cache_dir
@@ -96,10 +101,11 @@ def create_store(tracking_uri: str) -> None:
     )  # fmt: skip
 
 
-def run(args: argparse.Namespace, work: Path, engine: str) -> dict[str, Any]:
-    """One simulation on ``engine``; returns the measurements."""
+def run(args: argparse.Namespace, work: Path, engine: str, index: int) -> dict[str, Any]:
+    """Simulation number ``index`` (from 1) on ``engine``; returns the measurements."""
     # --cold: each engine extracts its own features
-    data_dir, run_dir = (work / engine if args.cold else work) / "data", work / engine / "run"
+    data_dir = (work / engine if args.cold else work) / "data"
+    run_dir = work / engine / f"run-{index}"
     overrides = {
         **SETTINGS,
         "synthetic-utterances": args.utterances,
@@ -112,7 +118,8 @@ def run(args: argparse.Namespace, work: Path, engine: str) -> dict[str, Any]:
     }
     cfg = RunConfig.from_flat({**overrides, "num-partitions": args.clients})
     prepare = warm_feature_cache(cfg, data_dir, 0 if args.cold else args.clients)
-    if args.existing_store:
+    store = "existing" if args.existing_store or index > 1 else "new"
+    if args.existing_store and index == 1:
         create_store(overrides["tracking-uri"])
     launched = time.time()
     start = time.perf_counter()
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace, work: Path, engine: str) -> dict[str, Any]:
     first_round_at = (run_dir / "eval_manifest.tsv").stat().st_mtime
     return {
         "wall": wall,
+        "store": store,
         "prepare": prepare,
         "startup": first_round_at - launched,
         "history": outcome.history,
@@ -167,7 +175,7 @@ def report(m: dict[str, Any], args: argparse.Namespace, engine: str) -> float:
           f"{args.hidden_size}, {args.epochs} epoch(s) per round")  # fmt: skip
     print(f"feature cache           {'cold' if args.cold else 'warmed'} "
           f"(prepare {m['prepare']:.1f} s, not timed)")  # fmt: skip
-    print(f"MLflow store            {'existing' if args.existing_store else 'new'}")
+    print(f"MLflow store            {m['store']}")
     print(f"parallel workers        {workers} = min({args.clients} clients, "
           f"{cpus:g} Ray CPUs / {args.client_cpus:g} CPU per client)")  # fmt: skip
     print(f"wall (simulate)         {m['wall']:.1f} s")
@@ -210,6 +218,9 @@ def main() -> None:
     parser.add_argument(
         "--existing-store", action="store_true", help="MLflow's tables exist before the run"
     )
+    parser.add_argument(
+        "--runs", type=int, default=1, help="simulations per engine, one after the other"
+    )
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args()
@@ -221,12 +232,16 @@ def main() -> None:
             args.keep.mkdir(parents=True, exist_ok=True)
             work = args.keep.resolve()
         for engine in args.engines:
-            measured[engine] = run(args, work, engine)
-    ratios = {engine: report(m, args, engine) for engine, m in measured.items()}
+            # the local engine's later runs find the first's workers (Flower's runtime keeps none)
+            with kept_workers() if engine == "local" else contextlib.nullcontext():
+                for index in range(1, args.runs + 1):
+                    label = engine if args.runs == 1 else f"{engine} #{index}"
+                    measured[label] = run(args, work, engine, index)
+    ratios = {label: report(m, args, label) for label, m in measured.items()}
     print("--- side by side (one run)")
-    for engine, ratio in ratios.items():
-        m = measured[engine]
-        print(f"{engine:<8} wall {m['wall']:5.1f} s  startup {m['startup']:4.1f} s  "
+    for label, ratio in ratios.items():
+        m = measured[label]
+        print(f"{label:<10} wall {m['wall']:5.1f} s  startup {m['startup']:4.1f} s  "
               f"overhead ratio {ratio:.2f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(measured, indent=2) + "\n", encoding="utf-8")
