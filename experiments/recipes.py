@@ -275,8 +275,10 @@ def row_name(mode: str, epsilon: float | None) -> str:
     return f"{mode}-eps{epsilon:g}" if mode == "fed-dp" and epsilon is not None else mode
 
 
-def run_fold(fold: Fold, flat: dict[str, Any], mode: str, out: Path, run_name: str) -> FoldResult:
-    """Train one fold (centrally or federated), then score its final model."""
+def run_fold(
+    fold: Fold, flat: dict[str, Any], mode: str, out: Path, run_name: str, engine: str = "flower"
+) -> FoldResult:
+    """Train one fold (centrally or federated on ``engine``), then score its final model."""
     start = time.perf_counter()
     overrides = dict(flat, **{"experiment-name": EXPERIMENT, "run-name": run_name})
     if mode == "central":
@@ -292,7 +294,7 @@ def run_fold(fold: Fold, flat: dict[str, Any], mode: str, out: Path, run_name: s
         overrides.update(
             {"corpus": str(fold.train), "eval-manifest": str(fold.evaluate), "holdout-speakers": 0}
         )
-        outcome = simulate(overrides=overrides, out=out, output=out / "flower.log")
+        outcome = simulate(overrides=overrides, out=out, output=out / "flower.log", engine=engine)
         if not outcome.finished or outcome.model_dir is None:
             raise RuntimeError(f"fold {fold.name}: the simulation did not finish; see {out}")
         model_dir, rounds = outcome.model_dir, outcome.rounds
@@ -334,19 +336,28 @@ def run_row(
     folds: Sequence[str],
     extra: str,
     name: str | None = None,
+    engine: str = "flower",
 ) -> Path:
-    """Run every fold of one row; write its JSON and its MLflow summary run."""
+    """Run every fold of one row; write its JSON and its MLflow summary run.
+
+    On the local engine the folds share one pool of workers (``kept_workers``): only the first
+    fold waits for their imports.
+    """
+    from fedspeech.app.local_engine import kept_workers
+
     name = name or row_name(mode, epsilon)
     flat = recipe_config(task, mode, epsilon, extra)
     cfg = resolve_run_config(None, flat, cwd=ROOT)  # fail before any training
     work = WORK / task
     results = []
-    for fold in TASKS[task](work / "folds", folds):
-        log.info("%s %s: fold %s", task, name, fold.name)
-        result = run_fold(fold, flat, mode, work / name / fold.name, f"{task}-{name}-{fold.name}")
-        log.info("%s %s: fold %s -> %s", task, name, fold.name, asdict(result))
-        results.append(result)
-    summary = summarize(task, name, mode, flat, results, extra, folds)
+    with kept_workers():
+        for fold in TASKS[task](work / "folds", folds):
+            log.info("%s %s: fold %s", task, name, fold.name)
+            out, run_name = work / name / fold.name, f"{task}-{name}-{fold.name}"
+            result = run_fold(fold, flat, mode, out, run_name, engine)
+            log.info("%s %s: fold %s -> %s", task, name, fold.name, asdict(result))
+            results.append(result)
+    summary = summarize(task, name, mode, flat, results, extra, folds, engine)
     _save(summary, cfg, work / name)
     return RESULTS / task / f"{name}.json"
 
@@ -373,6 +384,7 @@ def summarize(
     results: Sequence[FoldResult],
     extra: str,
     folds: Sequence[str],
+    engine: str = "flower",
 ) -> dict[str, Any]:
     """Means over folds (and the folds themselves) for the JSON and the results page."""
     command = f"python experiments/recipes.py {task} {mode}"
@@ -384,6 +396,8 @@ def summarize(
         command += f' --run-config "{extra}"'
     if name not in (mode, row_name(mode, flat.get("target-epsilon") or None)):
         command += f" --row {name}"
+    if engine != "flower":
+        command += f" --engine {engine}"
     epsilons = [r.epsilon for r in results if r.epsilon is not None]
     return {
         "task": task,
@@ -455,6 +469,8 @@ def track(cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``TASK MODE [--epsilon E] [--folds A,B] [--run-config "k=v"]`` or ``report``."""
+    from fedspeech.app.simulate import ENGINES, stop_on_sigterm
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=[*TASKS, "report"])
     parser.add_argument("mode", nargs="?", choices=MODES)
@@ -462,10 +478,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", default="", help="only these folds (e.g. theo,jackson; dev)")
     parser.add_argument("--run-config", default="", help="extra overrides (tuning runs)")
     parser.add_argument("--row", help="name of the row (default: the mode, e.g. fed-dp-eps8)")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=ENGINES[0],
+        help="simulate --engine of the federated rows (local: the folds share their workers)",
+    )
     args = parser.parse_args(argv)
     setup_logging(0)
-    from fedspeech.app.simulate import stop_on_sigterm
-
     stop_on_sigterm()  # a killed row stops its simulation's processes too
     if args.task == "report":
         from experiments.report import write_report
@@ -478,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "pretrain":
         pretrain(args.task, args.run_config)
         return 0
-    run_row(args.task, args.mode, args.epsilon, folds, args.run_config, args.row)
+    run_row(args.task, args.mode, args.epsilon, folds, args.run_config, args.row, args.engine)
     return 0
 
 

@@ -86,6 +86,11 @@ def test_summary_means_folds_and_gives_the_command_that_reproduces_the_row() -> 
     assert (summary["delta"], summary["privacy_unit"]) == (1e-5, "sample")
     assert summary["seconds"] == 120.0
     assert summary["rounds"] == 4
+    on_local = recipes.summarize("digits", "fed-dp", "fed-dp", flat, folds, "", [], "local")
+    assert (
+        on_local["command"]
+        == "python experiments/recipes.py digits fed-dp --epsilon 8 --engine local"
+    )
 
 
 def test_user_level_rows_report_the_user_delta_and_unit() -> None:
