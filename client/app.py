@@ -73,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
         save_ledger,
     )
 
-    show_progress(("client", "fedspeech"))
+    show_progress()
     cfg = RunConfig.from_flat(context.run_config)
     if cfg.sample_level_dp:  # Opacus (~1.3 s) here, not inside the round's own ``seconds``
         import fedspeech_client.dp_sgd  # noqa: F401

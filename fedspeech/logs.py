@@ -24,18 +24,22 @@ def setup_logging(verbosity: int = 0) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def show_progress(
-    names: tuple[str, ...] = ("fedspeech", "server", "client", "features"),
-    level: int = logging.INFO,
-) -> None:
+# Top-level loggers of our packages (``fedspeech.*`` names and the modules' ``__name__``).
+OUR_LOGGERS = ("fedspeech", "fedspeech_client", "fedspeech_server", "fedspeech_features")
+
+
+def show_progress(names: tuple[str, ...] = OUR_LOGGERS, level: int = logging.INFO) -> None:
     """Print our own loggers' records in a Flower process (its output is what users see).
 
     Only fedspeech's loggers get a handler: the root logger stays untouched, so Flower's and
-    httpx's records are not printed twice.
+    httpx's records are not printed twice. Where the root logger has handlers already (this
+    process set up its logging: the ``fedspeech`` command with ``--engine local``, whose apps
+    run in its own process and its workers), the records go to them, in their format.
     """
+    has_own = bool(logging.getLogger().handlers)
     for name in names:
         logger = logging.getLogger(name)
-        if not logger.handlers:
+        if not logger.handlers and not has_own:
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             logger.addHandler(handler)

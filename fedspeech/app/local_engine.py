@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedspeech.app.zygote import start_forkserver
+from fedspeech.logs import OUR_LOGGERS
 
 log = logging.getLogger("fedspeech.engine")
 
@@ -60,8 +61,6 @@ _worker_setup: RunSetup | None = None  # in a worker: the run it serves now
 _kept: dict[tuple[int, int], WorkerPool] | None = (
     None  # within ``kept_workers``: (workers, threads)
 )
-# Top-level loggers of our packages (``fedspeech.*`` names and modules' ``__name__``).
-_OUR_LOGGERS = ("fedspeech", "fedspeech_client", "fedspeech_server", "fedspeech_features")
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ def logs_to(path: str | None, *, everything: bool = False) -> Iterator[None]:
         return
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    names = [*_OUR_LOGGERS, "flwr"] + ([""] if everything else [])
+    names = [*OUR_LOGGERS, "flwr"] + ([""] if everything else [])
     loggers = [logging.getLogger(name) for name in names]
     saved = [(lg, lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
     for logger in loggers:
@@ -497,5 +496,21 @@ def run_server(
     context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
-    with logs_to(log_file), server_identity():
+    with logs_to(log_file), flower_lines_once(), server_identity():
         app(grid, context)
+
+
+@contextmanager
+def flower_lines_once() -> Iterator[None]:
+    """Flower's records printed once, in this process's format: Flower prints them with its own
+    handler and passes them on to the root logger, whose handlers (the ``fedspeech`` command's)
+    print them again. Where the root logger has none, Flower's handler stays. Restored
+    afterwards."""
+    flwr = logging.getLogger("flwr")
+    saved = flwr.handlers[:]
+    if flwr.propagate and logging.getLogger().handlers:
+        flwr.handlers = []
+    try:
+        yield
+    finally:
+        flwr.handlers = saved
