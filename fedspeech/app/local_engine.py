@@ -58,9 +58,8 @@ PRELOAD_DP = (*PRELOAD, "fedspeech_client.dp_sgd")
 _NODE_DIED = ErrorCode.UNKNOWN  # the worker process ended without a reply (Ray: an actor died)
 _WORKER_SCOPE = ExitStack()  # a worker's log routing for the run it serves now
 _worker_setup: RunSetup | None = None  # in a worker: the run it serves now
-_kept: dict[tuple[int, int], WorkerPool] | None = (
-    None  # within ``kept_workers``: (workers, threads)
-)
+# Within ``kept_workers``: the pools kept, by (workers, threads).
+_kept: dict[tuple[int, int], WorkerPool] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,11 @@ class RunSetup:
 
     environ: Mapping[str, str]
     log_file: str | None
+
+    @classmethod
+    def here(cls, log_file: str | None) -> RunSetup:
+        """This process's environment now, and ``log_file``."""
+        return cls(dict(os.environ), log_file)
 
 
 def handle_message(message: Message, context: Context, setup: RunSetup) -> tuple[Message, Context]:
@@ -171,7 +175,8 @@ class WorkerPool:
         self.workers = workers
         self.preload = preload
         self.threads = threads
-        self.setup = RunSetup(dict(os.environ), log_file)  # sent with each message
+        self.setup = RunSetup.here(log_file)  # sent with each message
+        self.served_by: dict[int, int] = {}  # node -> the slot that ran its last message
         self._slots: list[ProcessPoolExecutor | None] = [None] * workers
         self._lock = threading.Lock()
         # Per started worker, its warm-up: done when the worker can take a message (a worker
@@ -254,17 +259,14 @@ def kept_workers() -> Iterator[None]:
     if _kept is not None:  # nested: the outer block keeps them
         yield
         return
-    _kept = {}
+    _kept, failed = {}, True
     try:
         yield
-    except BaseException:
+        failed = False
+    finally:
         pools, _kept = _kept, None
         for pool in pools.values():
-            pool.close(kill=True)
-        raise
-    pools, _kept = _kept, None
-    for pool in pools.values():
-        pool.close()
+            pool.close(kill=failed)
 
 
 @contextmanager
@@ -281,16 +283,16 @@ def run_pool(
         if _kept is not None:
             _kept[key] = pool
     else:
-        pool.setup = RunSetup(dict(os.environ), log_file)
+        pool.setup = RunSetup.here(log_file)
+    failed = True
     try:
         yield pool
-    except BaseException:
-        pool.close(kill=True)
-        if _kept is not None:
+        failed = False
+    finally:
+        if failed and _kept is not None:
             _kept.pop(key, None)
-        raise
-    if _kept is None:
-        pool.close()
+        if failed or _kept is None:
+            pool.close(kill=failed)
 
 
 def _stop(executor: ProcessPoolExecutor, *, kill: bool) -> None:
@@ -352,7 +354,6 @@ class PoolGrid(DirectGrid):
     def __init__(self, contexts: Mapping[int, Context], pool: WorkerPool) -> None:
         super().__init__(contexts)
         self.pool = pool
-        self._served_by: dict[int, int] = {}  # node -> the worker slot that ran its last message
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -375,7 +376,7 @@ class PoolGrid(DirectGrid):
                 deliverable.append(message)
             else:
                 replies.append(_error(message, _NODE_DIED, f"no node {node} in this federation"))
-        waiting = _AffinityQueue(deliverable, self._served_by)
+        waiting = _AffinityQueue(deliverable, self.pool.served_by)
         free = list(range(self.pool.workers))
         running: dict[Future[tuple[Message, Context]], tuple[int, Message]] = {}
         while waiting or running:
@@ -384,7 +385,7 @@ class PoolGrid(DirectGrid):
                 message = waiting.take(slot)
                 node = message.metadata.dst_node_id
                 future = self.pool.submit(slot, message, self.contexts[node])
-                self._served_by[node] = slot
+                self.pool.served_by[node] = slot
                 running[future] = (slot, message)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)

@@ -63,24 +63,32 @@ def start_forkserver(preload: tuple[str, ...], threads: int) -> bool:
     if why_not is not None:
         log.debug("workers from a fresh forkserver: %s", why_not)
         return False
-    server = _SERVER
-    with server._lock:
-        listener = socket.socket(socket.AF_UNIX)
-        address = _CONNECTION.arbitrary_address("AF_UNIX")
-        listener.bind(address)
-        if not util.is_abstract_socket_namespace(address):
-            os.chmod(address, 0o600)
-        listener.listen()
-        alive_r, alive_w = os.pipe()
+    # As ``ForkServer.ensure_running`` sets one up, but forked (outside its lock: a lock held
+    # at the fork would stay held in the child; this process runs no other thread).
+    listener = socket.socket(socket.AF_UNIX)
+    address = _CONNECTION.arbitrary_address("AF_UNIX")
+    listener.bind(address)
+    if not util.is_abstract_socket_namespace(address):
+        os.chmod(address, 0o600)
+    listener.listen()
+    alive_r, alive_w = os.pipe()
+    try:
         pid = os.fork()
-        if pid == 0:  # the forkserver: never returns
-            os.close(alive_w)  # else it would never see its parent go
-            _serve(listener.fileno(), alive_r, preload)
-        os.close(alive_r)
+    except OSError as exc:  # out of memory or processes: the standard forkserver then
+        log.warning("cannot fork the workers' forkserver (%s); starting a fresh one", exc)
+        for fd in (alive_r, alive_w):
+            os.close(fd)
         listener.close()
-        server._forkserver_address = address
-        server._forkserver_alive_fd = alive_w
-        server._forkserver_pid = pid
+        return False
+    if pid == 0:  # the forkserver: never returns
+        os.close(alive_w)  # else it would never see its parent go
+        _serve(listener.fileno(), alive_r, preload)
+    os.close(alive_r)
+    listener.close()
+    with _SERVER._lock:
+        _SERVER._forkserver_address = address
+        _SERVER._forkserver_alive_fd = alive_w
+        _SERVER._forkserver_pid = pid
     return True
 
 
