@@ -331,3 +331,21 @@ def test_client_cpus_takes_whole_numbers_only(capsys: pytest.CaptureFixture[str]
         with pytest.raises(SystemExit) as exit_:
             parse(["simulate", "--client-cpus", bad])
         assert exit_.value.code == 2 and "--client-cpus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_the_privacy_table_is_printed_once(
+    finished: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a run that finished (its server printed the table as it ended) or was interrupted
+    from fedspeech.app.simulate import SimulationOutcome, report_outcome
+
+    clients = {"partition-0": {"epsilon": 2.5, "rounds_ok": 3}}
+    outcome = SimulationOutcome(tmp_path, 0, 3, finished, None, [], "run-1", 9.0, None, clients)
+    # Execute
+    code = report_outcome(outcome, interrupted=not finished)
+    # Assert: the table rows only where the server did not print them, else where they are
+    printed = capsys.readouterr().out
+    assert code == (0 if finished else 130)
+    assert ("partition-0\t2.5000" in printed) is not finished
+    assert (str(tmp_path / "report" / "privacy.tsv") in printed) is finished

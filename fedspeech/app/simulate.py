@@ -437,8 +437,11 @@ def report_outcome(outcome: SimulationOutcome, *, interrupted: bool = False) -> 
 
     last = outcome.history[-1] if outcome.history else {}
     if outcome.clients and any(c.get("epsilon") is not None for c in outcome.clients.values()):
-        print("privacy per client (epsilon spent, budget, rounds declined / charged twice):")
-        print(privacy_summary(outcome.clients), end="")
+        if outcome.finished:  # the server printed the table as it finished
+            print(f"privacy per client: above, and in {outcome.run_dir / 'report' / 'privacy.tsv'}")
+        else:
+            print("privacy per client (epsilon spent, budget, rounds declined / charged twice):")
+            print(privacy_summary(outcome.clients), end="")
     print(f"run folder: {outcome.run_dir}")
     print(f"tracking run id: {outcome.tracking_run_id or '- (no tracking run was opened)'}")
     if outcome.model_dir is not None:
