@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedspeech.app import zygote
 
@@ -93,8 +94,11 @@ def test_workers_with_several_torch_threads_come_from_a_fresh_forkserver() -> No
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the zygote is Linux-only")
-def test_the_fork_is_refused_where_it_is_not_safe() -> None:
+def test_the_fork_is_refused_where_it_is_not_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert zygote.usable(2) == "2 torch threads per worker"
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_initialized", lambda: True)
+        assert "CUDA is initialized" in str(zygote.usable(1))
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()

@@ -14,7 +14,8 @@ It is used only where the fork is safe, else the standard forkserver starts as b
   tqdm's monitor thread, the one a process that showed a progress bar has, is ended first);
 - the workers run torch with one thread: GNU OpenMP's pool is not fork-safe, and a worker
   whose parent had used it hangs in its first parallel region (measured here with
-  ``torch.set_num_threads(2)``; one thread never enters one).
+  ``torch.set_num_threads(2)``; one thread never enters one);
+- this process has not initialized CUDA (a forked child cannot use it).
 
 In the child, the descriptors this process had open (files, sockets, pipes) are pointed at
 ``/dev/null`` (kept open, so their numbers are not reused under objects that still hold them)
@@ -48,6 +49,9 @@ def usable(threads: int) -> str | None:
         return f"{sys.platform}, Python {sys.version_info[0]}.{sys.version_info[1]}"
     if threads != 1:
         return f"{threads} torch threads per worker"
+    torch: Any = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "CUDA is initialized in this process (a forked child cannot use it)"
     if threading.active_count() != 1:
         return f"{threading.active_count()} threads in this process"
     if _SERVER._forkserver_pid is not None:
