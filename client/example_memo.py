@@ -115,10 +115,5 @@ class ExampleMemo:
                 self._entries.popitem(last=False)
         return loaded, False
 
-    def clear(self) -> None:
-        """Forget every entry."""
-        with self._lock:
-            self._entries.clear()
-
 
 MEMO = ExampleMemo()
