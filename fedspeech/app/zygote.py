@@ -62,7 +62,8 @@ def usable(threads: int) -> str | None:
 def start_forkserver(preload: tuple[str, ...], threads: int) -> bool:
     """Fork this process into its forkserver, which imports ``preload`` (see the module
     docstring). False: not here (``usable``), and the standard forkserver will start instead."""
-    _stop_tqdm_monitor()
+    if threads == 1 and _SERVER._forkserver_pid is None:  # only where it may be the last thread
+        _stop_tqdm_monitor()
     why_not = usable(threads)
     if why_not is not None:
         log.debug("workers from a fresh forkserver: %s", why_not)
