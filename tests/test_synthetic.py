@@ -317,6 +317,20 @@ def test_failed_utterances_are_skipped_and_reported(
     assert again.skipped == report.skipped and again.kept == report.kept
 
 
+def test_a_process_says_once_that_a_corpus_is_up_to_date(
+    small_build: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a process that has announced nothing yet
+    monkeypatch.setattr(synthetic, "_ANNOUNCED", set())
+    # Execute: a run checks its corpus several times (pre-flight, the server, each client)
+    with caplog.at_level(logging.DEBUG, logger="fedspeech"):
+        for _ in range(3):
+            build_synthetic_corpus(small_build, num_utterances=SMALL, seed=0, num_voices=MIN_VOICES)
+    # Assert: announced at INFO once in this process, then only at DEBUG
+    levels = [r.levelno for r in caplog.records if "is up to date" in r.getMessage()]
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG]
+
+
 def test_concurrent_builders_of_one_folder_wait_for_each_other(
     small_build: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -65,6 +65,9 @@ _BUILD_FORMAT = 1  # bump when the output for given parameters changes: forces a
 _BUILD_INFO = "build_info.json"
 _MANIFEST = "manifest.tsv"
 _LOCK = ".build.lock"
+# Folders whose finished build this process has announced: a run checks its corpus more than once
+# (pre-flight, the server's evaluation split, each client), and says it is up to date once.
+_ANNOUNCED: set[Path] = set()
 _MAX_PAD_S = 0.15  # random extra silence at each end: utterances don't all start at one offset
 _PEAK = 0.97  # limit before 16-bit quantisation: never clip
 _CHUNK = 50  # utterances per worker task: small enough to balance 2-4 workers
@@ -182,7 +185,11 @@ def _build(
     manifest_path = out_dir / _MANIFEST
     report = _finished_build(out_dir, params)
     if report is not None:
-        logger.info("synthetic corpus in %s is up to date (%d utterances)", out_dir, report.kept)
+        level = logging.DEBUG if out_dir.resolve() in _ANNOUNCED else logging.INFO
+        _ANNOUNCED.add(out_dir.resolve())
+        logger.log(
+            level, "synthetic corpus in %s is up to date (%d utterances)", out_dir, report.kept
+        )
         return manifest_path, report
 
     voices = choose_voices(num_voices, seed)
