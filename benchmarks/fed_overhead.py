@@ -145,6 +145,12 @@ def run(args: argparse.Namespace, work: Path, engine: str, index: int) -> dict[s
     }
 
 
+def ideal_seconds(history: list[dict[str, Any]], workers: int) -> float:
+    """The run's ideal time: its clients' own seconds and central evaluation over ``workers``."""
+    client_s = sum(h["client_seconds"] or 0.0 for h in history)
+    return (client_s + sum(h["eval_seconds"] or 0.0 for h in history)) / workers
+
+
 def report(m: dict[str, Any], args: argparse.Namespace, engine: str) -> float:
     """Print the breakdown; return the overhead ratio."""
     history = m["history"]
@@ -153,7 +159,7 @@ def report(m: dict[str, Any], args: argparse.Namespace, engine: str) -> float:
     rounds_s = sum(h["round_seconds"] for h in history)
     cpus = ray_cpus()
     workers = max(1, min(args.clients, int(cpus // args.client_cpus)))
-    ideal = (client_s + eval_s) / workers
+    ideal = ideal_seconds(history, workers)
     ratio = m["wall"] / ideal
     serial_eval = client_s / workers + eval_s  # if central evaluation cannot overlap training
     rest = m["wall"] - m["startup"] - rounds_s

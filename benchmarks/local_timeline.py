@@ -15,6 +15,12 @@ creates it.
 
 The overhead's floor at this size is the later of "server ready" and "workers ready" (round 1
 cannot start before both), plus what each round and the end add: docs/benchmarks.md.
+
+Where ``/proc/stat`` exists, another process samples how busy the machine's cores are every 0.1 s
+(the simulating process must stay single-threaded: ``fedspeech.app.zygote``), and the last lines
+give the idle core-seconds before round 1, during the rounds and after them. Even a schedule that
+left no core idle would take the run's CPU-seconds / cores: that bound, over the run's ideal time
+(as ``fed_overhead.py`` computes it), is the best overhead ratio this run's work allows here.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +45,7 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
-from benchmarks.fed_overhead import SETTINGS, create_store, warm_feature_cache
+from benchmarks.fed_overhead import SETTINGS, create_store, ideal_seconds, warm_feature_cache
 from fedspeech.app import local_engine
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
@@ -116,9 +125,53 @@ def _ready(timeline: Timeline, index: int) -> Callable[[Future[int]], None]:
     return note
 
 
-def one_run(args: argparse.Namespace, work: Path, overrides: dict[str, Any]) -> Timeline:
-    """One local-engine simulation in ``work / 'run'`` (replaced), timed. Once per process: the
-    server's modules bind the wrapped steps when ``instrumented`` first imports them."""
+# Prints "<perf_counter> <jiffies> <idle jiffies>" of all cores every 0.1 s (perf_counter is the
+# system-wide monotonic clock on Linux, so the times compare with this process's).
+SAMPLER = """
+import sys, time
+while True:
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    print(time.perf_counter(), sum(fields), fields[3] + fields[4], flush=True)
+    time.sleep(0.1)
+"""
+
+
+@contextlib.contextmanager
+def cpu_sampled(out: Path) -> Iterator[Path | None]:
+    """Sample the cores' busy time into ``out`` while the block runs (None without /proc)."""
+    if not Path("/proc/stat").is_file():
+        yield None
+        return
+    with out.open("w") as sink:
+        sampler = subprocess.Popen([sys.executable, "-c", SAMPLER], stdout=sink)
+        try:
+            time.sleep(0.3)  # the sampler's first line before the clock starts
+            yield out
+        finally:
+            sampler.terminate()
+            sampler.wait()
+
+
+def idle_core_seconds(
+    samples: Path, t0: float, bounds: list[tuple[str, float, float]]
+) -> dict[str, float]:
+    """Idle core-seconds of the machine in each (label, from, to) span, seconds from ``t0``."""
+    rows = [tuple(map(float, line.split())) for line in samples.read_text().splitlines()]
+    idle = dict.fromkeys((label for label, _, _ in bounds), 0.0)
+    for (t_a, _, idle_a), (t_b, _, idle_b) in itertools.pairwise(rows):
+        middle = (t_a + t_b) / 2 - t0
+        for label, start, end in bounds:
+            if start <= middle < end:
+                idle[label] += (idle_b - idle_a) / os.sysconf("SC_CLK_TCK")
+    return idle
+
+
+def one_run(
+    args: argparse.Namespace, work: Path, overrides: dict[str, Any]
+) -> tuple[Timeline, list[dict[str, Any]]]:
+    """One local-engine simulation in ``work / 'run'`` (replaced), timed; with its round history.
+    Once per process: the server's modules bind the wrapped steps when ``instrumented`` first
+    imports them."""
     shutil.rmtree(work / "run", ignore_errors=True)
     timeline = Timeline()
     with instrumented(timeline):
@@ -133,7 +186,7 @@ def one_run(args: argparse.Namespace, work: Path, overrides: dict[str, Any]) -> 
     if not outcome.finished:
         raise RuntimeError(f"the simulation did not finish; see {work / 'run.log'}")
     timeline.events.append((timeline.now(), timeline.now(), "simulate() returned"))
-    return timeline
+    return timeline, outcome.history
 
 
 def main() -> None:
@@ -160,12 +213,31 @@ def main() -> None:
         warm_feature_cache(cfg, work / "data", args.clients)
         if not args.new_store:
             create_store(overrides["tracking-uri"])
-        timeline = one_run(args, work, overrides)
+        with cpu_sampled(work / "cpu.txt") as samples:
+            timeline, history = one_run(args, work, overrides)
+        idle = idle_core_seconds(samples, timeline.t0, phases(timeline)) if samples else None
     store = "a new" if args.new_store else "an existing"
     print(f"local engine, {args.clients} DP clients x {args.rounds} rounds, {store} MLflow store")
     print(f"{'from':>7} {'to':>7} {'seconds':>8}  step")
     for start, end, label in sorted(timeline.events):
         print(f"{start:7.2f} {end:7.2f} {end - start:8.2f}  {label}")
+    cores = len(os.sched_getaffinity(0))
+    wall = max(end for _, end, _ in timeline.events)
+    ideal = ideal_seconds(history, min(args.clients, cores))
+    print(f"ideal time {ideal:.2f} s: overhead ratio {wall / ideal:.2f}")
+    if idle is not None:
+        spans = ", ".join(f"{label} {seconds:.2f}" for label, seconds in idle.items())
+        print(f"idle core-seconds ({cores} cores): {spans}; {sum(idle.values()):.2f} in all")
+        packed = wall - sum(idle.values()) / cores
+        print(f"with no core ever idle: {packed:.2f} s, overhead ratio {packed / ideal:.2f}")
+
+
+def phases(timeline: Timeline) -> list[tuple[str, float, float]]:
+    """(label, from, to) of the run's start (to round 1), its rounds, and what follows them."""
+    rounds = [(start, end) for start, end, label in timeline.events if label.startswith("round: ")]
+    first, last = min(start for start, _ in rounds), max(end for _, end in rounds)
+    end = max(end for _, end, _ in timeline.events)
+    return [("before round 1", 0.0, first), ("rounds", first, last), ("after", last, end)]
 
 
 if __name__ == "__main__":
