@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Message, RecordDict
 
 from fedspeech.app.cli import main as cli_main
@@ -26,6 +27,7 @@ from fedspeech.app.local_engine import _AffinityQueue, kept_workers, server_iden
 from fedspeech.app.simulate import SimulationOutcome, simulate
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.fed_data import client_manifest
+from fedspeech.modeldir import load_model_dir
 from fedspeech_client.local_round import round_steps
 from fedspeech_client.node_state import load_ledger
 from fedspeech_features.manifest import read_manifest
@@ -225,3 +227,43 @@ def test_a_free_worker_takes_first_a_node_it_served_last() -> None:
     assert taken == [2, 4, 1, 5, 3] and len(queue) == 0
     with pytest.raises(IndexError):
         queue.take(0)
+
+
+@pytest.mark.usefixtures("no_workers_left")
+def test_an_adapter_run_resumed_continues_its_adapters_like_an_uninterrupted_run(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: DP-SGD on rank-2 adapters of the tiny model, 3 clients; the same run twice
+    adapters = {"trainable": "adapters", "adapter-rank": 2}
+    whole, split = tmp_path / "whole" / "run", tmp_path / "split" / "run"
+
+    def run(run_dir: Path, rounds: int) -> SimulationOutcome:
+        overrides = _overrides(data_dir, run_dir, **adapters, **{"num-server-rounds": rounds})
+        return simulate(
+            overrides=overrides, num_supernodes=3, out=run_dir, engine="local",
+            output=run_dir.with_suffix(".log"),
+        )  # fmt: skip
+
+    # Execute: 2 rounds at once; 1 round, then resumed to 2
+    uninterrupted = run(whole, 2)
+    run(split, 1)
+    after_one = dict(load_model_dir(split / "checkpoint" / "model").model.state_dict())
+    resumed = simulate(overrides={"num-server-rounds": 2}, out=split, resume=True, engine="local")
+    # Assert: round 1 trained the adapters' B (zero at the start) and the checkpoint kept them
+    assert uninterrupted.finished and resumed.finished and resumed.rounds == 2
+    ups = [k for k in after_one if k.startswith("adapters.up.")]
+    assert ups and all(after_one[k].abs().max() > 0 for k in ups)
+    # Assert: the resumed run went on from them as the uninterrupted one did: the same privacy
+    # spent, the same losses, the same exported model (to float rounding)
+    keys = ("clients_ok", "num_examples", "epsilon_max")
+    assert [[h[k] for k in keys] for h in resumed.history] == [
+        [h[k] for k in keys] for h in uninterrupted.history
+    ]
+    losses = [[h["train_loss"] for h in o.history] for o in (resumed, uninterrupted)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert resumed.model_dir is not None and uninterrupted.model_dir is not None
+    expected = dict(load_model_dir(uninterrupted.model_dir).model.state_dict())
+    final = dict(load_model_dir(resumed.model_dir).model.state_dict())
+    assert final.keys() == expected.keys() and not any(k.startswith("adapters.") for k in final)
+    for name, value in final.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5)
