@@ -35,6 +35,13 @@ from torch import Tensor, nn
 _DOWN_SEED = 0x10A5
 
 
+def projection_suffixes(num_layers: int, bidirectional: bool) -> list[str]:
+    """``nn.GRU``'s parameter-name suffixes, one per (layer, direction), in projection order:
+    ``["_l0", "_l0_reverse", "_l1", ...]``."""
+    directions = ["", "_reverse"] if bidirectional else [""]
+    return [f"_l{layer}{d}" for layer in range(num_layers) for d in directions]
+
+
 class LowRankAdapters(nn.Module):
     """Rank-``rank`` updates ``B A`` of a (bi)directional recurrent stack's input projections.
 
@@ -52,10 +59,7 @@ class LowRankAdapters(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {rank}")
-        directions = 2 if bidirectional else 1
-        self.suffixes = [
-            f"_l{k // directions}{'_reverse' if k % directions else ''}" for k in range(len(widths))
-        ]
+        self.suffixes = projection_suffixes(len(widths) // (1 + bidirectional), bidirectional)
         # skip_init: B starts at zero, so drawing its default init would only shift the global RNG.
         self.up = nn.ModuleDict(
             {s[1:]: nn.utils.skip_init(nn.Linear, rank, gates, bias=False) for s in self.suffixes}

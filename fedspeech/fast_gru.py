@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from fedspeech.adapters import LowRankAdapters
+from fedspeech.adapters import LowRankAdapters, projection_suffixes
 from fedspeech.fast_gru_backprop import GateBackprop
 
 
@@ -137,8 +137,7 @@ class FastGRU(nn.Module):
 
     def _suffixes(self) -> list[str]:
         """nn.GRU's parameter-name suffixes, one per (layer, direction), in projection order."""
-        rev = ["", "_reverse"][: self.num_directions]
-        return [f"_l{layer}{r}" for layer in range(self.num_layers) for r in rev]
+        return projection_suffixes(self.num_layers, self.num_directions == 2)
 
     def reset_parameters(self) -> None:
         """nn.GRU's initialisation: every tensor uniform in +-1/sqrt(hidden_size)."""
