@@ -224,7 +224,9 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     wall = max(end for _, end, _ in timeline.events)
     ideal = ideal_seconds(history, min(args.clients, cores))
-    print(f"ideal time {ideal:.2f} s: overhead ratio {wall / ideal:.2f}")
+    cpu_ideal = ideal_seconds(history, min(args.clients, cores), "client_cpu_seconds")
+    print(f"ideal time {ideal:.2f} s: overhead ratio {wall / ideal:.2f}; from the clients' CPU "
+          f"time {cpu_ideal:.2f} s: {wall / cpu_ideal:.2f}")  # fmt: skip
     if idle is not None:
         spans = ", ".join(f"{label} {seconds:.2f}" for label, seconds in idle.items())
         print(f"idle core-seconds ({cores} cores): {spans}; {sum(idle.values()):.2f} in all")

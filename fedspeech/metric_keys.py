@@ -22,6 +22,7 @@ EPSILON: Final = "epsilon"  # the client's lifetime sample-level epsilon after t
 PARTITION_ID: Final = "partition-id"  # simulated nodes: a stable name in the server's report
 RECHARGED: Final = "recharged"  # 1.0: the round was charged before (a re-sent round)
 SECONDS: Final = "seconds"  # wall-clock seconds of the client's work (local training: its loop)
+CPU_SECONDS: Final = "cpu-seconds"  # CPU seconds its process spent on that work (all its threads)
 NOISE_MULTIPLIER: Final = "noise-multiplier"  # DP: the round's noise (given or calibrated)
 SAMPLE_RATE: Final = "sample-rate"  # DP: the round's Poisson sampling rate
 EPSILON_BUDGET: Final = "epsilon-budget"  # the node's lifetime epsilon budget, when it has one

@@ -7,7 +7,8 @@ tracker report: ``train_loss`` (mean over trained clients, weighted by examples)
 (re-sends of a round that fell short of ``min-successful-clients``), ``num_examples``,
 ``update_norm`` (L2 norm of the change of the global weights), ``train_seconds`` (sending to aggregating),
 ``round_seconds`` (the whole round, evaluation and checkpoint included), ``client_seconds`` (sum of
-the replies' ``seconds``: the clients' own work), ``eval_seconds`` (central evaluation),
+the replies' ``seconds``: the clients' own work), ``client_cpu_seconds`` (sum of their
+``cpu-seconds``: the CPU time of that work), ``eval_seconds`` (central evaluation),
 ``clients_sampled`` (clients the round's last attempt sampled: with Poisson sampling, the draw),
 ``exchanged_weights`` (weights sent to each client and accepted back: only the trained ones,
 ``fedspeech.exchange``).
@@ -76,6 +77,7 @@ class RoundSummary:
     cer: float | None = None
     round_seconds: float | None = None
     client_seconds: float | None = None
+    client_cpu_seconds: float | None = None
     eval_seconds: float | None = None
     user_epsilon: float | None = None
     user_clip_norm: float | None = None
@@ -128,6 +130,7 @@ def summarize_round(
         r.metrics[mk.EPSILON] for r in reports if r.status != "failed" and mk.EPSILON in r.metrics
     ]
     seconds = [r.metrics[mk.SECONDS] for r in reports if mk.SECONDS in r.metrics]
+    cpu = [r.metrics[mk.CPU_SECONDS] for r in reports if mk.CPU_SECONDS in r.metrics]
     return RoundSummary(
         round=server_round,
         clients_ok=len(ok),
@@ -140,6 +143,7 @@ def summarize_round(
         epsilon_mean=sum(eps) / len(eps) if eps else None,
         train_seconds=train_seconds,
         client_seconds=sum(seconds) if seconds else None,
+        client_cpu_seconds=sum(cpu) if cpu else None,
     )
 
 

@@ -65,6 +65,8 @@ def test_round_spends_what_the_accountant_composes() -> None:
     assert second.metrics["epsilon"] > first.metrics["epsilon"] > 0
     assert second.metrics["num-examples"] == 10 and second.metrics["declined"] == 0
     assert second.state_dict is not None and second.declined_reason is None
+    # the round's wall-clock and CPU time both reach the server (benchmarks' ideal time)
+    assert second.metrics["seconds"] > 0 and second.metrics["cpu-seconds"] > 0
 
 
 @pytest.mark.parametrize("trainable", ["head", "norm-bias", "adapters"])
@@ -139,6 +141,7 @@ def test_client_declines_when_the_next_round_would_exceed_its_budget() -> None:
     )
     # Assert: no weights, nothing spent, a reason
     assert second.state_dict is None and second.metrics["declined"] == 1
+    assert second.metrics["cpu-seconds"] >= 0 and second.metrics["seconds"] > 0
     assert second.privacy_state == first.privacy_state
     assert "budget" in (second.declined_reason or "")
 

@@ -557,8 +557,8 @@ def _client_reply(
 
 
 REPLY_METRICS = {
-    "train-loss", "num-examples", "num-steps", "skipped-batches", "seconds", "declined",
-    "epsilon", "noise-multiplier", "sample-rate", "skipped-utterances", "skipped-audio",
+    "train-loss", "num-examples", "num-steps", "skipped-batches", "seconds", "cpu-seconds",
+    "declined", "epsilon", "noise-multiplier", "sample-rate", "skipped-utterances", "skipped-audio",
     "skipped-sample-rate", "skipped-transcript", "skipped-ctc-infeasible", "skipped-other",
     "recharged",
 }  # fmt: skip

@@ -144,15 +144,18 @@ def test_round_summary_weights_loss_and_collects_epsilon() -> None:
     reports = [
         ClientReport("a", "ok", {"num-examples": 10, "train-loss": 1.0, "epsilon": 2.0}),
         ClientReport("b", "ok", {"num-examples": 30, "train-loss": 3.0, "epsilon": 4.0}),
+        ClientReport("e", "ok", {"num-examples": 0, "seconds": 2.0, "cpu-seconds": 1.5}),
+        ClientReport("f", "ok", {"num-examples": 0, "seconds": 1.0, "cpu-seconds": 0.5}),
         ClientReport("c", "declined", {"num-examples": 5, "epsilon": 6.0}),
         ClientReport("d", "failed", {}, "timeout"),
     ]
     # Execute
     summary = summarize_round(2, reports, train_seconds=1.5)
     # Assert
-    assert (summary.clients_ok, summary.clients_declined, summary.clients_failed) == (2, 1, 1)
+    assert (summary.clients_ok, summary.clients_declined, summary.clients_failed) == (4, 1, 1)
     assert summary.train_loss == pytest.approx(2.5) and summary.num_examples == 40
     assert summary.epsilon_max == 6.0 and summary.epsilon_mean == pytest.approx(4.0)
+    assert (summary.client_seconds, summary.client_cpu_seconds) == (3.0, 2.0)
     assert "wer" not in summary.metrics()  # unset metrics are not reported
 
 
