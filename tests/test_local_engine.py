@@ -11,10 +11,14 @@ MLflow run as on Flower's runtime. The happy path (epsilon, declines, MLflow) is
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +35,7 @@ from fedspeech.modeldir import load_model_dir
 from fedspeech_client.local_round import round_steps
 from fedspeech_client.node_state import load_ledger
 from fedspeech_features.manifest import read_manifest
-from tests.conftest import TINY_SIMULATION
+from tests.conftest import TINY_SIMULATION, run_processes
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +271,31 @@ def test_an_adapter_run_resumed_continues_its_adapters_like_an_uninterrupted_run
     assert final.keys() == expected.keys() and not any(k.startswith("adapters.") for k in final)
     for name, value in final.items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5)
+
+
+def test_an_interrupted_cli_run_stops_its_workers_and_leaks_nothing(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a long tiny run, started as from a terminal (its own process group)
+    run_dir = tmp_path / "run"
+    overrides = _overrides(data_dir, run_dir, **{"num-server-rounds": 500})
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+    args = ["simulate", "--engine", "local", "--run-dir", str(run_dir), "--run-config", run_config]
+    with (tmp_path / "out.txt").open("wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "fedspeech"), *args],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    # Execute: Ctrl-C once the workers have trained (a round checkpointed)
+    while not (run_dir / "checkpoint" / "state.json").is_file() and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    # Assert: interrupted, nothing of the run left, and no resource the killed workers held
+    # reported leaked (multiprocessing's resource tracker writes its warning to stderr)
+    text = (tmp_path / "out.txt").read_text(errors="replace")
+    assert rc == 130, text[-2000:]
+    assert text.rstrip().splitlines()[-1].startswith("simulate: interrupted"), text[-2000:]
+    time.sleep(0.5)
+    assert not run_processes(run_dir)
+    assert "leaked" not in text, text[-2000:]

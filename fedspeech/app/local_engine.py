@@ -96,10 +96,19 @@ def handle_message(message: Message, context: Context, setup: RunSetup) -> tuple
 
 
 def _init_worker(threads: int) -> None:
-    """A new worker: ``threads`` torch threads (as Ray gives an actor its CPUs)."""
+    """A new worker: ``threads`` torch threads (as Ray gives an actor its CPUs), and a thread
+    lock for tqdm's bars.
+
+    tqdm's default lock holds a named semaphore, which a worker killed mid-message (an
+    interrupted run) leaves to multiprocessing's resource tracker: "There appear to be 2 leaked
+    semaphore objects" at the end of the run. Each worker would make its own anyway (they are
+    forked from the forkserver, not from each other), so no lock across processes is lost.
+    """
     import torch
+    from tqdm import tqdm
 
     torch.set_num_threads(threads)
+    tqdm.set_lock(threading.RLock())
 
 
 def _serve_run(setup: RunSetup) -> None:
