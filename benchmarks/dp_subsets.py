@@ -4,12 +4,15 @@
 
 Variants, interleaved in one process (all, norm-bias, head, head-recompute, all, ...) on the same
 batch and weights (3x256 BiGRU, 120-dim frames, LayerNorm + head; Opacus ``make_private`` with
-FastGRU, noise 1.0, clipping 1.0, Adam; the projections' summed weight gradients skipped, as
-``fedspeech_client.dp_sgd`` runs it: ``per_sample_grads_only``):
+FastGRU, noise 1.0, clipping 1.0, Adam; the projections' summed weight gradients skipped and
+Opacus keeping each first per-sample gradient as it comes, as ``fedspeech_client.dp_sgd`` runs
+it: ``per_sample_grads_only``, ``fresh_grad_samples_taken``):
 
     all             every weight trains (3.0M)
     all-summed      ``all`` with autograd also computing the projections' summed weight
                     gradients, which DP-SGD never uses (as before they were skipped)
+    all-zero-filled ``all`` with Opacus's own accumulation: each per-sample gradient copied into
+                    a zero-filled tensor (as before ``fresh_grad_samples_taken``)
     norm-bias       every bias + the head (BitFit)
     head            the output LayerNorm + Linear (15.9k): the frozen GRU layers return the fused
                     kernel's states, nothing is recomputed for autograd
@@ -23,6 +26,7 @@ Prints the median seconds per step and each variant's ratio to ``all``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -36,18 +40,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 import fedspeech.fast_gru as fast_gru
-from fedspeech.fast_gru_grad_sampler import per_sample_grads_only
+from fedspeech.fast_gru_grad_sampler import fresh_grad_samples_taken, per_sample_grads_only
 from fedspeech.model import BiGRUCTC, ModelConfig, Trainable, set_trainable, with_fresh_adapters
 from fedspeech_client.batching import CTCBatch, ctc_loss
 
-# name -> (trainable, force the gate path on, adapter rank, keep the summed gradients)
-VARIANTS: dict[str, tuple[Trainable, bool, int, bool]] = {
-    "all": ("all", False, 0, False),
-    "all-summed": ("all", False, 0, True),
-    "norm-bias": ("norm-bias", False, 0, False),
-    "head": ("head", False, 0, False),
-    "head-recompute": ("head", True, 0, False),
-    "adapters-r8": ("adapters", False, 8, False),
+# name -> (trainable, force the gate path on, adapter rank, keep the summed gradients,
+# Opacus's zero-filled copies)
+VARIANTS: dict[str, tuple[Trainable, bool, int, bool, bool]] = {
+    "all": ("all", False, 0, False, False),
+    "all-summed": ("all", False, 0, True, False),
+    "all-zero-filled": ("all", False, 0, False, True),
+    "norm-bias": ("norm-bias", False, 0, False, False),
+    "head": ("head", False, 0, False, False),
+    "head-recompute": ("head", True, 0, False, False),
+    "adapters-r8": ("adapters", False, 8, False, False),
 }
 SHAPE = ModelConfig(input_dim=120, hidden_size=256, num_layers=3)
 
@@ -105,16 +111,18 @@ def main() -> None:
     weights = BiGRUCTC(SHAPE, dp=True).state_dict()
     steps = {
         name: _step_fn(t, rank, summed, batch, weights)
-        for name, (t, _, rank, summed) in VARIANTS.items()
+        for name, (t, _, rank, summed, _) in VARIANTS.items()
     }
     skip = fast_gru._needs_grad
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for name, (_, recompute, _, _) in VARIANTS.items():
+        for name, (_, recompute, _, _, zero_filled) in VARIANTS.items():
             fast_gru._needs_grad = (lambda *_: torch.is_grad_enabled()) if recompute else skip
+            fresh = contextlib.nullcontext() if zero_filled else fresh_grad_samples_taken()
             start = time.perf_counter()
-            steps[name]()
+            with fresh:
+                steps[name]()
             if repeat:
                 times[name].append(time.perf_counter() - start)
     fast_gru._needs_grad = skip

@@ -19,7 +19,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from fedspeech.fast_gru_grad_sampler import per_sample_grads_only
+from fedspeech.fast_gru_grad_sampler import fresh_grad_samples_taken, per_sample_grads_only
 from fedspeech.model import convert_model, plain_state_dict, set_trainable
 from fedspeech.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
 from fedspeech_client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
@@ -89,7 +89,7 @@ def train_private(
     )
     assert isinstance(optimizer, DPOptimizer)
     per_sample_grads_only(gsm)  # the optimizer uses the per-sample gradients only
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), fresh_grad_samples_taken():
         # Opacus's hooks on the first layer fire although the features need no gradient: harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss, skipped = _private_epochs(gsm, optimizer, dp_loader, engine, cfg, device, prior.delta)

@@ -6,10 +6,12 @@ where there is one), in float64 so that the tolerances hold for the GPU kernels 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
 
+import opacus
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,7 +24,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fedspeech_client.dp_sgd
 from fedspeech.adapters import merged_state
-from fedspeech.fast_gru_grad_sampler import FastGRU, per_sample_grads_only
+from fedspeech.fast_gru_grad_sampler import (
+    FastGRU,
+    fresh_grad_samples_taken,
+    per_sample_grads_only,
+)
 from fedspeech.model import (
     BiGRUCTC,
     ModelConfig,
@@ -288,15 +294,16 @@ def test_padding_values_never_matter(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("summed_grads", [True, False])
+@pytest.mark.parametrize(("summed_grads", "fresh"), [(True, False), (False, False), (False, True)])
 def test_privacy_engine_clips_per_sample_gradients_from_fast_gru(
-    device: str, summed_grads: bool
+    device: str, summed_grads: bool, fresh: bool
 ) -> None:
     """End to end: make_private (hooks), no noise, every utterance clipped.
 
     The step must be ``-lr/B * sum_i clip(g_i)`` with ``g_i`` each utterance's gradient in the
     plain (nn.GRU) model: Opacus's optimizer clipped exactly FastGRU's per-sample gradients,
-    whether or not autograd also computed the projections' summed gradients (DP-SGD skips them).
+    whether or not autograd also computed the projections' summed gradients (DP-SGD skips them),
+    and whether or not Opacus kept them as they came (``fresh_grad_samples_taken``, as DP-SGD runs).
     """
     torch.manual_seed(3)
     cfg = ModelConfig(input_dim=5, hidden_size=4, num_layers=2, dropout=0.0)
@@ -317,7 +324,9 @@ def test_privacy_engine_clips_per_sample_gradients_from_fast_gru(
     if not summed_grads:
         per_sample_grads_only(gsm)
     before = {name: p.detach().clone() for name, p in plain.named_parameters()}
-    ctc_loss(gsm(batch.feats, batch.feat_lens), batch).backward()
+    with fresh_grad_samples_taken() if fresh else contextlib.nullcontext(False) as taken:
+        assert taken == fresh
+        ctc_loss(gsm(batch.feats, batch.feat_lens), batch).backward()
     optimizer.step()
     expected = {name: torch.zeros_like(p) for name, p in before.items()}
     for i in range(batch.size):
@@ -404,3 +413,50 @@ def test_rejects_what_it_does_not_support() -> None:
         gru(torch.zeros(2, 4, 3), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="lengths"):
         gru(torch.zeros(2, 4, 3), torch.tensor([5, 4]))
+
+
+class _Twice(nn.Module):
+    """One Linear applied twice in a pass: Opacus adds its two per-sample gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.tanh(self.linear(x)))
+
+
+def test_fresh_grad_samples_equal_opacus_own_also_for_a_module_used_twice() -> None:
+    # Prepare: the same model and batch (5 samples), hooked by Opacus
+    torch.manual_seed(0)
+    model, x = GradSampleModule(_Twice().double()), torch.randn(5, 3, dtype=torch.double)
+
+    def per_sample() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(x).pow(2).sum().backward()
+        return {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+
+    # Execute: Opacus's accumulation, then the fresh one
+    expected = per_sample()
+    with fresh_grad_samples_taken() as taken:
+        got = per_sample()
+    # Assert: the same per-sample gradients (the second use added, not written into the first)
+    assert taken
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+
+def test_fresh_grad_samples_leave_other_opacus_versions_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import opacus.grad_sample.grad_sample_module as gsm_module
+
+    original = gsm_module.create_or_accumulate_grad_sample
+    monkeypatch.setattr(opacus, "__version__", "1.7.0")
+    with fresh_grad_samples_taken() as taken:
+        assert not taken and gsm_module.create_or_accumulate_grad_sample is original
+    monkeypatch.undo()
+    with fresh_grad_samples_taken() as taken:
+        assert taken and gsm_module.create_or_accumulate_grad_sample is not original
+    assert gsm_module.create_or_accumulate_grad_sample is original  # restored
