@@ -29,11 +29,13 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
-from fedspeech.model import BiGRUCTC, DPRNNImpl, ModelConfig, convert_model
+from fedspeech.model import BiGRUCTC, convert_model
+from fedspeech.model_config import DPRNNImpl, ModelConfig
 from fedspeech_client.batching import FeatureDataset, as_ctc_batch, collate_ctc, ctc_loss
 from fedspeech_features.dataset import Example, extract_manifest
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import read_manifest
-from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.mfcc import FeatureExtractor
 from fedspeech_features.text import CharTokenizer
 
 

@@ -56,7 +56,8 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 from fedspeech.devices import DeviceError, resolve_device
-from fedspeech.model import BiGRUCTC, ModelConfig, convert_model
+from fedspeech.model import BiGRUCTC, convert_model
+from fedspeech.model_config import ModelConfig
 from fedspeech_client.batching import CTCBatch, ctc_loss
 
 # (batch, frames, hidden units per direction, layers), from issue 5.

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import fedspeech.fast_gru as fast_gru
 from fedspeech.fast_gru_grad_sampler import fresh_grad_samples_taken, per_sample_grads_only
-from fedspeech.model import BiGRUCTC, ModelConfig, Trainable, set_trainable, with_fresh_adapters
+from fedspeech.model import BiGRUCTC, set_trainable, with_fresh_adapters
+from fedspeech.model_config import ModelConfig, Trainable
 from fedspeech_client.batching import CTCBatch, ctc_loss
 
 # name -> (trainable, force the gate path on, adapter rank, keep the summed gradients,

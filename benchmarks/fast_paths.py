@@ -41,10 +41,11 @@ import torch
 
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest
-from fedspeech.model import BiGRUCTC, ModelConfig
+from fedspeech.model import BiGRUCTC
+from fedspeech.model_config import ModelConfig
 from fedspeech.modeldir import ModelDirError, load_model_dir, save_model_dir
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import Utterance, write_manifest
-from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 
 LOOKUP_GOAL_S, REFUSAL_GOAL_S, OUTAGE_GOAL_S = 0.010, 2.0, 15.0

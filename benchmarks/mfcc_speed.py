@@ -26,7 +26,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 from fedspeech_features.audio import load_audio
-from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.feature_config import FeatureConfig
+from fedspeech_features.mfcc import FeatureExtractor
 
 # Goal from the design: feature extraction must not be a client's bottleneck.
 TARGET_X_REALTIME = 1000.0

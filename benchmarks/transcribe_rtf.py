@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from fedspeech.decoding import make_decoder
 from fedspeech.lm import write_arpa
-from fedspeech.model import BiGRUCTC, ModelConfig, count_parameters
+from fedspeech.model import BiGRUCTC, count_parameters
+from fedspeech.model_config import ModelConfig
 from fedspeech.modeldir import LoadedModel
 from fedspeech.transcribe import Transcriber, TranscribeStats
 from fedspeech_features.audio import load_audio
-from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.text import CharTokenizer, normalize_transcript
 
 TARGET_GREEDY_RTF = 0.01  # issue 3: greedy decoding 100x faster than real time on one thread

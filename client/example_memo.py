@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fedspeech_features.dataset import Example
 from fedspeech_features.errors import SkipReport
-from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.feature_config import FeatureConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedspeech_features.audio import MIN_DURATION_S, load_audio
-from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.feature_config import FeatureConfig
+from fedspeech_features.mfcc import FeatureExtractor
 
 
 class SpecAugment(nn.Module):
@@ -208,7 +209,7 @@ class SpeedPerturbed(FeatureExtractor):
     the factors per utterance and epoch (``fedspeech_client.epochs.train_epochs``).
 
     >>> import numpy as np
-    >>> from fedspeech_features.mfcc import FeatureConfig
+    >>> from fedspeech_features.feature_config import FeatureConfig
     >>> slow, fast = SpeedPerturbed(FeatureConfig(), 0.9), SpeedPerturbed(FeatureConfig(), 1.1)
     >>> wave = np.zeros(16_000, dtype=np.float32)
     >>> len(slow.perturb(wave)), len(fast.perturb(wave))

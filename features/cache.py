@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from fedspeech_features.errors import AudioError
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.files import atomic_write
-from fedspeech_features.mfcc import FeatureConfig
 
 # Bump when the feature code changes the numbers it produces: old entries are then never read.
 CACHE_VERSION = 1

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from fedspeech.model import CellType, ModelConfig
+from fedspeech.model_config import CellType, ModelConfig
 from fedspeech.privacy_config import PrivacyConfig
 from fedspeech.secagg_config import SecAggConfig
 from fedspeech.strict import StrictError, check_keys, field_keys, kebab, parse_dataclass
 from fedspeech.train_config import TrainConfig
-from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.partition import PartitionMethod
 
 

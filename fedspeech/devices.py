@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ def resolve_device(name: str = "auto", *, key: str = "device") -> torch.device:
         DeviceError: ``name`` is misspelt, or asks for CUDA where ``torch.cuda.is_available()``
             is False, or for a CUDA index beyond the visible devices.
     """
+    import torch  # here: checking a name's spelling (run config, --help) needs no torch
+
     check_device_name(name, key=key)
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")

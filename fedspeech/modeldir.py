@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from fedspeech import __version__
-from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict, unwrap
+from fedspeech.model import BiGRUCTC, plain_state_dict, unwrap
+from fedspeech.model_config import ModelConfig
 from fedspeech.modeldir_checks import (
     CONFIG_FILE,
     FORMAT,
@@ -47,8 +48,8 @@ from fedspeech.modeldir_checks import (
     read_config_json,
     safetensors_header,
 )
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.files import atomic_directory, atomic_write
-from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 
 __all__ = [

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fedspeech.decoding import check_blank_bias
-from fedspeech.model import ModelConfig, plain_shapes
+from fedspeech.model import plain_shapes
+from fedspeech.model_config import ModelConfig
 from fedspeech.strict import StrictError, check_keys, parse_dataclass
 from fedspeech_features.errors import FedspeechDataError
-from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.text import BLANK, CharTokenizer
 
 T = TypeVar("T")

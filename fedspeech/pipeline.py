@@ -12,14 +12,16 @@ import torch
 from torch import Tensor
 
 from fedspeech.config import ConfigError, RunConfig
-from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict, with_fresh_adapters
+from fedspeech.model import BiGRUCTC, plain_state_dict, with_fresh_adapters
+from fedspeech.model_config import ModelConfig
 from fedspeech.modeldir import load_model_dir
 from fedspeech_features.augment import SpeedPerturbed
 from fedspeech_features.cache import FeatureCache, default_cache_root
 from fedspeech_features.dataset import Example, extract_manifest
 from fedspeech_features.errors import SkipReport
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import read_manifest
-from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.mfcc import FeatureExtractor
 from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger("fedspeech")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from fedspeech.devices import DeviceError, check_device_name
-from fedspeech.model import Trainable
+from fedspeech.model_config import Trainable
 from fedspeech.privacy_ledger import AccountantName
 
 

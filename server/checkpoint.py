@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from fedspeech.model import ModelConfig
+from fedspeech.model_config import ModelConfig
 from fedspeech.modeldir import load_model_dir, save_model_dir
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.files import atomic_directory, atomic_write
-from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedspeech.model import BiGRUCTC, ModelConfig
+from fedspeech.model import BiGRUCTC
+from fedspeech.model_config import ModelConfig
 from fedspeech.modeldir import LoadedModel
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import Utterance
-from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,8 @@ from fedspeech import __version__
 from fedspeech.config import RunConfig, check_resume_changes
 from fedspeech.devices import resolve_device
 from fedspeech.fed_data import heldout_utterances
-from fedspeech.model import ModelConfig, without_adapters
+from fedspeech.model import without_adapters
+from fedspeech.model_config import ModelConfig
 from fedspeech.modeldir import resolve_model, save_model_dir
 from fedspeech.pipeline import initial_weights
 from fedspeech_features.files import remove_paths

@@ -90,7 +90,8 @@ def tiny_model(seed: int = 0) -> BiGRUCTC:
     """A 1-layer BiGRU-8 on 6-dim frames, no dropout, seeded with ``torch.manual_seed(seed)``."""
     import torch
 
-    from fedspeech.model import BiGRUCTC, ModelConfig
+    from fedspeech.model import BiGRUCTC
+    from fedspeech.model_config import ModelConfig
 
     torch.manual_seed(seed)
     return BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0))

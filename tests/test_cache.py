@@ -13,7 +13,8 @@ import torch
 
 from fedspeech_features.cache import FeatureCache, default_cache_root
 from fedspeech_features.errors import AudioError
-from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.feature_config import FeatureConfig
+from fedspeech_features.mfcc import FeatureExtractor
 
 CFG = FeatureConfig()
 

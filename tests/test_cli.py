@@ -37,6 +37,28 @@ def test_help_lists_the_commands() -> None:
     assert "data" in out and "demo" in out and "audit" in out and "config" in out
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["simulate", "--help"], ["config", "show"], ["--version"], ["simulate", "--nope"]],
+)
+def test_help_config_and_usage_errors_import_no_torch(argv: list[str]) -> None:
+    # Execute: the CLI in a fresh interpreter; torch's import alone takes 1-2 s here
+    code = (
+        "import sys\n"
+        "from fedspeech.app.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "heavy = sorted({'torch', 'torchaudio', 'flwr', 'mlflow', 'opacus'} & set(sys.modules))\n"
+        "print('HEAVY', code, heavy, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # Assert: it answered (a usage error for the misspelt flag) without them
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"HEAVY {2 if '--nope' in argv else 0} []", proc.stderr[-2000:]
+
+
 def test_data_fsdd_then_partition_then_features(
     shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,8 +10,9 @@ import torch
 
 from fedspeech_features.cache import FeatureCache
 from fedspeech_features.dataset import extract_manifest
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import Utterance, read_manifest
-from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.mfcc import FeatureExtractor
 from fedspeech_features.text import CharTokenizer
 
 

@@ -14,8 +14,8 @@ from fedspeech.pipeline import load_examples
 from fedspeech_client.example_memo import ExampleMemo, Loaded
 from fedspeech_client.local_round import load_node_examples
 from fedspeech_client.node_state import resolve_node_data
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import Utterance, write_manifest
-from fedspeech_features.mfcc import FeatureConfig
 
 
 def _wav(path: Path, seconds: float, seed: int) -> Path:

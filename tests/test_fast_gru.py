@@ -31,13 +31,12 @@ from fedspeech.fast_gru_grad_sampler import (
 )
 from fedspeech.model import (
     BiGRUCTC,
-    ModelConfig,
-    Trainable,
     convert_model,
     load_plain_state_dict,
     plain_state_dict,
     set_trainable,
 )
+from fedspeech.model_config import ModelConfig, Trainable
 from fedspeech_client.batching import CTCBatch, ctc_loss
 from fedspeech_client.train import TrainConfig, train_local
 from tests.conftest import DEVICES

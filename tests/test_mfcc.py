@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from fedspeech_features.audio import load_audio
 from fedspeech_features.augment import SpecAugment, TempoStretch, compose
-from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor, cmvn, stack_frames
+from fedspeech_features.feature_config import FeatureConfig
+from fedspeech_features.mfcc import FeatureExtractor, cmvn, stack_frames
 
 # Measured on 60 utterances of the four shared sets: max |ours - librosa| = 4.9e-4 on MFCCs whose
 # largest magnitude is ~400-500 (c0), i.e. 1e-6 of the range: float32 rounding only. The bounds

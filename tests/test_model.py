@@ -8,12 +8,12 @@ from opacus import GradSampleModule
 
 from fedspeech.model import (
     BiGRUCTC,
-    ModelConfig,
     convert_model,
     count_parameters,
     load_plain_state_dict,
     plain_state_dict,
 )
+from fedspeech.model_config import ModelConfig
 
 CELLS = [("gru", True), ("gru", False), ("lstm", True), ("rnn", True)]
 

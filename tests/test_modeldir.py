@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedspeech.model import BiGRUCTC, ModelConfig, with_fresh_adapters
+from fedspeech.model import BiGRUCTC, with_fresh_adapters
+from fedspeech.model_config import ModelConfig
 from fedspeech.modeldir import ModelDirError, load_model_dir, save_model_dir
-from fedspeech_features.mfcc import FeatureConfig
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 
 FEATURES = FeatureConfig()

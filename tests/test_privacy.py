@@ -12,7 +12,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
-from fedspeech.model import BiGRUCTC, ModelConfig, convert_model, load_plain_state_dict
+from fedspeech.model import BiGRUCTC, convert_model, load_plain_state_dict
+from fedspeech.model_config import ModelConfig
 from fedspeech.privacy_ledger import (
     PrivacyBudgetError,
     PrivacyLedger,

@@ -36,11 +36,12 @@ from flwr.app import Error as FlowerError
 from opacus.accountants import PRVAccountant
 
 from fedspeech.config import ConfigError, FedConfig, RunConfig
-from fedspeech.model import BiGRUCTC, ModelConfig, plain_state_dict
+from fedspeech.model import BiGRUCTC, plain_state_dict
+from fedspeech.model_config import ModelConfig
 from fedspeech_client.faults import InjectedFault, apply_faults, parse_faults
 from fedspeech_client.node_state import load_ledger, resolve_node_data
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import Utterance, read_manifest, write_manifest
-from fedspeech_features.mfcc import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 from fedspeech_server.app import main as server_main
 from fedspeech_server.checkpoint import (

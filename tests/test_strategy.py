@@ -14,8 +14,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flwr.app import Error as FlowerError
 
 from fedspeech.config import ConfigError, FedConfig, RunConfig
-from fedspeech.model import BiGRUCTC, ModelConfig
-from fedspeech_features.mfcc import FeatureConfig
+from fedspeech.model import BiGRUCTC
+from fedspeech.model_config import ModelConfig
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.text import CharTokenizer
 from fedspeech_server.checkpoint import RunState, find_checkpoint, load_checkpoint, save_checkpoint
 from fedspeech_server.rounds import ClientReport, summarize_round, update_norm

@@ -15,17 +15,18 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.model import (
     BiGRUCTC,
-    ModelConfig,
     load_plain_state_dict,
     plain_state_dict,
     set_trainable,
     trainable_names,
 )
+from fedspeech.model_config import ModelConfig
 from fedspeech_client.batching import LengthBucketSampler, as_ctc_batch, collate_ctc
 from fedspeech_client.train import TrainConfig, train_local
 from fedspeech_features.dataset import Example, extract_manifest
+from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import read_manifest
-from fedspeech_features.mfcc import FeatureConfig, FeatureExtractor
+from fedspeech_features.mfcc import FeatureExtractor
 from fedspeech_features.text import CharTokenizer
 from tests.conftest import tiny_model
 
@@ -183,7 +184,8 @@ def test_plain_training_does_not_import_opacus() -> None:
 
     code = (
         "import sys, torch\n"
-        "from fedspeech.model import BiGRUCTC, ModelConfig\n"
+        "from fedspeech.model import BiGRUCTC\n"
+        "from fedspeech.model_config import ModelConfig\n"
         "from fedspeech_client.train import TrainConfig, train_local\n"
         "from fedspeech_features.dataset import Example\n"
         "data = [Example(None, torch.randn(9, 6), torch.tensor([1, 2]), 'ab', 's', 0.1)] * 4\n"
