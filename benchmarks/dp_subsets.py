@@ -19,6 +19,8 @@ it: ``per_sample_grads_only``, ``fresh_grad_samples_taken``):
     head-recompute  ``head`` with the FastGRU gate path forced on in every layer, as before the
                     frozen layers skipped it (what the skip saves)
     adapters-r8     rank-8 low-rank adapters' B on every GRU input projection + the head (52.8k)
+    non-dp          ``all`` without DP-SGD, as non-private clients train (FastGRU, summed
+                    gradients, no Opacus): what DP costs a step at the same batch
 
 Prints the median seconds per step and each variant's ratio to ``all``.
 """
@@ -46,15 +48,16 @@ from fedspeech.model_config import ModelConfig, Trainable
 from fedspeech_client.batching import CTCBatch, ctc_loss
 
 # name -> (trainable, force the gate path on, adapter rank, keep the summed gradients,
-# Opacus's zero-filled copies)
-VARIANTS: dict[str, tuple[Trainable, bool, int, bool, bool]] = {
-    "all": ("all", False, 0, False, False),
-    "all-summed": ("all", False, 0, True, False),
-    "all-zero-filled": ("all", False, 0, False, True),
-    "norm-bias": ("norm-bias", False, 0, False, False),
-    "head": ("head", False, 0, False, False),
-    "head-recompute": ("head", True, 0, False, False),
-    "adapters-r8": ("adapters", False, 8, False, False),
+# Opacus's zero-filled copies, DP-SGD)
+VARIANTS: dict[str, tuple[Trainable, bool, int, bool, bool, bool]] = {
+    "all": ("all", False, 0, False, False, True),
+    "all-summed": ("all", False, 0, True, False, True),
+    "all-zero-filled": ("all", False, 0, False, True, True),
+    "norm-bias": ("norm-bias", False, 0, False, False, True),
+    "head": ("head", False, 0, False, False, True),
+    "head-recompute": ("head", True, 0, False, False, True),
+    "adapters-r8": ("adapters", False, 8, False, False, True),
+    "non-dp": ("all", False, 0, True, False, False),
 }
 SHAPE = ModelConfig(input_dim=120, hidden_size=256, num_layers=3)
 
@@ -63,6 +66,7 @@ def _step_fn(
     trainable: Trainable,
     rank: int,
     summed: bool,
+    private: bool,
     batch: CTCBatch,
     state: dict[str, torch.Tensor],
 ) -> Callable[[], None]:
@@ -73,6 +77,16 @@ def _step_fn(
     model = BiGRUCTC(cfg, dp=True)
     model.load_state_dict(with_fresh_adapters(state, cfg))
     params = set_trainable(model, trainable)
+    if not private:  # as fedspeech_client.train's non-private epochs
+        plain_opt = torch.optim.Adam(params, lr=1e-3)
+
+        def plain_step() -> None:
+            plain_opt.zero_grad()
+            ctc_loss(model(batch.feats, batch.feat_lens), batch).backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)  # TrainConfig.grad_clip's default
+            plain_opt.step()
+
+        return plain_step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = PrivacyEngine()
@@ -111,14 +125,14 @@ def main() -> None:
     )
     weights = BiGRUCTC(SHAPE, dp=True).state_dict()
     steps = {
-        name: _step_fn(t, rank, summed, batch, weights)
-        for name, (t, _, rank, summed, _) in VARIANTS.items()
+        name: _step_fn(t, rank, summed, private, batch, weights)
+        for name, (t, _, rank, summed, _, private) in VARIANTS.items()
     }
     skip = fast_gru._needs_grad
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for name, (_, recompute, _, _, zero_filled) in VARIANTS.items():
+        for name, (_, recompute, _, _, zero_filled, _) in VARIANTS.items():
             fast_gru._needs_grad = (lambda *_: torch.is_grad_enabled()) if recompute else skip
             fresh = contextlib.nullcontext() if zero_filled else fresh_grad_samples_taken()
             start = time.perf_counter()
