@@ -23,7 +23,8 @@ projections' matrix products.
 ``fresh_grad_samples_taken()``, while DP-SGD trains, has Opacus 1.6 keep each layer's first
 per-sample gradient as it comes instead of copying it into a zero-filled tensor of the same
 shape (``create_or_accumulate_grad_sample``): en-public-small's 3 M weights x a batch of 8 are
-95 MB zeroed and copied per step, 6-7 % of an all-weights step (``benchmarks/dp_subsets.py``).
+95 MB zeroed and copied per step: 0-8 % of an all-weights step over the runs measured, about
+the size of the machine's noise (``benchmarks/dp_subsets.py``, docs/benchmarks.md).
 The values are the same; a contribution for upstream (docs/benchmarks.md).
 """
 
