@@ -1,8 +1,8 @@
 """Benchmark: what a private cross-device round costs next to a non-private one.
 
     python benchmarks/device_round.py [--corpus MANIFEST] [--clients 100] [--cohort 10]
-        [--rounds 5] [--init-model @en-public-small] [--trainable all] [--per-message 6]
-        [--skip-simulation] [--data-dir DIR] [--keep DIR] [--json FILE]
+        [--rounds 5] [--engine local|flower] [--init-model @en-public-small] [--trainable all]
+        [--per-message 6] [--skip-simulation] [--data-dir DIR] [--keep DIR] [--json FILE]
 
 Two parts, one run, DP and non-DP side by side on the same cohort, model and data:
 
@@ -10,9 +10,13 @@ Two parts, one run, DP and non-DP side by side on the same cohort, model and dat
    (``experiments/sentences-device.toml``: ``--clients`` clients, ``--cohort`` sampled a round,
    8-utterance batches, 1 local epoch, the public model as the start), one with DP-SGD (each
    client's target epsilon 8 spread over 5 participations, as that recipe does) and one without.
-   Per run: round 1 (Ray's actors start and import torch/Opacus), the median of the later rounds
+   Per run: round 1 (the workers start and import torch/Opacus), the median of the later rounds
    ("steady"), and the clients' own seconds (summed over the cohort). Goal: steady DP round /
-   non-DP round <= 1.5.
+   non-DP round <= 1.5. Both runs set ``dp-seed``, so the server draws the same cohorts from the
+   same node ids (``fedspeech_server.sampling.seeded_cohort``) and the DP clients' Poisson batches
+   are the same in every run; the report checks the cohorts from each run's ``clients.tsv``. On
+   the local engine (default) node ids are the partitions'; Flower's runtime draws them from
+   ``os.urandom`` in every run (``--engine flower``), so its two runs train different cohorts.
 2. **One message, phase by phase.** The ClientApp called in this process (no Flower between:
    ``--per-message`` messages for each flavour, the same partitions and global weights, after a
    warm-up message each), profiled with cProfile; the table gives seconds per message in each
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import csv
 import json
 import pstats
 import shutil
@@ -55,6 +60,7 @@ GOAL = 1.5
 SETTINGS: dict[str, Any] = {
     **{"batch-size": 8, "epochs": 1, "lr": 0.003, "client-threads": 1, "server-threads": 2},
     **{"seed": 0, "holdout-speakers": 0, "eval-max-utterances": 48},
+    "dp-seed": 0,  # the same cohorts in both runs; DP's Poisson batches the same in every run
 }
 DP: dict[str, Any] = {
     **{"dp": True, "noise-multiplier": "", "target-epsilon": 8.0},
@@ -124,7 +130,11 @@ def simulate_rounds(
     flat["tracking-uri"] = f"sqlite:///{work / 'mlflow.db'}"
     start = time.perf_counter()
     outcome = simulate(
-        overrides=flat, num_supernodes=args.clients, out=work / name, output=work / f"{name}.log"
+        overrides=flat,
+        num_supernodes=args.clients,
+        out=work / name,
+        output=work / f"{name}.log",
+        engine=args.engine,
     )
     wall = time.perf_counter() - start
     if not outcome.finished:
@@ -137,7 +147,18 @@ def simulate_rounds(
         "steady_round": statistics.median(h["round_seconds"] for h in later),
         "steady_clients": statistics.median(h["client_seconds"] or 0.0 for h in later),
         "steady_eval": statistics.median(h["eval_seconds"] or 0.0 for h in later),
+        "participation": participation(work / name / "report" / "clients.tsv"),
     }
+
+
+def participation(clients_tsv: Path) -> dict[str, list[int]]:
+    """Each client's rounds (ok, declined, failed or rejected: sampled) and last round sampled.
+
+    Two runs that drew the same cohorts have the same; runs that did not almost never do.
+    """
+    rows = list(csv.DictReader(clients_tsv.open(encoding="utf-8"), delimiter="\t"))
+    kinds = ("rounds_ok", "rounds_declined", "rounds_failed", "rounds_rejected")
+    return {r["client"]: [sum(int(r[k]) for k in kinds), int(r["last_round"])] for r in rows}
 
 
 def message_phases(
@@ -236,6 +257,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             a, b = cell(nodp), cell(dp)
             print(f"{label:<42}{a:>10.2f}{b:>10.2f}{b / a if a else float('nan'):>11.2f}")
         ratio = dp["sim"]["steady_round"] / nodp["sim"]["steady_round"]
+        same = dp["sim"]["participation"] == nodp["sim"]["participation"]
+        print(f"the same cohorts in both runs: {'yes' if same else 'NO'} (engine {args.engine})")
         print(f"steady DP round / non-DP round: {ratio:.2f} (goal <= {GOAL})")
     if "messages" in nodp:
         print(f"\none ClientApp message, seconds (mean of {args.per_message}, in this process)")
@@ -261,6 +284,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--cohort", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--engine", default="local", choices=["local", "flower"])
     parser.add_argument("--init-model", default="@en-public-small")
     parser.add_argument("--trainable", default="all")
     parser.add_argument("--per-message", type=int, default=6, help="profiled messages a flavour")

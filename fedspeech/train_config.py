@@ -35,8 +35,10 @@ class TrainConfig:
         delta: DP delta (should be below 1 / number of examples).
         accountant: Opacus accountant, ``rdp`` or ``prv``.
         seed: dropout, SpecAugment and non-private shuffling.
-        dp_seed: seeds Poisson sampling and DP noise. None (default) draws them from OS entropy:
-            whoever knows the seed can regenerate the noise, so fix it only in tests.
+        dp_seed: seeds who is sampled (the server's cohorts, Poisson or fixed-size, and the
+            clients' Poisson batches) and DP noise. None (default) draws them from OS entropy
+            (Flower's unseeded draw for fixed-size cohorts): whoever knows the seed can
+            regenerate the noise, so fix it only in tests and benchmarks.
         spec_augment: mask training features with ``fedspeech_features.augment.SpecAugment``.
         tempo_augment: probability that a training utterance is slowed down (in the feature
             domain, ``fedspeech_features.augment.TempoStretch``) before SpecAugment; 0: off.

@@ -90,7 +90,11 @@ def _flower_rounds(run: FederatedRun, cfg: RunConfig, grid: Grid) -> SendRound:
         user_dp = UserLevelDP(cfg.privacy, clip_norm=run.user_state.clip_norm)
     sampler = PoissonSampler(cfg.fed, seed=cfg.train.dp_seed) if cfg.poisson_sampling else None
     strategy = make_strategy(
-        cfg.fed, user_dp=user_dp, secure=cfg.secure_aggregation, sampler=sampler
+        cfg.fed,
+        user_dp=user_dp,
+        secure=cfg.secure_aggregation,
+        sampler=sampler,
+        cohort_seed=cfg.train.dp_seed,
     )
     config = {"run-key": run.state.run_key}
     exchanged = exchanged_names(cfg)  # None: every tensor trains and travels

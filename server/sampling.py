@@ -14,12 +14,17 @@ q comes from ``client-sample-rate``, or, when that is 0, from ``clients-per-roun
 the N nodes connected) or ``fraction-train`` (q = fraction); the derivation is logged. The
 population N is treated as public (the size of the fleet), as in McMahan et al. 2018. No Flower
 here.
+
+Without Poisson sampling Flower draws a fixed-size cohort from Python's unseeded ``random``;
+``seeded_cohort`` replaces that draw where the run config sets ``dp-seed``
+(``fedspeech_server.strategy``), so two runs over the same nodes train the same clients each round
+(a benchmark comparing DP with non-DP on the same cohorts, a reproducible experiment).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,3 +112,16 @@ class PoissonSampler:
             population=len(node_ids),
             sample_rate=q,
         )
+
+
+def seeded_cohort(
+    node_ids: Iterable[int], size: int, seed: int, server_round: int
+) -> tuple[int, ...]:
+    """``size`` of ``node_ids`` without replacement (all of them if fewer), drawn for round
+    ``server_round`` from a generator seeded with ``(seed, server_round)`` over the sorted ids:
+    the same nodes, seed and round give the same cohort in any run, whatever order the ids come in.
+    """
+    pool = sorted(int(n) for n in node_ids)  # (N,)
+    rng = np.random.default_rng((seed, server_round))
+    chosen = rng.choice(len(pool), size=min(size, len(pool)), replace=False)  # (m,) indices
+    return tuple(pool[i] for i in chosen)

@@ -13,6 +13,8 @@ With Poisson sampling (``fedspeech_server.sampling``; always under user-level DP
 round's cohort itself (every connected node independently with probability q) and lets Flower's
 strategy build the messages for exactly that cohort; a round may then draw fewer clients than
 ``min-successful-clients``, or none, and needs only as many accepted updates as it drew.
+Without it Flower draws a fixed-size cohort; where the run config sets ``dp-seed`` the draw is
+seeded instead (``fedspeech_server.sampling.seeded_cohort``: the same nodes, the same cohorts).
 With user-level DP (``fedspeech_server.user_dp``) the accepted updates are clipped, summed, noised and
 divided by the expected cohort q N; that private aggregate then enters Flower's strategy as the
 one reply it averages, so FedAdam's server step and FedProx work on it unchanged
@@ -52,7 +54,7 @@ import fedspeech.metric_keys as mk
 from fedspeech.config import FedConfig
 from fedspeech_server.grid import ForwardingGrid
 from fedspeech_server.rounds import ClientReport
-from fedspeech_server.sampling import Cohort, PoissonSampler
+from fedspeech_server.sampling import Cohort, PoissonSampler, seeded_cohort
 from fedspeech_server.screening import (
     ArraySpec,
     array_spec,
@@ -86,6 +88,7 @@ class ScreeningStrategy(FedAvg):
     user_dp: UserLevelDP | None = None
     secure: bool = False
     sampler: PoissonSampler | None = None
+    cohort_seed: int | None = None  # fixed-size draws from (seed, round) (None: Flower's own)
     min_connected: int = 1  # Poisson sampling: wait for this many connected nodes
     last_user_dp: UserDPRelease | None = None
     last_cohort: Cohort | None = None
@@ -115,7 +118,11 @@ class ScreeningStrategy(FedAvg):
             _, connected = sample_nodes(grid, self.min_connected, 0)  # waits for min-clients
             self.last_cohort = self.sampler.draw(connected, server_round)
             grid = _CohortGrid(grid, self.last_cohort.nodes)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        elif self.cohort_seed is not None and self.fraction_train > 0:
+            messages = self._seeded_round(self.cohort_seed, server_round, arrays, config, grid)
+        else:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
         self.last_sampled = len(messages)
         if self.secure and self.sampler is not None and 0 < len(messages) < MIN_CLIENTS:
             # SecAgg+ cannot hide an update in a sum of fewer than 3. The draw stands (the
@@ -139,6 +146,21 @@ class ScreeningStrategy(FedAvg):
         if self.user_dp is not None or self.secure:
             self._sent_arrays = {k: v.numpy() for k, v in arrays.items()}
         return messages
+
+    def _seeded_round(
+        self, seed: int, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Flower's fixed-size draw (same size, same wait for connected nodes), but from
+        ``seeded_cohort``: Flower's strategy then builds the messages for exactly that cohort."""
+        size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        _, connected = sample_nodes(grid, max(self.min_available_nodes, size), 0)
+        cohort = _CohortGrid(grid, seeded_cohort(connected, size, seed, server_round))
+        kept = self.fraction_train, self.min_train_nodes, self.min_available_nodes
+        self.fraction_train, self.min_train_nodes, self.min_available_nodes = 1.0, 0, 0
+        try:  # Flower's sampler takes every node of the cohort
+            return list(super().configure_train(server_round, arrays, config, cohort))
+        finally:
+            self.fraction_train, self.min_train_nodes, self.min_available_nodes = kept
 
     def successes_needed(self) -> int:
         """Accepted updates this round needs (``fedspeech_server.screening.successes_needed``)."""
@@ -269,6 +291,7 @@ def make_strategy(
     user_dp: UserLevelDP | None = None,
     secure: bool = False,
     sampler: PoissonSampler | None = None,
+    cohort_seed: int | None = None,
 ) -> ScreeningStrategy:
     """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` (at least ``min-clients``)
     of the connected nodes, or exactly ``clients-per-round`` of them, or (``sampler``) each node
@@ -277,7 +300,9 @@ def make_strategy(
     It aggregates a round only when ``successes_needed`` updates were accepted; with ``user_dp``
     it aggregates them with that mechanism (clipping, uniform weights, noise, the expected
     cohort as denominator: ``user_dp`` needs ``sampler``); ``secure``: the rounds run through
-    SecAgg+ (``aggregate_secure``).
+    SecAgg+ (``aggregate_secure``). ``cohort_seed`` (the run config's ``dp-seed``): without
+    ``sampler``, round r's fixed-size cohort is ``seeded_cohort(nodes, size, cohort_seed, r)``
+    instead of Flower's unseeded draw.
     """
     if user_dp is not None and sampler is None:
         raise ValueError("user-level DP needs Poisson sampling (its accountant assumes it)")
@@ -285,6 +310,7 @@ def make_strategy(
     strategy.min_successful_clients = cfg.min_successful_clients
     strategy.user_dp = user_dp
     strategy.secure = secure
+    strategy.cohort_seed = cohort_seed
     if sampler is not None:
         # Flower's sampler then takes every node of the drawn cohort (_CohortGrid), in any order.
         strategy.sampler = sampler

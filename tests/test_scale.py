@@ -72,6 +72,47 @@ def test_clients_per_round_fixes_the_cohort_whatever_the_population(population: 
     ) == (max(2, population // 10))
 
 
+class _Shuffled(_Nodes):
+    """The same nodes, listed in another order (Flower's SuperLink returns a set)."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(super().get_node_ids(), key=lambda n: (n * 7919) % 101)
+
+
+def _cohorts(strategy: Any, grid: Grid, rounds: int) -> list[set[int]]:
+    return [
+        {
+            m.metadata.dst_node_id
+            for m in strategy.configure_train(r, ArrayRecord(), ConfigRecord(), grid)
+        }
+        for r in range(1, rounds + 1)
+    ]
+
+
+@pytest.mark.usefixtures("flower_server_identity")
+@pytest.mark.parametrize("strategy_name", ["fedavg", "fedprox"])
+def test_a_seeded_fixed_size_draw_repeats_its_cohorts_in_any_node_order(strategy_name: str) -> None:
+    cfg = FedConfig(strategy=strategy_name, clients_per_round=10)
+    first = _cohorts(make_strategy(cfg, cohort_seed=3), _Nodes(100), 4)
+    again = _cohorts(make_strategy(cfg, cohort_seed=3), _Shuffled(100), 4)
+    assert first == again
+    assert all(len(c) == 10 and c <= set(range(1000, 1100)) for c in first)
+    assert len({frozenset(c) for c in first}) == 4  # each round draws anew
+    other = _cohorts(make_strategy(cfg, cohort_seed=4), _Nodes(100), 4)
+    assert other != first
+    # fraction-train sizes the draw as Flower does; the strategy keeps its own settings
+    share = make_strategy(FedConfig(fraction_train=0.25, min_clients=2), cohort_seed=0)
+    assert [len(c) for c in _cohorts(share, _Nodes(40), 2)] == [10, 10]
+    assert (share.fraction_train, share.min_train_nodes, share.min_available_nodes) == (0.25, 2, 2)
+
+
+@pytest.mark.usefixtures("flower_server_identity")
+def test_without_a_seed_the_fixed_size_draw_is_flowers_own() -> None:
+    cfg = FedConfig(clients_per_round=10)
+    draws = {frozenset(c) for _ in range(3) for c in _cohorts(make_strategy(cfg), _Nodes(100), 1)}
+    assert len(draws) > 1  # Python's unseeded random: 3 equal draws of 10 in 100 ~ 1e-26
+
+
 def test_clients_per_round_cannot_exceed_the_simulated_clients() -> None:
     with pytest.raises(ConfigError, match="clients-per-round 20 exceeds the 10"):
         simulate(overrides={"clients-per-round": 20}, num_supernodes=10)
