@@ -469,7 +469,8 @@ def track(cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``TASK MODE [--epsilon E] [--folds A,B] [--run-config "k=v"]`` or ``report``."""
-    from fedspeech.app.simulate import ENGINES, stop_on_sigterm
+    from fedspeech.app.interrupts import stop_on_signals
+    from fedspeech.app.simulate import ENGINES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=[*TASKS, "report"])
@@ -486,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging(0)
-    stop_on_sigterm()  # a killed row stops its simulation's processes too
+    stop_on_signals()  # a killed row stops its simulation's processes too
     if args.task == "report":
         from experiments.report import write_report
 

@@ -27,6 +27,7 @@ import pytest
 import torch
 from flwr.app import Message, RecordDict
 
+from fedspeech.app import interrupts
 from fedspeech.app.cli import main as cli_main
 from fedspeech.app.local_engine import _AffinityQueue, kept_workers, server_identity
 from fedspeech.app.simulate import SimulationOutcome, simulate
@@ -230,6 +231,34 @@ def test_two_runs_with_a_dp_seed_train_the_same_cohorts(data_dir: Path, tmp_path
         first, second = cohorts("first"), cohorts("second")
     # Assert: the same two partitions each round in both runs
     assert first == second and all(len(c) == 2 for c in first)
+
+
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the CLI's handlers (restored afterwards), and an object whose finalizer is
+    # running when the signal comes
+    monkeypatch.setattr(interrupts, "_interrupted", threading.Event())
+    dropped: list[type[BaseException] | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    class _Finalized:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)
+
+    try:
+        interrupts.stop_on_signals()
+        interrupts.raise_if_interrupted()  # nothing came yet
+        # Execute: the KeyboardInterrupt raised inside __del__ is dropped by Python
+        _Finalized()
+        # Assert: dropped indeed, and the wait loops' check raises it again
+        assert dropped == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.raise_if_interrupted()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def test_gpu_shares_are_refused_on_the_local_engine(tmp_path: Path) -> None:

@@ -75,8 +75,8 @@ def register(sub: Any) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from fedspeech.app.interrupts import stop_on_signals
     from fedspeech.app.pretrain import pretrain
-    from fedspeech.app.simulate import stop_on_sigterm
     from fedspeech.config import resolve_run_config
 
     dev, evaluation = _named(args.dev, "--dev"), _named(args.eval, "--eval")
@@ -84,7 +84,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = replace(
         cfg, train=replace(cfg.train, dp=False, noise_multiplier=None, target_epsilon=None)
     )
-    stop_on_sigterm()
+    stop_on_signals()
     try:
         result = pretrain(
             args.train,

@@ -39,6 +39,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedspeech.app.interrupts import interrupts_ignored, raise_if_interrupted
 from fedspeech.launch import LAUNCH_ID_VAR, server_done_marker
 
 log = logging.getLogger("fedspeech")
@@ -225,6 +226,7 @@ def flwr_run(
                 for line in proc.stdout:
                     fh.write(_ANSI.sub(b"", line))
                     fh.flush()
+                    raise_if_interrupted()
             rc = proc.wait()
         except BaseException:  # as subprocess.run does: never leave the child running
             proc.kill()
@@ -329,21 +331,6 @@ def stop_launched(
     """
     with interrupts_ignored():
         return _stop_launched(process, launch_id, adopted_except)
-
-
-@contextmanager
-def interrupts_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM are ignored inside (when there is nothing left to stop, or stopping
-    must not be cut short); only the main thread can set handlers, elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _stop_launched(

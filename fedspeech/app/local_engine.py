@@ -46,6 +46,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedspeech.app.interrupts import raise_if_interrupted
 from fedspeech.app.zygote import start_forkserver
 from fedspeech.logs import OUR_LOGGERS
 
@@ -398,6 +399,7 @@ class PoolGrid(DirectGrid):
                 running[future] = (slot, message)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
+            raise_if_interrupted()
             if not done:  # the round's timeout: the rest are missing replies
                 log.warning(
                     "%d message(s) unanswered after %.0f s: their workers are restarted",

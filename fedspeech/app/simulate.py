@@ -204,13 +204,8 @@ def _launch(
     """Check, prepare and run the simulation ``simulate`` resolved; see there."""
     import time
 
-    from fedspeech.app.flower_launch import (
-        flwr_run,
-        interrupts_ignored,
-        local_superlink,
-        write_app,
-        write_run_config,
-    )
+    from fedspeech.app.flower_launch import flwr_run, local_superlink, write_app, write_run_config
+    from fedspeech.app.interrupts import interrupts_ignored
     from fedspeech.app.preflight import check_run
 
     check_run(cfg, n).raise_for_problems()
@@ -372,16 +367,6 @@ def _close_tracking(cfg: RunConfig, run_dir: Path, status: EndStatus, reason: st
         log.exception("could not close the tracking run of %s", run_dir)
 
 
-def stop_on_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C, through the launcher's cleanup of Flower and Ray."""
-    import signal
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
-
-
 def absolute_sqlite_uri(uri: str) -> str:
     """``sqlite:///mlflow.db`` relative to the current folder -> an absolute sqlite URI.
 
@@ -406,9 +391,9 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedspeech.app.flower_launch import interrupts_ignored
+    from fedspeech.app.interrupts import interrupts_ignored, stop_on_signals
 
-    stop_on_sigterm()
+    stop_on_signals()
     try:
         outcome = simulate(
             preset=args.preset,
