@@ -49,7 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 
 from benchmarks.workdirs import parse_round_args, work_folders
-from fedspeech.app.simulate import simulate
+from fedspeech.app.simulate import ENGINES, simulate
 from fedspeech.config import RunConfig
 from fedspeech.fed_data import client_manifest, corpus_manifest, feature_cache_dir
 from fedspeech.pipeline import load_examples
@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--cohort", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--engine", default="local", choices=["local", "flower"])
+    parser.add_argument("--engine", default="local", choices=ENGINES)
     parser.add_argument("--init-model", default="@en-public-small")
     parser.add_argument("--trainable", default="all")
     parser.add_argument("--per-message", type=int, default=6, help="profiled messages a flavour")

@@ -118,8 +118,7 @@ class ScreeningStrategy(FedAvg):
             _, connected = sample_nodes(grid, self.min_connected, 0)  # waits for min-clients
             self.last_cohort = self.sampler.draw(connected, server_round)
             grid = _CohortGrid(grid, self.last_cohort.nodes)
-            messages = list(super().configure_train(server_round, arrays, config, grid))
-        elif self.cohort_seed is not None and self.fraction_train > 0:
+        if self.sampler is None and self.cohort_seed is not None and self.fraction_train > 0:
             messages = self._seeded_round(self.cohort_seed, server_round, arrays, config, grid)
         else:
             messages = list(super().configure_train(server_round, arrays, config, grid))
