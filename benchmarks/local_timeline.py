@@ -1,17 +1,19 @@
 """Benchmark: where the local engine's seconds go, step by step (fed_overhead.py's workload).
 
     python benchmarks/local_timeline.py [--clients 8] [--rounds 3] [--utterances 1200]
-        [--new-store] [--keep DIR]
+        [--new-store | --hung-server] [--keep DIR]
 
 One ``fedspeech simulate --engine local`` run of ``benchmarks/fed_overhead.py``'s simulation (8
 DP clients x 3 rounds by default). The server runs in this process, so each of its steps is timed
-by a wrapper: pre-flight, opening the tracking run, round 0's evaluation, each round's exchange
+by a wrapper: pre-flight, opening the tracking run (and when its MLflow tracker, which opens on a
+thread of its own, is open), round 0's evaluation, each round's exchange
 with the clients and its bookkeeping, the final model; the workers' start-up is timed from the
 pool's warm-up futures (``WorkerPool.warmed``). Times are seconds from the ``simulate`` call,
 the first of this process (as for a user's ``fedspeech simulate``: nothing of the server or the
 workers imported or started before). By default the MLflow store exists already (another process
 creates its tables first), as for a user's second run; ``--new-store`` times the run that
-creates it.
+creates it; ``--hung-server`` tracks to a server on 127.0.0.1 that accepts connections and never
+answers (each MLflow request then waits for the tracker's 10 s timeout).
 
 The overhead's floor at this size is the later of "server ready" and "workers ready" (round 1
 cannot start before both), plus what each round and the end add: docs/benchmarks.md.
@@ -49,11 +51,12 @@ from benchmarks.fed_overhead import SETTINGS, create_store, ideal_seconds, warm_
 from fedspeech.app import local_engine
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
+from fedspeech_server.background_tracker import BackgroundTracker
 
 # (module, attribute path, label) of each timed server step
 STEPS = (
     ("fedspeech.app.preflight", "check_run", "pre-flight"),
-    ("fedspeech_server.tracking", "open_tracker", "open the tracking run (MLflow)"),
+    ("fedspeech_server.tracking", "open_tracker", "open the tracking run (MLflow: on a thread)"),
     ("fedspeech_server.run", "FederatedRun.evaluate_start", "round 0: evaluate the start model"),
     ("fedspeech.app.local_engine", "PoolGrid.send_and_receive", "round: clients train"),
     ("fedspeech_server.run", "FederatedRun.finish_round", "round: aggregate, evaluate, save"),
@@ -97,6 +100,19 @@ def instrumented(timeline: Timeline) -> Iterator[None]:
             stack.enter_context(
                 mock.patch.object(owner, name, timeline.timed(getattr(owner, name), label))
             )
+        opening = BackgroundTracker.__init__
+
+        def open_and_watch(tracker: BackgroundTracker, *args: Any, **kwargs: Any) -> None:
+            opening(tracker, *args, **kwargs)
+            began = timeline.now()
+
+            def watch() -> None:  # run_id waits until the tracker is open
+                _ = tracker.run_id
+                timeline.events.append((began, timeline.now(), "MLflow open (its thread)"))
+
+            threading.Thread(target=watch, daemon=True).start()
+
+        stack.enter_context(mock.patch.object(BackgroundTracker, "__init__", open_and_watch))
         start = local_engine.WorkerPool.start
 
         def start_and_watch(pool: local_engine.WorkerPool) -> None:
@@ -152,6 +168,32 @@ def cpu_sampled(out: Path) -> Iterator[Path | None]:
             sampler.wait()
 
 
+# Accepts connections on a free port of 127.0.0.1 (printed first) and never answers.
+HUNG_SERVER = """
+import socket
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+held = []
+while True:
+    held.append(server.accept()[0])
+"""
+
+
+@contextlib.contextmanager
+def hung_server() -> Iterator[str]:
+    """The URL of a tracking server that never answers, in another process (this one must stay
+    single-threaded for the zygote) while the block runs."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", HUNG_SERVER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        yield f"http://127.0.0.1:{int(server.stdout.readline())}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def idle_core_seconds(
     samples: Path, t0: float, bounds: list[tuple[str, float, float]]
 ) -> dict[str, float]:
@@ -197,6 +239,11 @@ def main() -> None:
     parser.add_argument("--utterances", type=int, default=1200)
     parser.add_argument("--new-store", action="store_true", help="time the run creating MLflow's")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it")
+    parser.add_argument(
+        "--hung-server",
+        action="store_true",
+        help="track to an MLflow URL on 127.0.0.1 that accepts connections and never answers",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="fedspeech-local-timeline-") as tmp:
@@ -211,12 +258,15 @@ def main() -> None:
         }
         cfg = RunConfig.from_flat({**overrides, "num-partitions": args.clients})
         warm_feature_cache(cfg, work / "data", args.clients)
-        if not args.new_store:
+        if not args.new_store and not args.hung_server:
             create_store(overrides["tracking-uri"])
-        with cpu_sampled(work / "cpu.txt") as samples:
+        with contextlib.ExitStack() as stack:
+            if args.hung_server:
+                overrides["tracking-uri"] = stack.enter_context(hung_server())
+            samples = stack.enter_context(cpu_sampled(work / "cpu.txt"))
             timeline, history = one_run(args, work, overrides)
         idle = idle_core_seconds(samples, timeline.t0, phases(timeline)) if samples else None
-    store = "a new" if args.new_store else "an existing"
+    store = "a hung" if args.hung_server else "a new" if args.new_store else "an existing"
     print(f"local engine, {args.clients} DP clients x {args.rounds} rounds, {store} MLflow store")
     print(f"{'from':>7} {'to':>7} {'seconds':>8}  step")
     for start, end, label in sorted(timeline.events):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,10 @@ from fedspeech_server.plots import plot_round_metrics
 from fedspeech_server.tracker_protocol import EndStatus
 from fedspeech_server.tracking_buffer import (
     BUFFER_FILE,
+    PENDING,
     Op,
     load_ops,
+    new_placeholder,
     read_run_ids,
     remember_run_id,
     save_ops,
@@ -56,8 +57,6 @@ from fedspeech_server.tracking_buffer import (
 __all__ = ["MlflowTracker", "open_mlflow_tracker"]
 
 log = logging.getLogger(__name__)
-
-PENDING = "pending-"
 
 
 class MlflowTracker:
@@ -95,7 +94,7 @@ class MlflowTracker:
         self.run_folder = Path(run_folder)
         self.registered_model_name = registered_model_name
         self.retry_interval_s = retry_interval_s
-        self._placeholder = f"{PENDING}{uuid.uuid4().hex}"
+        self._placeholder = new_placeholder()
         if resume_run_id and resume_run_id.startswith(PENDING):
             self._placeholder = resume_run_id  # its buffered records are this run's
             resume_run_id = read_run_ids(self.run_folder).get(resume_run_id)

@@ -168,7 +168,10 @@ class FederatedRun:
             global_state, arrays = checkpoint.state_dict, checkpoint.strategy_arrays
             tracker = tracker_factory(cfg, run_dir, state.tracking_run_id)
             log.info(
-                "resuming %s after round %d (tracking run %s)", run_dir, state.round, tracker.run_id
+                "resuming %s after round %d (tracking run %s)",
+                run_dir,
+                state.round,
+                state.tracking_run_id,
             )
             _log_untracked_rounds(tracker, run_dir, state.history)
         else:
@@ -176,9 +179,8 @@ class FederatedRun:
             global_state, arrays = initial_weights(cfg, model_config), {}
             tracker = tracker_factory(cfg, run_dir, None)
             tracker.log_params(cfg.to_flat())
-            state = RunState(
-                tracking_run_id=tracker.run_id, run_config=cfg.to_flat(), run_key=uuid.uuid4().hex
-            )
+            # tracking_run_id: set with round 1's checkpoint (the tracker may still be opening)
+            state = RunState(run_config=cfg.to_flat(), run_key=uuid.uuid4().hex)
         try:
             utterances = heldout_utterances(cfg, cfg.fed.data_dir)
         except BaseException as exc:  # the tracking run exists: it must not stay RUNNING
@@ -343,6 +345,7 @@ class FederatedRun:
             history=[*self.state.history, summary.to_json()],
             clients=clients,
             finished=server_round >= self.cfg.fed.num_server_rounds,
+            tracking_run_id=self.tracker.run_id,
             user_privacy=user_state.to_dict()
             if user_state.ledger.history
             else self.state.user_privacy,

@@ -6,8 +6,9 @@ needs nothing from ``tracking`` (which imports it lazily) and the two do not imp
 
 The server calls, in order: ``log_params`` once per fresh run, ``log_round`` after every round
 (after the checkpoint is on disk), then ``log_artifacts`` and ``finish`` at the end, or ``fail``
-with the reason when the run stops early. A tracker keeps its ``run_id`` in the checkpoint, so a
-resumed run reopens the same tracking run. Trackers must not raise for tracking trouble (a server
+with the reason when the run stops early. The server keeps the tracker's ``run_id`` in every checkpoint
+(from round 1's: a tracker may still be opening before), so a resumed run reopens the same
+tracking run. Trackers must not raise for tracking trouble (a server
 that is down): warn and carry on.
 """
 
@@ -25,7 +26,8 @@ class Tracker(Protocol):
 
     @property
     def run_id(self) -> str:
-        """Identifier of the tracking run (reopened on resume)."""
+        """Identifier of the tracking run (reopened on resume); a tracker that opens in the
+        background (``fedspeech_server.background_tracker``) answers once it is open."""
         ...
 
     def log_params(self, params: Mapping[str, Any]) -> None:

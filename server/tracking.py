@@ -24,6 +24,7 @@ from typing import Any
 
 from fedspeech.config import RunConfig
 from fedspeech_features.files import atomic_write
+from fedspeech_server.background_tracker import BackgroundTracker
 
 # EndStatus and Tracker are re-exported: callers name them from here too.
 from fedspeech_server.tracker_protocol import EndStatus as EndStatus
@@ -90,11 +91,17 @@ class LocalTracker:
     Args:
         run_dir: the run folder.
         run_id: the id to continue (resume); None starts a new run.
+        named_by: a tracker whose run id replaces ``run_id`` when ``tracking.json`` is next
+            written after the start (artifacts, finish, fail): a ``BackgroundTracker``'s, which
+            is known only once it is open. Until then ``run_id`` (its placeholder) names the run.
     """
 
-    def __init__(self, run_dir: str | Path, run_id: str | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, run_id: str | None = None, *, named_by: Tracker | None = None
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._named_by = named_by
         self._run_id = run_id or uuid.uuid4().hex
         self._info: dict[str, Any] = {"run_id": self._run_id, "artifacts": [], "model_dir": None}
         previous = _read_json(self.run_dir / TRACKING_FILE)
@@ -121,19 +128,26 @@ class LocalTracker:
 
     def log_artifacts(self, directory: Path) -> None:
         """Note the artifact folder in ``tracking.json`` (the files already lie in the run)."""
+        self._adopt_run_id()
         self._info["artifacts"] = sorted({*self._info["artifacts"], str(directory)})
         self._write_info()
 
     def finish(self, model_dir: Path | None) -> None:
         """Note the final model directory in ``tracking.json``."""
+        self._adopt_run_id()
         self._info["model_dir"] = None if model_dir is None else str(model_dir)
         self._info["status"] = "FINISHED"
         self._write_info()
 
     def fail(self, reason: str, status: EndStatus = "FAILED") -> None:
         """Note the ``status`` (FAILED or KILLED) and the ``error`` in ``tracking.json``."""
+        self._adopt_run_id()
         self._info.update(status=status, error=reason)
         self._write_info()
+
+    def _adopt_run_id(self) -> None:
+        if self._named_by is not None:
+            self._run_id = self._info["run_id"] = self._named_by.run_id
 
     def _write_info(self) -> None:
         atomic_write(self.run_dir / TRACKING_FILE, json.dumps(self._info, indent=2) + "\n")
@@ -143,17 +157,20 @@ def open_tracker(cfg: RunConfig, run_dir: Path, run_id: str | None) -> Tracker:
     """The tracker for a run (``run_id``: the one to continue on resume).
 
     Always a ``LocalTracker`` in the run folder (a record that needs no server); with a
-    ``tracking-uri`` also MLflow, whose run id then names the run in both.
+    ``tracking-uri`` also MLflow, opened on a thread of its own while the run goes on
+    (``BackgroundTracker``), whose run id then names the run in both.
     """
     if not cfg.fed.tracking_uri:
         return LocalTracker(run_dir, run_id)
-    from fedspeech_server.mlflow_tracking import (
-        open_mlflow_tracker,
-    )  # lazy: importing mlflow takes ~1 s
 
-    remote = open_mlflow_tracker(cfg, run_dir, run_id)
+    def open_mlflow(placeholder: str) -> Tracker:
+        from fedspeech_server.mlflow_tracking import open_mlflow_tracker  # lazy: ~1.1 s
+
+        return open_mlflow_tracker(cfg, run_dir, placeholder)
+
+    remote = BackgroundTracker(open_mlflow, run_id, name="MLflow")
     shared: Tracker = UserLevelRelease(remote) if cfg.user_level_dp else remote
-    return FanOutTracker(shared, LocalTracker(run_dir, remote.run_id))
+    return FanOutTracker(shared, LocalTracker(run_dir, remote.placeholder, named_by=remote))
 
 
 class UserLevelRelease:
