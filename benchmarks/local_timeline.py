@@ -5,12 +5,12 @@
 
 One ``fedspeech simulate --engine local`` run of ``benchmarks/fed_overhead.py``'s simulation (8
 DP clients x 3 rounds by default). The server runs in this process, so each of its steps is timed
-by a wrapper: pre-flight, opening the tracking run (and when its MLflow tracker, which opens on a
-thread of its own, is open), round 0's evaluation, each round's exchange
-with the clients and its bookkeeping, the final model; the workers' start-up is timed from the
-pool's warm-up futures (``WorkerPool.warmed``). Times are seconds from the ``simulate`` call,
-the first of this process (as for a user's ``fedspeech simulate``: nothing of the server or the
-workers imported or started before). By default the MLflow store exists already (another process
+by a wrapper: pre-flight, opening the tracking run (and when the MLflow tracker's own thread has
+opened the MLflow run), round 0's evaluation, each round's exchange with the clients and
+its bookkeeping, the final model; the workers' start-up is timed from the pool's warm-up futures
+(``WorkerPool.warmed``). Times are seconds from the ``simulate`` call, the first of this process
+(as for a user's ``fedspeech simulate``: nothing of the server or the workers imported or started
+before). By default the MLflow store exists already (another process
 creates its tables first), as for a user's second run; ``--new-store`` times the run that
 creates it; ``--hung-server`` tracks to a server on 127.0.0.1 that accepts connections and never
 answers (each MLflow request then waits for the tracker's 10 s timeout).
@@ -51,7 +51,7 @@ from benchmarks.fed_overhead import SETTINGS, create_store, ideal_seconds, warm_
 from fedspeech.app import local_engine
 from fedspeech.app.simulate import simulate
 from fedspeech.config import RunConfig
-from fedspeech_server.background_tracker import BackgroundTracker
+from fedspeech_server.mlflow_tracking import MlflowTracker  # imports no MLflow (its thread does)
 
 # (module, attribute path, label) of each timed server step
 STEPS = (
@@ -100,19 +100,19 @@ def instrumented(timeline: Timeline) -> Iterator[None]:
             stack.enter_context(
                 mock.patch.object(owner, name, timeline.timed(getattr(owner, name), label))
             )
-        opening = BackgroundTracker.__init__
+        opening = MlflowTracker.__init__
 
-        def open_and_watch(tracker: BackgroundTracker, *args: Any, **kwargs: Any) -> None:
+        def open_and_watch(tracker: MlflowTracker, *args: Any, **kwargs: Any) -> None:
             opening(tracker, *args, **kwargs)
             began = timeline.now()
 
-            def watch() -> None:  # run_id waits until the tracker is open
+            def watch() -> None:  # run_id waits for the first attempt to reach MLflow
                 _ = tracker.run_id
-                timeline.events.append((began, timeline.now(), "MLflow open (its thread)"))
+                timeline.events.append((began, timeline.now(), "MLflow run open (its thread)"))
 
             threading.Thread(target=watch, daemon=True).start()
 
-        stack.enter_context(mock.patch.object(BackgroundTracker, "__init__", open_and_watch))
+        stack.enter_context(mock.patch.object(MlflowTracker, "__init__", open_and_watch))
         start = local_engine.WorkerPool.start
 
         def start_and_watch(pool: local_engine.WorkerPool) -> None:
@@ -266,8 +266,12 @@ def main() -> None:
             samples = stack.enter_context(cpu_sampled(work / "cpu.txt"))
             timeline, history = one_run(args, work, overrides)
         idle = idle_core_seconds(samples, timeline.t0, phases(timeline)) if samples else None
-    store = "a hung" if args.hung_server else "a new" if args.new_store else "an existing"
-    print(f"local engine, {args.clients} DP clients x {args.rounds} rounds, {store} MLflow store")
+    store = (
+        "a hung MLflow server"
+        if args.hung_server
+        else f"{'a new' if args.new_store else 'an existing'} MLflow store"
+    )
+    print(f"local engine, {args.clients} DP clients x {args.rounds} rounds, {store}")
     print(f"{'from':>7} {'to':>7} {'seconds':>8}  step")
     for start, end, label in sorted(timeline.events):
         print(f"{start:7.2f} {end:7.2f} {end - start:8.2f}  {label}")

@@ -3,6 +3,9 @@
 Everything takes an explicit ``MlflowClient`` and run id (never the fluent ``mlflow.*`` API with
 its process-global active run). Operations are JSON-able dicts (see ``fedspeech_server.tracking_buffer``):
 ``params``, ``metrics``, ``text``, ``tag``, ``artifacts``, ``register``, ``terminate``.
+
+``mlflow`` is imported by the functions that call it, not with this module (~1.1 s): the tracker
+records operations with the plain helpers here at once and imports MLflow on its sending thread.
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any
 
 from fedspeech_server.tracking_buffer import Op
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 __all__ = [
     "MODEL_ARTIFACT_PATH",
@@ -102,6 +104,8 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 def is_permanent(err: Exception) -> bool:
     """Whether MLflow refused a request for good (as opposed to being unreachable)."""
+    from mlflow.exceptions import MlflowException
+
     return isinstance(err, MlflowException) and err.error_code in PERMANENT_ERRORS
 
 
@@ -148,7 +152,7 @@ def open_run(
     if resume_run_id:
         try:
             run = client.get_run(resume_run_id)
-        except MlflowException as err:
+        except Exception as err:
             if not is_permanent(err):
                 raise
             log.warning("cannot resume MLflow run %s (%s); starting a new run", resume_run_id, err)
@@ -172,13 +176,22 @@ def metric_history(client: MlflowClient, run_id: str) -> dict[str, dict[int, flo
     }
 
 
-def apply_op(client: MlflowClient, run_id: str, op: Op) -> None:
-    """Send one recorded operation to the run; raises what MLflow raises."""
+def apply_op(client: MlflowClient, run_id: str, op: Op, *, replayed: bool = False) -> None:
+    """Send one recorded operation to the run; raises what MLflow raises.
+
+    ``replayed``: the operation comes from a buffer file, so MLflow may have it already (the
+    process stopped after sending it, before taking it off the file): metrics the run holds at
+    the same step and time are not logged again. Params, tags, text and the end are idempotent.
+    """
+    from mlflow.entities import Metric
+
     kind = op["op"]
     if kind == "params":
         _log_params(client, run_id, op["params"])
     elif kind == "metrics":
         metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
+        if replayed:
+            metrics = [m for m in metrics if not _logged(client, run_id, m)]
         for start in range(0, len(metrics), METRICS_PER_BATCH):
             batch = metrics[start : start + METRICS_PER_BATCH]
             client.log_batch(run_id, metrics=batch, synchronous=True)
@@ -200,7 +213,16 @@ def apply_op(client: MlflowClient, run_id: str, op: Op) -> None:
         log.warning("unknown tracking operation %r dropped", kind)
 
 
+def _logged(client: MlflowClient, run_id: str, metric: Any) -> bool:
+    return any(
+        (m.step, m.timestamp, m.value) == (metric.step, metric.timestamp, metric.value)
+        for m in client.get_metric_history(run_id, metric.key)
+    )
+
+
 def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
     # MLflow params are write-once: a resumed run keeps the first values (and we say so).
     existing = client.get_run(run_id).data.params
     changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
@@ -228,6 +250,8 @@ def register_model(
     or ``latest``. Without it (an operation buffered by an older version) the source is the
     run's ``model/`` artifacts, as then.
     """
+    from mlflow.exceptions import MlflowException
+
     try:
         client.create_registered_model(name, description="fedspeech acoustic model (BiGRU-CTC)")
     except MlflowException as err:

@@ -26,8 +26,8 @@ class Tracker(Protocol):
 
     @property
     def run_id(self) -> str:
-        """Identifier of the tracking run (reopened on resume); a tracker that opens in the
-        background (``fedspeech_server.background_tracker``) answers once it is open."""
+        """Identifier of the tracking run (reopened on resume); a tracker that reaches its
+        server in the background (``MlflowTracker``) answers once it has tried."""
         ...
 
     def log_params(self, params: Mapping[str, Any]) -> None:

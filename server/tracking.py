@@ -24,7 +24,6 @@ from typing import Any
 
 from fedspeech.config import RunConfig
 from fedspeech_features.files import atomic_write
-from fedspeech_server.background_tracker import BackgroundTracker
 
 # EndStatus and Tracker are re-exported: callers name them from here too.
 from fedspeech_server.tracker_protocol import EndStatus as EndStatus
@@ -92,8 +91,9 @@ class LocalTracker:
         run_dir: the run folder.
         run_id: the id to continue (resume); None starts a new run.
         named_by: a tracker whose run id replaces ``run_id`` when ``tracking.json`` is next
-            written after the start (artifacts, finish, fail): a ``BackgroundTracker``'s, which
-            is known only once it is open. Until then ``run_id`` (its placeholder) names the run.
+            written after the start (artifacts, finish, fail): an ``MlflowTracker``'s, which is
+            known only once MLflow has answered. Until then ``run_id`` (its placeholder) names
+            the run.
     """
 
     def __init__(
@@ -157,20 +157,19 @@ def open_tracker(cfg: RunConfig, run_dir: Path, run_id: str | None) -> Tracker:
     """The tracker for a run (``run_id``: the one to continue on resume).
 
     Always a ``LocalTracker`` in the run folder (a record that needs no server); with a
-    ``tracking-uri`` also MLflow, opened on a thread of its own while the run goes on
-    (``BackgroundTracker``), whose run id then names the run in both.
+    ``tracking-uri`` also MLflow (``MlflowTracker``, which reaches MLflow on a thread of its own
+    while the run goes on), whose run id then names the run in both.
     """
     if not cfg.fed.tracking_uri:
         return LocalTracker(run_dir, run_id)
 
-    def open_mlflow(placeholder: str) -> Tracker:
-        from fedspeech_server.mlflow_tracking import open_mlflow_tracker  # lazy: ~1.1 s
+    from fedspeech_server.mlflow_tracking import open_mlflow_tracker
 
-        return open_mlflow_tracker(cfg, run_dir, placeholder)
-
-    remote = BackgroundTracker(open_mlflow, run_id, name="MLflow")
+    remote = open_mlflow_tracker(cfg, run_dir, run_id)
     shared: Tracker = UserLevelRelease(remote) if cfg.user_level_dp else remote
-    return FanOutTracker(shared, LocalTracker(run_dir, remote.placeholder, named_by=remote))
+    return FanOutTracker(
+        shared, LocalTracker(run_dir, run_id or remote.placeholder, named_by=remote)
+    )
 
 
 class UserLevelRelease:

@@ -215,6 +215,7 @@ def test_buffer_flushed_when_store_returns_and_replayed_by_next_tracker(tmp_path
     crashed = MlflowTracker(uri, "fed", "r", tmp_path / "run", retry_interval_s=0)
     crashed.log_params({"num-rounds": 2})
     crashed.log_round(1, ROUND_METRICS[1])
+    crashed.flush()  # its thread's attempts end before the store comes back
     assert crashed.run_id.startswith("pending-") and (tmp_path / "run" / BUFFER_FILE).is_file()
 
     # Execute: the process "dies"; the store comes back; the server resumes with the id it had
@@ -243,11 +244,13 @@ def test_placeholder_id_resumes_the_run_created_later(tmp_path: Path) -> None:
     placeholder = first.run_id
     blocker.unlink()
     first.log_round(1, ROUND_METRICS[1])
+    first.flush()  # calls return at once; this waits for the sending thread
     assert first.run_id != placeholder
 
     # Execute: resume with the placeholder
     second = MlflowTracker(uri, "fed", "r", tmp_path / "run", resume_run_id=placeholder)
     second.log_round(2, ROUND_METRICS[2])
+    second.flush()
 
     # Assert
     assert second.run_id == first.run_id
@@ -335,6 +338,7 @@ def test_server_down_then_up_receives_buffered_metrics(
     tracker.log_params({"num-rounds": 3})
     tracker.log_round(1, ROUND_METRICS[1])
     tracker.log_round(2, ROUND_METRICS[2])
+    tracker.flush()  # calls return at once; this waits for the sending thread's attempt
     assert tracker.run_id.startswith("pending-") and (tmp_path / "run" / BUFFER_FILE).is_file()
 
     # Execute: the server comes up mid-run; the next round's call flushes the buffer
@@ -361,11 +365,12 @@ def test_server_going_down_mid_run_loses_nothing(
     tracker = MlflowTracker(url, "fed", "r", tmp_path / "run", retry_interval_s=0)
     tracker.log_params({"num-rounds": 3})
     tracker.log_round(1, ROUND_METRICS[1])
-    assert not tracker.run_id.startswith("pending-")
+    assert tracker.flush() and not tracker.run_id.startswith("pending-")
 
     # Execute: the server dies; round 2 is logged during the outage; the server comes back
     mlflow_servers.stop_all()
     tracker.log_round(2, ROUND_METRICS[2])
+    assert not tracker.flush()
     buffered = (tmp_path / "run" / BUFFER_FILE).read_text()
     mlflow_servers.start(port)  # the same store
     tracker.log_round(3, {"wer": 0.7})
