@@ -176,12 +176,14 @@ def metric_history(client: MlflowClient, run_id: str) -> dict[str, dict[int, flo
     }
 
 
-def apply_op(client: MlflowClient, run_id: str, op: Op, *, replayed: bool = False) -> None:
+def apply_op(client: MlflowClient, run_id: str, op: Op) -> None:
     """Send one recorded operation to the run; raises what MLflow raises.
 
-    ``replayed``: the operation comes from a buffer file, so MLflow may have it already (the
-    process stopped after sending it, before taking it off the file): metrics the run holds at
-    the same step and time are not logged again. Params, tags, text and the end are idempotent.
+    An operation replayed from a buffer file may have reached MLflow already (the process
+    stopped after sending it, before taking it off the file). Sent again, params keep their
+    first values, tags, text, artifacts and the run's end are set again, and a SQL store keeps
+    one row per metric value, step and time (``test_tracking_thread.py``); only ``register``
+    would add a second model version.
     """
     from mlflow.entities import Metric
 
@@ -190,8 +192,6 @@ def apply_op(client: MlflowClient, run_id: str, op: Op, *, replayed: bool = Fals
         _log_params(client, run_id, op["params"])
     elif kind == "metrics":
         metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
-        if replayed:
-            metrics = [m for m in metrics if not _logged(client, run_id, m)]
         for start in range(0, len(metrics), METRICS_PER_BATCH):
             batch = metrics[start : start + METRICS_PER_BATCH]
             client.log_batch(run_id, metrics=batch, synchronous=True)
@@ -211,13 +211,6 @@ def apply_op(client: MlflowClient, run_id: str, op: Op, *, replayed: bool = Fals
         client.set_terminated(run_id, op["status"])
     else:
         log.warning("unknown tracking operation %r dropped", kind)
-
-
-def _logged(client: MlflowClient, run_id: str, metric: Any) -> bool:
-    return any(
-        (m.step, m.timestamp, m.value) == (metric.step, metric.timestamp, metric.value)
-        for m in client.get_metric_history(run_id, metric.key)
-    )
 
 
 def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:

@@ -330,7 +330,7 @@ class MlflowTracker:
                 log.warning("dropping %s of abandoned tracking run %s", op["op"], op.get("run_id"))
             else:
                 try:
-                    apply_op(client, target, op, replayed="run_id" in op)  # from a file
+                    apply_op(client, target, op)
                 except Exception as err:
                     if not is_permanent(err):
                         raise
