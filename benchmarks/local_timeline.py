@@ -6,14 +6,14 @@
 One ``fedspeech simulate --engine local`` run of ``benchmarks/fed_overhead.py``'s simulation (8
 DP clients x 3 rounds by default). The server runs in this process, so each of its steps is timed
 by a wrapper: pre-flight, opening the tracking run (and when the MLflow tracker's own thread has
-opened the MLflow run), round 0's evaluation, each round's exchange with the clients and
-its bookkeeping, the final model; the workers' start-up is timed from the pool's warm-up futures
+opened the MLflow run), round 0's evaluation, each round's exchange with the clients and its
+bookkeeping, the final model; the workers' start-up is timed from the pool's warm-up futures
 (``WorkerPool.warmed``). Times are seconds from the ``simulate`` call, the first of this process
 (as for a user's ``fedspeech simulate``: nothing of the server or the workers imported or started
-before). By default the MLflow store exists already (another process
-creates its tables first), as for a user's second run; ``--new-store`` times the run that
-creates it; ``--hung-server`` tracks to a server on 127.0.0.1 that accepts connections and never
-answers (each MLflow request then waits for the tracker's 10 s timeout).
+before). By default the MLflow store exists already (another process creates its tables first),
+as for a user's second run; ``--new-store`` times the run that creates it; ``--hung-server``
+tracks to a server on 127.0.0.1 that accepts connections and never answers (each MLflow request
+then waits for the tracker's 10 s timeout).
 
 The overhead's floor at this size is the later of "server ready" and "workers ready" (round 1
 cannot start before both), plus what each round and the end add: docs/benchmarks.md.

@@ -32,6 +32,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,10 +50,8 @@ from fedspeech_server.mlflow_ops import (
 from fedspeech_server.tracker_protocol import EndStatus
 from fedspeech_server.tracking_buffer import (
     BUFFER_FILE,
-    PENDING,
     Op,
     load_ops,
-    new_placeholder,
     read_run_ids,
     remember_run_id,
     save_ops,
@@ -65,6 +64,7 @@ __all__ = ["MlflowTracker", "open_mlflow_tracker"]
 
 log = logging.getLogger(__name__)
 
+PENDING = "pending-"
 PROGRESS_S = 10.0  # seconds between "still sending" lines while a call waits for the thread
 
 
@@ -103,7 +103,7 @@ class MlflowTracker:
         self.run_folder = Path(run_folder)
         self.registered_model_name = registered_model_name
         self.retry_interval_s = retry_interval_s
-        self._placeholder = new_placeholder()
+        self._placeholder = f"{PENDING}{uuid.uuid4().hex}"
         if resume_run_id and resume_run_id.startswith(PENDING):
             self._placeholder = resume_run_id  # its buffered records are this run's
             resume_run_id = read_run_ids(self.run_folder).get(resume_run_id)

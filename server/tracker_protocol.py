@@ -6,10 +6,10 @@ needs nothing from ``tracking`` (which imports it lazily) and the two do not imp
 
 The server calls, in order: ``log_params`` once per fresh run, ``log_round`` after every round
 (after the checkpoint is on disk), then ``log_artifacts`` and ``finish`` at the end, or ``fail``
-with the reason when the run stops early. The server keeps the tracker's ``run_id`` in every checkpoint
-(from round 1's: a tracker may still be opening before), so a resumed run reopens the same
-tracking run. Trackers must not raise for tracking trouble (a server
-that is down): warn and carry on.
+with the reason when the run stops early. The server keeps the tracker's ``run_id`` in every
+checkpoint (from round 1's: a tracker may still be opening before), so a resumed run reopens the
+same tracking run. Trackers must not raise for tracking trouble (a server that is down): warn and
+carry on.
 """
 
 from __future__ import annotations

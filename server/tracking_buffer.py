@@ -9,29 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedspeech_features.files import atomic_write
 
-__all__ = [
-    "BUFFER_FILE",
-    "PENDING",
-    "RUN_IDS_FILE",
-    "Op",
-    "load_ops",
-    "new_placeholder",
-    "read_run_ids",
-    "remember_run_id",
-]
+__all__ = ["BUFFER_FILE", "RUN_IDS_FILE", "Op", "load_ops", "read_run_ids", "remember_run_id"]
 
 log = logging.getLogger(__name__)
 
 BUFFER_FILE = "tracking_buffer.jsonl"
 RUN_IDS_FILE = "mlflow_runs.json"
-PENDING = "pending-"  # a placeholder run id starts so
 
 Op = dict[str, Any]
 
@@ -61,11 +50,6 @@ def save_ops(path: Path, ops: Sequence[Op]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, "".join(json.dumps(op, default=str) + "\n" for op in ops))
-
-
-def new_placeholder() -> str:
-    """A new placeholder run id, ``pending-<hex>``: the run's name until MLflow has answered."""
-    return f"{PENDING}{uuid.uuid4().hex}"
 
 
 def read_run_ids(folder: Path) -> dict[str, str]:

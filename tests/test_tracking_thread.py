@@ -15,9 +15,9 @@ import pytest
 from mlflow import MlflowClient
 
 from fedspeech.config import RunConfig
-from fedspeech_server.mlflow_tracking import MlflowTracker
+from fedspeech_server.mlflow_tracking import PENDING, MlflowTracker
 from fedspeech_server.tracking import open_tracker, read_tracking_info
-from fedspeech_server.tracking_buffer import BUFFER_FILE, PENDING, load_ops, read_run_ids, save_ops
+from fedspeech_server.tracking_buffer import BUFFER_FILE, load_ops, read_run_ids, save_ops
 
 
 @pytest.fixture(autouse=True)
