@@ -75,7 +75,11 @@ def train(msg: Message, context: Context) -> Message:
 
     show_progress()
     cfg = RunConfig.from_flat(context.run_config)
-    if cfg.sample_level_dp:  # Opacus (~1.3 s) here, not inside the round's own ``seconds``
+    # Imports here, not inside the round's own ``seconds``: Opacus (~1.3 s), and torch._dynamo,
+    # which a process's first torch.optim optimizer imports (0.45-0.7 s)
+    import torch._dynamo
+
+    if cfg.sample_level_dp:
         import fedspeech_client.dp_sgd  # noqa: F401
     node = resolve_node_data(context.node_config, cfg)
     if node.threads:

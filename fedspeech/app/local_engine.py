@@ -53,8 +53,13 @@ from fedspeech.logs import OUR_LOGGERS
 log = logging.getLogger("fedspeech.engine")
 
 # What a worker needs for its first message, imported once by the forkserver: torch and the
-# client ~1.2 s here; DP-SGD adds Opacus, ~1.3 s.
-PRELOAD = ("torch", "fedspeech_client.app", "fedspeech_client.local_round")
+# client ~1.2 s here; DP-SGD adds Opacus, ~1.3 s. ``torch._dynamo``: the first torch.optim
+# optimizer a process builds imports it (``torch._compile._disable_dynamo``), 0.45-0.7 s here,
+# which every worker's first message paid again (tests/test_zygote.py checks none is left).
+PRELOAD = (
+    *("torch", "torch._dynamo"),
+    *("fedspeech_client.app", "fedspeech_client.local_round", "fedspeech.fast_gru"),
+)
 PRELOAD_DP = (*PRELOAD, "fedspeech_client.dp_sgd")
 _NODE_DIED = ErrorCode.UNKNOWN  # the worker process ended without a reply (Ray: an actor died)
 _WORKER_SCOPE = ExitStack()  # a worker's log routing for the run it serves now
