@@ -10,6 +10,7 @@ records operations with the plain helpers here at once and imports MLflow on its
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -181,9 +182,9 @@ def apply_op(client: MlflowClient, run_id: str, op: Op) -> None:
 
     An operation replayed from a buffer file may have reached MLflow already (the process
     stopped after sending it, before taking it off the file). Sent again, params keep their
-    first values, tags, text, artifacts and the run's end are set again, and a SQL store keeps
-    one row per metric value, step and time (``test_tracking_thread.py``); only ``register``
-    would add a second model version.
+    first values, tags, text, artifacts and the run's end are set again, a SQL store keeps
+    one row per metric value, step and time (``test_tracking_thread.py``), and ``register``
+    finds the version it made before (``register_model``).
     """
     from mlflow.entities import Metric
 
@@ -242,6 +243,12 @@ def register_model(
     ``data_hours`` where known), and the version gets the alias ``latest-private`` (a DP model)
     or ``latest``. Without it (an operation buffered by an older version) the source is the
     run's ``model/`` artifacts, as then.
+
+    Registering is idempotent for a model directory: the version and the logged model carry
+    its files' SHA-256 (tag ``model_sha256``), and a version of ``name`` from this run with the
+    same digest is returned as it is (a replayed operation: the process stopped after MLflow
+    took it, before it was taken off the buffer file). A resumed run that trained on registers
+    its new model as a new version.
     """
     from mlflow.exceptions import MlflowException
 
@@ -255,21 +262,22 @@ def register_model(
     if model_dir is not None and Path(model_dir, "config.json").is_file():
         provenance = json.loads(Path(model_dir, "config.json").read_text(encoding="utf-8"))
         provenance = provenance.get("provenance") or {}
+        alias = PRIVATE_ALIAS if provenance.get("dp") else PLAIN_ALIAS
+        tags["model_sha256"] = _model_digest(Path(model_dir))
+        done = _registered_already(client, name, run_id, tags["model_sha256"])
+        if done is not None:  # a replay: MLflow took this operation before
+            client.set_registered_model_alias(name, alias, done)
+            log.info("MLflow: model %s version %s holds this model already", name, done)
+            return done
         tags |= {k: str(provenance[k]) for k in PRIVACY_TAGS if provenance.get(k) is not None}
         if provenance.get("hours") is not None:
             tags["data_hours"] = str(provenance["hours"])
         if (provenance.get("run_config") or {}).get("init-model"):
             tags["init_model"] = str(provenance["run_config"]["init-model"])
-        experiment_id = client.get_run(run_id).info.experiment_id
-        logged = client.create_logged_model(
-            experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="bigru-ctc"
-        )
-        client.log_model_artifacts(logged.model_id, str(model_dir))
-        client.finalize_logged_model(logged.model_id, "READY")
+        logged = _logged_model(client, name, run_id, tags, Path(model_dir))
         # the logged model's own artifact location: a models:/<id> source makes the registry
         # store look the model up through the global tracking URI, not this client's
         source, model_id = logged.artifact_location, logged.model_id
-        alias = PRIVATE_ALIAS if provenance.get("dp") else PLAIN_ALIAS
     version = client.create_model_version(
         name,
         source=source,
@@ -287,3 +295,43 @@ def register_model(
         client.set_registered_model_alias(name, alias, version.version)
     log.info("MLflow: registered model %s version %s (%s)", name, version.version, source)
     return str(version.version)
+
+
+def _model_digest(model_dir: Path) -> str:
+    """SHA-256 over a model directory's files (their names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _registered_already(client: MlflowClient, name: str, run_id: str, digest: str) -> str | None:
+    """The version of ``name`` this run registered for the model with ``digest``, if any."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        if version.name == name and version.tags.get("model_sha256") == digest:
+            return str(version.version)
+    return None
+
+
+def _logged_model(
+    client: MlflowClient, name: str, run_id: str, tags: Mapping[str, str], model_dir: Path
+) -> Any:
+    """The run's READY LoggedModel ``name`` of this model (``tags["model_sha256"]``), created
+    and uploaded if there is none (a registration stopped before its version exists)."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for logged in client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    ):
+        if (
+            logged.name == name
+            and str(logged.status) == "READY"
+            and logged.tags.get("model_sha256") == tags["model_sha256"]
+        ):
+            return logged
+    logged = client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, tags=dict(tags), model_type="bigru-ctc"
+    )
+    client.log_model_artifacts(logged.model_id, str(model_dir))
+    client.finalize_logged_model(logged.model_id, "READY")
+    return logged

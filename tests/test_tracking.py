@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from fedspeech.app.flower_launch import free_port
-from fedspeech_server.mlflow_ops import flatten_params
+from fedspeech_server.mlflow_ops import apply_op, flatten_params
 from fedspeech_server.mlflow_tracking import MlflowTracker
 from fedspeech_server.tracking_buffer import BUFFER_FILE
 
@@ -121,6 +121,29 @@ def test_run_records_params_metrics_artifacts_and_registered_model(tmp_path: Pat
     assert not (tmp_path / "run" / BUFFER_FILE).exists()
     assert not (tmp_path / "cwd" / "mlflow.db").exists()
     assert not (tmp_path / "cwd" / "mlruns").exists()
+
+
+def test_a_replayed_registration_adds_no_version_and_a_new_model_does(tmp_path: Path) -> None:
+    # Prepare: a run whose model MLflow registered, the operation still on the buffer file
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = client.create_run(client.create_experiment("fed")).info.run_id
+    model = _model_dir(tmp_path)
+    register = {"op": "register", "name": "asr", "model_dir": str(model)}
+    apply_op(client, run_id, register)
+    # Execute: the operation is replayed; then the run (resumed) trains on and registers again
+    apply_op(client, run_id, register)
+    replayed = client.search_model_versions("name = 'asr'")
+    (model / "model.safetensors").write_bytes(b"weights-after-more-rounds")
+    apply_op(client, run_id, register)
+    # Assert: the replay found the version (and logged model) it made; the new model is version 2
+    assert [str(v.version) for v in replayed] == ["1"]
+    versions = sorted(client.search_model_versions("name = 'asr'"), key=lambda v: int(v.version))
+    assert [str(v.version) for v in versions] == ["1", "2"]
+    assert versions[0].tags["model_sha256"] != versions[1].tags["model_sha256"]
+    experiment_id = client.get_run(run_id).info.experiment_id
+    assert len(client.search_logged_models([experiment_id])) == 2
+    assert str(client.get_model_version_by_alias("asr", "latest-private").version) == "2"
 
 
 def test_user_level_dp_runs_send_mlflow_only_what_the_mechanism_covers(tmp_path: Path) -> None:
