@@ -146,6 +146,25 @@ def test_a_replayed_registration_adds_no_version_and_a_new_model_does(tmp_path: 
     assert str(client.get_model_version_by_alias("asr", "latest-private").version) == "2"
 
 
+def test_a_registration_stopped_before_its_version_reuses_its_logged_model(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the model was logged (READY) but its version never made it (the process stopped)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = client.create_run(client.create_experiment("fed")).info.run_id
+    register = {"op": "register", "name": "asr", "model_dir": str(_model_dir(tmp_path))}
+    apply_op(client, run_id, register)
+    client.delete_model_version("asr", "1")
+    # Execute: the record is replayed
+    apply_op(client, run_id, register)
+    # Assert: a version again, from the one logged model
+    experiment_id = client.get_run(run_id).info.experiment_id
+    (logged,) = client.search_logged_models([experiment_id])
+    (version,) = client.search_model_versions("name = 'asr'")
+    assert version.source == logged.artifact_location and version.run_id == run_id
+
+
 def test_user_level_dp_runs_send_mlflow_only_what_the_mechanism_covers(tmp_path: Path) -> None:
     # Prepare: the trackers a user-level DP run opens (MLflow behind the release filter + local)
     from fedspeech.config import RunConfig
