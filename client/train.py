@@ -29,6 +29,8 @@ from fedspeech_client.batching import (
     collate_ctc,
     ctc_loss,
 )
+from fedspeech_client.frozen_trunk import MEMO as TRUNKS
+from fedspeech_client.frozen_trunk import head_model, trains_head_only
 from fedspeech_client.train_config import (
     TrainConfig,
     TrainResult,
@@ -87,6 +89,10 @@ def train_local(
     device = device or resolve_device(cfg.device)
     if augment is None:
         augment = training_augment(cfg, cfg.seed, frame_block)
+    if augment is None and trains_head_only(model, cfg):
+        # The fixed layers map each utterance the same way every round: computed once, kept.
+        examples = TRUNKS.outputs(model, examples, device)
+        model = head_model(model)
     dataset = FeatureDataset(examples, augment)
     # Dropout draws from torch's global RNG: seed it inside a fork so the caller's state is kept.
     cuda = [device] if device.type == "cuda" else []

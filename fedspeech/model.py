@@ -88,6 +88,10 @@ class BiGRUCTC(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(cfg.output_dim)
         self.head = nn.Linear(cfg.output_dim, cfg.vocab_size)
+        # True: ``forward`` takes the trunk's outputs (``trunk``) in place of feature frames and
+        # runs only dropout, norm and head (training with every layer below them fixed:
+        # ``fedspeech_client.frozen_trunk``). Not part of the weights; ``convert_model`` keeps it.
+        self.trunk_given = False
 
     def forward(self, feats: Tensor, lengths: Tensor) -> Tensor:
         """Log-probabilities of every frame.
@@ -99,7 +103,8 @@ class BiGRUCTC(nn.Module):
         layers (batch order); ``FastGRU`` takes any order.
 
         Args:
-            feats: ``(B, T, D)`` padded feature frames.
+            feats: ``(B, T, D)`` padded feature frames; with ``trunk_given``, ``(B, T, H*dirs)``
+                outputs of ``trunk``.
             lengths: ``(B,)`` number of valid frames per utterance (1..T).
 
         Returns:
@@ -108,13 +113,30 @@ class BiGRUCTC(nn.Module):
         Raises:
             ValueError: lengths out of range, or unsorted lengths in the DP flavour.
         """
-        total = feats.shape[1]
-        lengths = lengths.to(device="cpu", dtype=torch.int64)  # pack_padded_sequence wants CPU
-        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > total):
-            raise ValueError(f"lengths must be in [1, {total}], got {lengths.tolist()}")
-        if self.needs_sorted_batch and bool((lengths[1:] > lengths[:-1]).any()):
-            raise ValueError("the DP model needs a batch sorted by decreasing length")
-        x = self.dropout(self.frontend(feats))  # (B, T, F) with F = frontend_dim or D
+        if self.trunk_given:
+            _check_lengths(lengths, feats.shape[1], sorted_=False)
+            y = feats  # (B, T, H*dirs)
+        else:
+            y = self._recurrent(self.dropout(self.frontend(feats)), lengths)  # (B, T, H*dirs)
+        y = self.norm(self.dropout(y))  # (B, T, H*dirs)
+        return torch.log_softmax(self.head(y), dim=-1)  # (B, T, V)
+
+    def trunk(self, feats: Tensor, lengths: Tensor) -> Tensor:
+        """Front-end and recurrent layers without dropout: what ``norm`` and ``head`` read.
+
+        Args:
+            feats: ``(B, T, D)`` padded feature frames.
+            lengths: ``(B,)`` number of valid frames per utterance (1..T).
+
+        Returns:
+            ``(B, T, H*dirs)``; zero (FastGRU) or meaningless past each utterance's length.
+        """
+        return self._recurrent(self.frontend(feats), lengths)
+
+    def _recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """The recurrent layers over ``x`` ``(B, T, F)`` -> ``(B, T, H*dirs)``."""
+        total = x.shape[1]
+        lengths = _check_lengths(lengths, total, sorted_=self.needs_sorted_batch)
         if self.fast_rnn:
             # adapters by keyword: Opacus's forward hook records the positional inputs only.
             y, _ = self.rnn(x, lengths, adapters=self.adapters)  # (B, T, H*dirs), 0 on padding
@@ -128,8 +150,21 @@ class BiGRUCTC(nn.Module):
                 merged = self.adapters.merged(dict(self.rnn.named_parameters()))
                 out, _ = functional_call(self.rnn, merged, (packed,))
             y, _ = pad_packed_sequence(out, batch_first=True, total_length=total)  # (B, T, H*dirs)
-        y = self.norm(self.dropout(y))  # (B, T, H*dirs)
-        return torch.log_softmax(self.head(y), dim=-1)  # (B, T, V)
+        return y
+
+
+def _check_lengths(lengths: Tensor, total: int, *, sorted_: bool) -> Tensor:
+    """``lengths`` as CPU int64 (pack_padded_sequence wants them there), checked.
+
+    Raises:
+        ValueError: a length outside [1, total], or (``sorted_``) not in decreasing order.
+    """
+    lengths = lengths.to(device="cpu", dtype=torch.int64)
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > total):
+        raise ValueError(f"lengths must be in [1, {total}], got {lengths.tolist()}")
+    if sorted_ and bool((lengths[1:] > lengths[:-1]).any()):
+        raise ValueError("the DP model needs a batch sorted by decreasing length")
+    return lengths
 
 
 def _adapters(cfg: ModelConfig) -> LowRankAdapters:
@@ -317,6 +352,7 @@ def convert_model(model: nn.Module, *, dp: bool, dp_rnn: DPRNNImpl = "fast") -> 
     out = BiGRUCTC(inner.cfg, dp=dp, dp_rnn=dp_rnn).to(device=ref.device, dtype=ref.dtype)
     load_plain_state_dict(out, plain_state_dict(inner))
     out.train(inner.training)
+    out.trunk_given = inner.trunk_given
     return out
 
 
