@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/transcribe_rtf.py
 	$(BIN)/python benchmarks/fed_overhead.py
 	$(BIN)/python benchmarks/fast_paths.py
+	$(BIN)/python benchmarks/head_rounds.py
 	$(BIN)/python benchmarks/pause_levels.py
 
 clean:
