@@ -184,9 +184,9 @@ def _dp_cell(cell: str, *, fast: bool) -> type[nn.Module]:
     fused GRU's backward here), and importing opacus costs ~1.3 s (measured here) and configures
     the root logger. Code that wraps a model in Opacus imports
     ``fedspeech.fast_gru_grad_sampler`` first (``fedspeech_client.dp_sgd`` does), which registers
-    FastGRU's grad samplers; without it Opacus accepts the model but computes FastGRU's
-    per-sample gradients its generic way (functorch), slower and without the summed-gradient
-    skip.
+    FastGRU's grad samplers; without it Opacus accepts the model, but its generic (functorch)
+    per-sample gradients fail on FastGRU's first backward ("parameter tensor at meta", Opacus
+    1.6; ``tests/test_privacy.py`` run on its own found it in 2026-12).
     """
     if fast:
         from fedspeech.fast_gru import FastGRU

@@ -31,6 +31,8 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from fedspeech.rdp_store import CurveStore, cache_dir, source_digest
+
 __all__ = [
     "AccountantName",
     "HistoryEntry",
@@ -215,12 +217,37 @@ def _rdp_epsilon(history: list[HistoryEntry], delta: float) -> float:
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments: no state leaks through
 def _rdp_curve(sigma: float, q: float) -> np.ndarray:
-    """RDP of one step of the sampled Gaussian mechanism at Opacus's default orders (read-only)."""
-    curve = np.asarray(
-        rdp_analysis().compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS))
-    )
+    """RDP of one step of the sampled Gaussian mechanism at Opacus's default orders (read-only).
+
+    Also kept on disk for the other processes and runs of this user (``fedspeech.rdp_store``).
+    """
+    store = curve_store()
+    curve = store.get(sigma, q) if store is not None else None
+    if curve is None:
+        curve = np.asarray(
+            rdp_analysis().compute_rdp(
+                q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS)
+            ),
+            dtype=np.float64,
+        )
+        if store is not None:
+            store.put(sigma, q, curve)
     curve.setflags(write=False)
     return curve
+
+
+_STORES: dict[Path, CurveStore] = {}
+
+
+def curve_store() -> CurveStore | None:
+    """The on-disk RDP curves of this user's cache folder (None: ``FEDSPEECH_CACHE_DIR=""``)."""
+    root = cache_dir()
+    if root is None:
+        return None
+    if root not in _STORES:
+        code = source_digest(Path(str(rdp_analysis().__file__)))
+        _STORES[root] = CurveStore(root, RDP_ORDERS, code)
+    return _STORES[root]
 
 
 # Opacus's ``RDPAccountant.DEFAULT_ALPHAS`` (tests/test_privacy.py holds them equal).

@@ -20,6 +20,19 @@ if TYPE_CHECKING:
     from fedspeech.model import BiGRUCTC
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the session's RDP curves (``fedspeech.rdp_store``) out of the user's cache folder:
+    one folder for the session, its subprocesses included, none left behind."""
+    import tempfile
+
+    from fedspeech.rdp_store import CACHE_ENV
+
+    if CACHE_ENV not in os.environ:
+        folder = tempfile.TemporaryDirectory(prefix="fedspeech-test-cache-")
+        config.add_cleanup(folder.cleanup)
+        os.environ[CACHE_ENV] = folder.name
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``<repo root>/../shared/data`` (or ``$FEDSPEECH_SHARED_DATA``); skips the test if absent."""

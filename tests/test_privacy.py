@@ -12,6 +12,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
+import fedspeech.fast_gru_grad_sampler  # noqa: F401  FastGRU's grad samplers, as dp_sgd registers them
 from fedspeech.model import BiGRUCTC, convert_model, load_plain_state_dict
 from fedspeech.model_config import ModelConfig
 from fedspeech.privacy_ledger import (
