@@ -14,7 +14,7 @@ float64 bytes. It is read only if every field matches the request and the payloa
 anything else is recomputed (a warning names the file) and written again. Files are written
 atomically. The folder is ``$FEDSPEECH_CACHE_DIR/rdp`` (default ``$XDG_CACHE_HOME/fedspeech``,
 else ``~/.cache/fedspeech``); ``FEDSPEECH_CACHE_DIR=""`` keeps the curves in memory only, as does
-a folder that cannot be written (one warning).
+a folder that cannot be written (one log line at INFO per process).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class CurveStore:
 
     def put(self, sigma: float, q: float, curve: np.ndarray) -> None:
         """Store ``curve`` (float64, one value per order); a folder that cannot be written
-        turns the store off for this process, with one warning."""
+        turns the store off for this process (one log line)."""
         if not self._writable:
             return
         payload = np.ascontiguousarray(curve, dtype=np.float64).tobytes()
@@ -97,8 +97,8 @@ class CurveStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, header + b"\n" + payload, durable=False)
         except OSError as exc:
-            self._writable = False
-            log.warning("RDP curves are not kept on disk: %s (%s)", self.dir, exc)
+            self._writable = False  # not an error: the curves stay in memory, as before
+            log.info("RDP curves are not kept on disk: %s (%s)", self.dir, exc)
 
     def _header(self, sigma: float, q: float, payload: bytes) -> bytes:
         fields = {

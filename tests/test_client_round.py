@@ -128,6 +128,32 @@ def test_a_subset_round_refuses_another_starting_model_or_other_tensors() -> Non
         )
 
 
+def test_the_starting_model_is_read_once_until_its_files_change(tmp_path: Path) -> None:
+    # Prepare: a run that starts from a model directory on disk
+    from fedspeech.modeldir import save_model_dir
+    from fedspeech_client import local_round
+    from fedspeech_features.text import CharTokenizer
+
+    base = RunConfig.from_flat({**TINY, "trainable": "head"})
+    model_config = base.model.model_config(base.features.frame_dim, 29)
+    torch.manual_seed(1)
+    save_model_dir(
+        tmp_path / "m", BiGRUCTC(model_config), model_config, base.features, CharTokenizer()
+    )
+    cfg = RunConfig.from_flat({**TINY, "trainable": "head", "init-model": str(tmp_path / "m")})
+    # Execute / Assert: the second round gets the same tensors without reading the files
+    first = local_round.starting_weights(cfg, model_config)
+    assert local_round.starting_weights(cfg, model_config) is first
+    # Another model written in its place (new file times): read again, the new weights.
+    torch.manual_seed(2)
+    replacement = BiGRUCTC(model_config)
+    save_model_dir(tmp_path / "m", replacement, model_config, base.features, CharTokenizer())
+    again = local_round.starting_weights(cfg, model_config)
+    assert again is not first
+    assert torch.equal(again["head.weight"], plain_state_dict(replacement)["head.weight"])
+    assert not torch.equal(again["head.weight"], first["head.weight"])
+
+
 def test_client_declines_when_the_next_round_would_exceed_its_budget() -> None:
     # Prepare: a budget between one round's and two rounds' epsilon
     cfg = RunConfig.from_flat({**TINY, "noise-multiplier": 1.3})
