@@ -198,7 +198,7 @@ _START: list[tuple[tuple[object, ...], object, dict[str, Tensor]]] = []
 
 def starting_weights(cfg: RunConfig, model_config: ModelConfig) -> dict[str, Tensor]:
     """``initial_weights`` of the run, kept in the process while ``init-model``'s files stay the
-    same (``_files_signature``; reading and checking en-public-small took 25-35 ms a round).
+    same (``_files_signature``; reading and checking en-public-small took 25-50 ms a round).
     Callers must not change the tensors."""
     source = resolve_model(cfg.fed.init_model) if cfg.fed.init_model else None
     key = (str(source), model_config, cfg.features, None if source else cfg.train.seed)
