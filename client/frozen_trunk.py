@@ -36,7 +36,8 @@ from fedspeech_client.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET_BYTES = 512 * 2**20  # per process: ~10 demo-sized nodes (50 MB each at H=256)
+DEFAULT_BUDGET_BYTES = 512 * 2**20  # kept per process: ~10 demo-sized nodes (50 MB each at H=256)
+MAX_CALL_BYTES = 2 * 2**30  # held by one training call: ~9 h of speech at en-public-small's size
 _BATCH = 32  # utterances per trunk pass
 _HEAD = ("norm.", "head.")
 
@@ -45,6 +46,15 @@ def trains_head_only(model: nn.Module, cfg: TrainConfig) -> bool:
     """Whether ``cfg`` trains no weight below the output LayerNorm and Linear of ``model``."""
     names = trainable_names(unwrap(model).cfg, cfg.trainable, cfg.freeze_layers)
     return all(name.startswith(_HEAD) for name in names)
+
+
+def fits(model: nn.Module, examples: Sequence[LabelledFeatures]) -> bool:
+    """Whether the trunk outputs of ``examples`` (4 bytes x ``output_dim`` a frame: 2 KiB at
+    en-public-small's size, 4.3x its features) stay within ``MAX_CALL_BYTES``; a larger call
+    (central training on many hours) runs every layer every epoch, as before, rather than hold
+    them all."""
+    frames = sum(int(ex.feats.shape[0]) for ex in examples)
+    return frames * unwrap(model).cfg.output_dim * 4 <= MAX_CALL_BYTES
 
 
 @dataclass(frozen=True)

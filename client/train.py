@@ -30,7 +30,7 @@ from fedspeech_client.batching import (
     ctc_loss,
 )
 from fedspeech_client.frozen_trunk import MEMO as TRUNKS
-from fedspeech_client.frozen_trunk import head_model, trains_head_only
+from fedspeech_client.frozen_trunk import fits, head_model, trains_head_only
 from fedspeech_client.train_config import (
     TrainConfig,
     TrainResult,
@@ -89,7 +89,7 @@ def train_local(
     device = device or resolve_device(cfg.device)
     if augment is None:
         augment = training_augment(cfg, cfg.seed, frame_block)
-    if augment is None and trains_head_only(model, cfg):
+    if augment is None and trains_head_only(model, cfg) and fits(model, examples):
         # The fixed layers map each utterance the same way every round: computed once, kept.
         examples = TRUNKS.outputs(model, examples, device)
         model = head_model(model)

@@ -108,6 +108,21 @@ def test_later_rounds_reuse_the_trunk_outputs_until_the_fixed_weights_change(
     assert (memo.misses, memo.hits) == (16, 8)
 
 
+def test_a_call_whose_outputs_would_not_fit_runs_every_layer(
+    memo: TrunkMemo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = BiGRUCTC(CFG)
+    examples = _examples(8)
+    frames = sum(int(e.feats.shape[0]) for e in examples)
+    monkeypatch.setattr(frozen_trunk, "MAX_CALL_BYTES", frames * CFG.output_dim * 4 - 1)
+    train_local(model, examples, _config(False, freeze_layers=2))
+    assert (memo.misses, memo.hits) == (0, 0)
+    monkeypatch.setattr(frozen_trunk, "MAX_CALL_BYTES", frames * CFG.output_dim * 4)
+    train_local(model, examples, _config(False, freeze_layers=2))
+    assert (memo.misses, memo.hits) == (8, 0)
+
+
 def test_kept_outputs_stay_within_the_budget_and_go_with_their_features() -> None:
     torch.manual_seed(0)
     model = BiGRUCTC(CFG)
