@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ import pytest
 from fedspeech.app.flower_launch import processes_with_env
 
 if TYPE_CHECKING:
+    import torch
+
     from fedspeech.model import BiGRUCTC
 
 
@@ -108,6 +111,29 @@ def tiny_model(seed: int = 0) -> BiGRUCTC:
 
     torch.manual_seed(seed)
     return BiGRUCTC(ModelConfig(input_dim=6, hidden_size=8, num_layers=1, dropout=0.0))
+
+
+@dataclass(frozen=True)
+class RandomUtterance:
+    """A training example of random 6-dim frames (``LabelledFeatures``)."""
+
+    feats: torch.Tensor  # (T, 6)
+    labels: torch.Tensor  # (L,) ids in 1..28
+
+
+def random_utterances(n: int, *, seed: int = 0) -> list[RandomUtterance]:
+    """``n`` utterances of 5-11 random frames and 2 labels each, drawn from a generator seeded
+    ``seed`` (the same list every call)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [
+        RandomUtterance(
+            torch.randn(int(torch.randint(5, 12, (1,), generator=g)), 6, generator=g),
+            torch.randint(1, 29, (2,), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 # ------------------------------------------------------------------ ports and processes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from fedspeech.model_config import ModelConfig
 from fedspeech_client import frozen_trunk, train
 from fedspeech_client.frozen_trunk import TrunkMemo, head_model, trains_head_only
 from fedspeech_client.train import TrainConfig, train_local
+from tests.conftest import random_utterances
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,19 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CFG = ModelConfig(input_dim=6, hidden_size=8, num_layers=2, frontend_dim=5, dropout=0.0)
 
 
-@dataclass(frozen=True)
-class _Utt:
-    feats: torch.Tensor
-    labels: torch.Tensor
-
-
-def _examples(n: int, *, seed: int = 0) -> list[_Utt]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        _Utt(torch.randn(int(torch.randint(5, 12, (1,), generator=g)), 6, generator=g),
-             torch.randint(1, 29, (2,), generator=g))
-        for _ in range(n)
-    ]  # fmt: skip
+_examples = random_utterances
 
 
 @pytest.fixture()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import jiwer
@@ -28,25 +28,13 @@ from fedspeech_features.feature_config import FeatureConfig
 from fedspeech_features.manifest import read_manifest
 from fedspeech_features.mfcc import FeatureExtractor
 from fedspeech_features.text import CharTokenizer
-from tests.conftest import tiny_model
+from tests.conftest import RandomUtterance, random_utterances, tiny_model
 
 DELTA = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@dataclass(frozen=True)
-class _Utt:
-    feats: torch.Tensor
-    labels: torch.Tensor
-
-
-def _examples(n: int, *, seed: int = 0) -> list[_Utt]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        _Utt(torch.randn(int(torch.randint(5, 12, (1,), generator=g)), 6, generator=g),
-             torch.randint(1, 29, (2,), generator=g))
-        for _ in range(n)
-    ]  # fmt: skip
+_examples = random_utterances
 
 
 def _greedy(log_probs: torch.Tensor, tokenizer: CharTokenizer) -> str:
@@ -225,7 +213,7 @@ def test_length_buckets_cover_every_utterance_once_within_limits() -> None:
 
 
 def test_spec_augment_switch_masks_training_features() -> None:
-    examples = [_Utt(torch.randn(40, 6), torch.tensor([3, 4])) for _ in range(4)]
+    examples = [RandomUtterance(torch.randn(40, 6), torch.tensor([3, 4])) for _ in range(4)]
     seen: list[torch.Tensor] = []
 
     def spy(feats: torch.Tensor) -> torch.Tensor:
