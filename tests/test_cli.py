@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -118,6 +119,29 @@ def test_missing_manifest_is_a_clear_error(
     assert "nope.tsv" in caplog.text
 
 
+def test_the_demo_passes_its_engine_to_the_simulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a simulation that records its engine and stops at once
+    from fedspeech.app import simulate as simulate_module
+
+    engines: list[str] = []
+
+    def stopped(**kwargs: Any) -> simulate_module.SimulationOutcome:
+        engines.append(kwargs["engine"])
+        return simulate_module.SimulationOutcome(tmp_path, 1, 0, False, None, [], None, 0.0)
+
+    monkeypatch.setattr(simulate_module, "simulate", stopped)
+    # Execute
+    codes = [
+        main(["demo", *flags, "--run-dir", str(tmp_path)]) for flags in ([], ["--engine", "flower"])
+    ]
+    # Assert: the default is auto; a stopped simulation is exit 1, pointing at its log (no
+    # Flower runtime folder to name: none was made)
+    assert engines == ["auto", "flower"] and codes == [1, 1]
+    assert "stopped after 0 rounds; see the log above" in caplog.text
+
+
 def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: the demo preset shrunk to seconds (tiny corpus, one round; the shipped model)
     tiny = {
@@ -140,6 +164,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     assert 0 < epsilon <= 8.0  # the demo preset's target epsilon
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert "MLflow run" in out and (tmp_path / "mlflow.db").is_file()
+    assert not (tmp_path / "run" / ".flwr").exists()  # the default engine: local, no SuperLink
     # ... and round 1 started from the shipped public model (the demo's recipe): round 0 scored it
     assert "started from the shipped public model @en-public-small" in out
     provenance = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["provenance"]

@@ -92,6 +92,7 @@ def test_rounds_complete_with_the_healthy_clients_despite_faulty_ones(
         num_supernodes=6,
         out=run_dir,
         output=tmp_path / "sim.log",
+        engine="flower",
     )
     wall = time.perf_counter() - start
     log = _log_tail(tmp_path / "sim.log", run_dir / ".flwr" / "superlink.log")
@@ -136,6 +137,7 @@ def test_killed_server_resumes_from_the_last_complete_round(data_dir: Path, tmp_
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
     args = [
         "simulate",
+        *("--engine", "flower"),
         "--num-supernodes",
         "3",
         "--run-dir",

@@ -191,7 +191,11 @@ def test_an_adapter_run_sends_only_adapter_tensors_and_exports_a_plain_model(
     assert adapters == ["adapters.up.l0.weight", "adapters.up.l0_reverse.weight"]
     # Execute
     outcome = simulate(
-        overrides=overrides, num_supernodes=2, out=run_dir, output=run_dir.with_suffix(".log")
+        overrides=overrides,
+        num_supernodes=2,
+        out=run_dir,
+        output=run_dir.with_suffix(".log"),
+        engine="flower",
     )
     # Assert: the round moved exactly the adapters' B and the head, each way
     assert outcome.finished and outcome.rounds == 1, _log_tail(run_dir)
@@ -216,7 +220,7 @@ def test_resume_continues_the_run_and_the_privacy_ledgers(
 ) -> None:
     # Prepare: a first run that stops after round 1
     run_dir = no_leftovers
-    args = ["simulate", "--num-supernodes", "3", "--run-dir", str(run_dir)]
+    args = ["simulate", "--engine", "flower", "--num-supernodes", "3", "--run-dir", str(run_dir)]
     uri = _sqlite_uri(run_dir)
     settings = {**TINY_SIMULATION, "data-dir": str(data_dir), "tracking-uri": uri}
     base = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
@@ -258,7 +262,11 @@ def test_user_level_simulation_samples_poisson_cohorts_and_reports_the_exact_eps
     # Execute
     start = time.perf_counter()
     outcome = simulate(
-        overrides=overrides, num_supernodes=12, out=run_dir, output=run_dir.with_suffix(".log")
+        overrides=overrides,
+        num_supernodes=12,
+        out=run_dir,
+        output=run_dir.with_suffix(".log"),
+        engine="flower",
     )
     wall = time.perf_counter() - start
     # Assert: six rounds whose cohorts were drawn, not fixed
@@ -301,7 +309,11 @@ def test_both_privacy_units_report_user_and_sample_epsilon_per_round(
     # Execute
     start = time.perf_counter()
     outcome = simulate(
-        overrides=overrides, num_supernodes=4, out=run_dir, output=run_dir.with_suffix(".log")
+        overrides=overrides,
+        num_supernodes=4,
+        out=run_dir,
+        output=run_dir.with_suffix(".log"),
+        engine="flower",
     )
     wall = time.perf_counter() - start
     # Assert: both guarantees in every round of rounds.jsonl; user epsilon is the accountant's

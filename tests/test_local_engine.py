@@ -12,6 +12,7 @@ MLflow run as on Flower's runtime. The happy path (epsilon, declines, MLflow) is
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -28,9 +29,10 @@ import torch
 from flwr.app import Message, RecordDict
 
 from fedspeech.app import interrupts
+from fedspeech.app.cli import _build_parser
 from fedspeech.app.cli import main as cli_main
 from fedspeech.app.local_engine import _AffinityQueue, kept_workers, server_identity
-from fedspeech.app.simulate import SimulationOutcome, simulate
+from fedspeech.app.simulate import SimulationOutcome, choose_engine, simulate
 from fedspeech.config import ConfigError, RunConfig
 from fedspeech.fed_data import client_manifest
 from fedspeech.modeldir import load_model_dir
@@ -51,6 +53,20 @@ def no_workers_left() -> Iterator[None]:
     """Afterwards no worker process of this test's pool may be alive."""
     yield
     assert not multiprocessing.active_children()
+
+
+def _round_steps(data_dir: Path, overrides: dict[str, object], partition: int) -> int:
+    """DP-SGD steps one round of ``partition`` (of 3) takes: one epoch of its examples."""
+    cfg = RunConfig.from_flat({**overrides, "num-partitions": 3})
+    size = len(read_manifest(client_manifest(cfg, data_dir, partition, 3)))
+    _, steps = round_steps(size, int(overrides["batch-size"]), 1)  # type: ignore[call-overload]
+    return int(steps)
+
+
+def _ledger_steps(run_dir: Path, partition: int) -> int | None:
+    """Steps in ``partition``'s saved privacy ledger (None: no ledger)."""
+    ledger = load_ledger(run_dir / "client-state" / f"partition-{partition}.json", 1e-5)
+    return None if ledger is None else ledger.num_steps
 
 
 def _overrides(data_dir: Path, run_dir: Path, **more: object) -> dict[str, object]:
@@ -121,11 +137,7 @@ def test_a_raising_client_and_a_killed_worker_fail_only_their_own_messages(
     assert "injected fault" in rows["partition-0"]["last_reason"]
     assert "worker process died" in rows["partition-1"]["last_reason"]
     # Assert: partition 1 is charged for all three rounds, the one it crashed in included
-    cfg = RunConfig.from_flat({**overrides, "num-partitions": 3})
-    size = len(read_manifest(client_manifest(cfg, data_dir, 1, 3)))
-    _, steps = round_steps(size, int(overrides["batch-size"]), 1)  # type: ignore[call-overload]
-    ledger = load_ledger(run_dir / "client-state" / "partition-1.json", 1e-5)
-    assert ledger is not None and ledger.num_steps == 3 * steps
+    assert _ledger_steps(run_dir, 1) == 3 * _round_steps(data_dir, overrides, 1)
 
 
 @pytest.mark.slow  # waits out a 15 s round timeout
@@ -165,13 +177,39 @@ def test_a_run_resumed_on_the_local_engine_continues_its_ledgers_and_tracking_ru
     assert first.finished and resumed.finished and resumed.rounds == 3
     assert resumed.tracking_run_id == first.tracking_run_id
     assert [h["round"] for h in resumed.history] == [1, 2, 3]
-    cfg = RunConfig.from_flat({**overrides, "num-partitions": 3})
     for i in range(3):
-        size = len(read_manifest(client_manifest(cfg, data_dir, i, 3)))
-        _, steps = round_steps(size, int(overrides["batch-size"]), 1)  # type: ignore[call-overload]
-        ledger = load_ledger(run_dir / "client-state" / f"partition-{i}.json", 1e-5)
-        assert ledger is not None and ledger.num_steps == 3 * steps
+        assert _ledger_steps(run_dir, i) == 3 * _round_steps(data_dir, overrides, i)
     assert resumed.history[2]["epsilon_max"] > resumed.history[1]["epsilon_max"]
+
+
+@pytest.mark.slow  # a run on Flower's runtime first (~20 s)
+@pytest.mark.usefixtures("no_workers_left")
+def test_a_run_started_on_flowers_runtime_resumes_on_the_default_engine_with_its_ledgers(
+    data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (runs started before the local engine became the default resume on it: the ledgers and
+    # the tracking run must carry over, or a resumed run would under-report epsilon)
+    # Prepare: one round on Flower's runtime
+    run_dir = tmp_path / "run"
+    overrides = _overrides(data_dir, run_dir, **{"num-server-rounds": 1})
+    first = simulate(
+        overrides=overrides,
+        num_supernodes=3,
+        out=run_dir,
+        engine="flower",
+        output=tmp_path / "f.log",
+    )
+    # Execute: the README's resume command, on the default engine
+    with caplog.at_level(logging.INFO, logger="fedspeech"):
+        resumed = simulate(overrides={"num-server-rounds": 2}, out=run_dir, resume=True)
+    # Assert: the local engine ran round 2, in the same MLflow run, and every node's ledger
+    # holds both rounds' steps
+    assert "engine: local" in caplog.text
+    assert first.finished and resumed.finished and [h["round"] for h in resumed.history] == [1, 2]
+    assert resumed.tracking_run_id == first.tracking_run_id
+    for i in range(3):
+        assert _ledger_steps(run_dir, i) == 2 * _round_steps(data_dir, overrides, i)
+    assert resumed.history[1]["epsilon_max"] > resumed.history[0]["epsilon_max"]
 
 
 @pytest.mark.usefixtures("no_workers_left")
@@ -264,6 +302,42 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_run(
 def test_gpu_shares_are_refused_on_the_local_engine(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="use --engine flower"):
         simulate(out=tmp_path / "run", engine="local", client_gpus=0.5)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("engine", "gpus", "ray_address", "expected"),
+    [
+        ("auto", 0.0, None, "local"),
+        ("auto", 0.0, "local", "local"),  # Ray's own word for "start one here"
+        ("auto", 0.25, None, "flower"),  # GPU shares are Ray's
+        ("auto", 0.0, "127.0.0.1:6379", "flower"),  # a Ray cluster to join
+        ("flower", 0.0, None, "flower"),
+        ("local", 0.0, "127.0.0.1:6379", "local"),  # asked for by name
+    ],
+)
+def test_auto_takes_the_local_engine_unless_the_run_needs_ray(
+    engine: str,
+    gpus: float,
+    ray_address: str | None,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare
+    if ray_address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    # Execute / Assert
+    assert choose_engine(engine, gpus) == expected
+
+
+def test_the_default_engine_is_auto_and_an_unknown_one_is_refused_before_launch(
+    tmp_path: Path,
+) -> None:
+    assert _build_parser().parse_args(["simulate"]).engine == "auto"
+    with pytest.raises(ConfigError, match="engine 'ray': choose one of auto, flower, local"):
+        simulate(out=tmp_path / "run", engine="ray")
     assert not (tmp_path / "run").exists()
 
 

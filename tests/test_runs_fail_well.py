@@ -198,12 +198,16 @@ def test_the_readme_resume_command_continues_the_run_like_an_uninterrupted_one(
     base["tracking-uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     whole, split = tmp_path / "whole", tmp_path / "split"
     # Execute: 2 rounds at once; 1 round, then the README's resume command (only the rounds)
-    simulate(overrides={**base, "num-server-rounds": 2}, out=whole, output=tmp_path / "w.log")
-    simulate(overrides={**base, "num-server-rounds": 1}, out=split, output=tmp_path / "s.log")
-    capsys.readouterr()
-    rc = cli_main(
-        ["simulate", "--run-dir", str(split), "--resume", "--run-config", "num-server-rounds=2"]
+    flower = {"engine": "flower"}
+    simulate(
+        overrides={**base, "num-server-rounds": 2}, out=whole, output=tmp_path / "w.log", **flower
     )
+    simulate(
+        overrides={**base, "num-server-rounds": 1}, out=split, output=tmp_path / "s.log", **flower
+    )
+    capsys.readouterr()
+    resume = ["simulate", "--engine", "flower", "--run-dir", str(split), "--resume"]
+    rc = cli_main([*resume, "--run-config", "num-server-rounds=2"])
     # Assert: the resumed run kept its settings and reproduced the uninterrupted rounds
     assert rc == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("simulate: finished 2 rounds")
@@ -241,7 +245,8 @@ def test_a_failed_run_exits_non_zero_and_ends_failed_in_mlflow(
     settings["tracking-uri"] = uri
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
     # Execute
-    rc = cli_main(["simulate", "--run-dir", str(tmp_path / "run"), "--run-config", run_config])
+    args = ["simulate", "--engine", "flower", "--run-dir", str(tmp_path / "run")]
+    rc = cli_main([*args, "--run-config", run_config])
     # Assert: exit 1, one final line saying so, the run id printed, FAILED in MLflow
     out = capsys.readouterr().out.splitlines()
     assert rc == 1
@@ -264,6 +269,12 @@ def test_sigint_and_sigterm_at_random_points_leave_no_process_and_end_killed(
     settings = {**TINY, "data-dir": str(data_dir), "num-partitions": 2, "num-server-rounds": 60}
     rng = random.Random(0)
     outcomes = []
+    command = [
+        str(FEDSPEECH),
+        "simulate",
+        "--engine",
+        "flower",
+    ]  # what it stops: Flower's processes
     for attempt in range(10):
         run_dir = tmp_path / f"run{attempt}"
         uri = f"sqlite:///{tmp_path / f'mlflow{attempt}.db'}"
@@ -272,7 +283,7 @@ def test_sigint_and_sigterm_at_random_points_leave_no_process_and_end_killed(
         )
         with (tmp_path / f"run{attempt}.log").open("wb") as log_file:
             proc = subprocess.Popen(
-                [str(FEDSPEECH), "simulate", "--run-dir", str(run_dir), "--run-config", run_config],
+                [*command, "--run-dir", str(run_dir), "--run-config", run_config],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

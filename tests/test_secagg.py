@@ -449,7 +449,11 @@ def test_simulation_with_secagg_completes_when_a_client_crashes_mid_protocol(
     }
     # Execute
     outcome = simulate(
-        overrides=overrides, num_supernodes=4, out=run_dir, output=tmp_path / "sim.log"
+        overrides=overrides,
+        num_supernodes=4,
+        out=run_dir,
+        output=tmp_path / "sim.log",
+        engine="flower",
     )
     log = (tmp_path / "sim.log").read_text(errors="replace")
     # Assert: both rounds aggregated; in round 2 three clients' sum, the crashed one failed

@@ -119,7 +119,12 @@ def test_the_installed_wheel_simulates_demos_and_transcribes(venv: Path) -> None
     # Execute: the smallest simulation (a shipped preset under the overrides), the demo on the
     # same data, then transcribe one of the corpus's recordings
     smallest = ["--preset", "smoke", "--run-config", SMALLEST]
-    _run([fedspeech, "simulate", *smallest, "--run-dir", str(work / "run")], work, _env(venv))
+    flower = ["--engine", "flower"]  # Flower's runtime from the wheel; the demo takes the default
+    _run(
+        [fedspeech, "simulate", *flower, *smallest, "--run-dir", str(work / "run")],
+        work,
+        _env(venv),
+    )
     # the demo's own model shape: it starts from the shipped model
     tiny_demo = "synthetic-utterances=48 holdout-speakers=1 num-partitions=2 num-server-rounds=1 "
     tiny_demo += "eval-max-utterances=2 tracking-uri=sqlite:///mlflow.db"

@@ -94,6 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run folder (default: the preset's out-dir)",
     )
     add_run_config_options(demo, example="num-server-rounds=2", preset_default="demo")
+    simulate.add_engine_option(demo)
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -111,7 +112,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fedspeech.app.demo import run_demo
 
     try:
-        run_demo(args.run_dir, preset=args.preset, overrides=args.run_config)
+        run_demo(args.run_dir, preset=args.preset, overrides=args.run_config, engine=args.engine)
     except RuntimeError as exc:  # the simulation stopped early: its cause is logged above
         log.error("demo: %s", exc)
         return 1

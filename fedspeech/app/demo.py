@@ -37,9 +37,14 @@ class DemoResult:
 
 
 def run_demo(
-    out: Path | None = None, *, preset: str | None = DEMO_PRESET, overrides: str = ""
+    out: Path | None = None,
+    *,
+    preset: str | None = DEMO_PRESET,
+    overrides: str = "",
+    engine: str = "auto",
 ) -> DemoResult:
-    """Run the demo; ``out`` is the run folder (default: the preset's ``out-dir``).
+    """Run the demo; ``out`` is the run folder (default: the preset's ``out-dir``), ``engine``
+    the simulation's (``fedspeech.app.simulate.choose_engine``).
 
     Raises:
         RuntimeError: the simulation did not finish (its log names the cause).
@@ -51,11 +56,12 @@ def run_demo(
     from fedspeech.transcribe import Transcriber
     from fedspeech_server.tracking import read_start
 
-    outcome = simulate(preset=preset, overrides=overrides, out=out)
+    outcome = simulate(preset=preset, overrides=overrides, out=out, engine=engine)
     if not outcome.finished or outcome.model_dir is None:
+        flower = outcome.run_dir / ".flwr"  # Flower's runtime: its processes' logs
+        where = f"{flower} and the log above" if flower.is_dir() else "the log above"
         raise RuntimeError(
-            f"the federated simulation stopped after {outcome.rounds} rounds; "
-            f"see {outcome.run_dir / '.flwr'} and the log above"
+            f"the federated simulation stopped after {outcome.rounds} rounds; see {where}"
         )
     cfg = resolve_run_config(preset, overrides, cwd=project_dir())  # as simulate() resolved it
     utterance = heldout_utterances(cfg, cfg.fed.data_dir)[0]

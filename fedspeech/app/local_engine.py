@@ -1,6 +1,6 @@
 """``fedspeech simulate --engine local``: the same ServerApp and ClientApp without Flower's runtime.
 
-Flower's simulation runtime (``--engine flower``, the default) is a chain of processes: a
+Flower's simulation runtime (``--engine flower``) is a chain of processes: a
 SuperLink, a SuperExec, the simulation process with the ServerApp, Ray's GCS and raylet, and one
 Ray actor per CPU that imports torch and Opacus on its first message. On a small run that chain
 is most of the wall time (docs/benchmarks.md, "Federation overhead"). This engine runs the

@@ -1,5 +1,6 @@
 """``fedspeech simulate``: a federated simulation on this machine, through Flower's ``flwr run``
-(``--engine flower``) or the local engine (``--engine local``, ``fedspeech.app.local_engine``).
+(``--engine flower``) or the local engine (``--engine local``, ``fedspeech.app.local_engine``);
+``--engine auto``, the default, takes the local engine unless the run needs Ray (``choose_engine``).
 
 Resolves the run config (pyproject <- preset <- ``--run-config``), makes its paths absolute (the
 Flower processes run elsewhere), builds the synthetic corpus once up front, then runs the app in
@@ -28,8 +29,8 @@ log = logging.getLogger("fedspeech")
 # Ray CPUs per virtual client: with 1, a 2-core machine trains two clients at a time.
 DEFAULT_CLIENT_CPUS = 1
 # flower: Flower's simulation runtime (SuperLink, SuperExec, Ray); local: the same apps in this
-# process and a pool of worker processes (fedspeech.app.local_engine).
-ENGINES = ("flower", "local")
+# process and a pool of worker processes (fedspeech.app.local_engine); auto: ``choose_engine``.
+ENGINES = ("auto", "flower", "local")
 _REASON_CHARS = 300  # of a failed run's reason on the final line
 
 
@@ -112,14 +113,7 @@ def register(sub: Any) -> None:
         help="share of a GPU Ray reserves per client (Flower's client-resources-num-gpus; "
         "0.5: two clients per GPU at a time); the run config's device says where clients train",
     )
-    p.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="flower",
-        help="flower: Flower's simulation runtime (a local SuperLink, Ray actors; default); "
-        "local: the same ServerApp and ClientApp in this process and a pool of worker processes, "
-        "without Flower's runtime processes: seconds less start-up on a small run",
-    )
+    add_engine_option(p)
     p.set_defaults(handler=_cmd_simulate)
 
 
@@ -133,7 +127,7 @@ def simulate(
     client_cpus: int = DEFAULT_CLIENT_CPUS,
     client_gpus: float = 0.0,
     output: Path | None = None,
-    engine: str = "flower",
+    engine: str = "auto",
 ) -> SimulationOutcome:
     """Run a local simulation; see ``fedspeech simulate --help``.
 
@@ -152,8 +146,9 @@ def simulate(
         client_cpus: Ray CPUs reserved per virtual client.
         client_gpus: share of a GPU Ray reserves per virtual client (0: none).
         output: file for Flower's streamed logs (None: stdout).
-        engine: ``flower`` (Flower's simulation runtime: SuperLink, Ray) or ``local`` (the same
-            apps in this process and a pool of workers, ``fedspeech.app.local_engine``).
+        engine: ``flower`` (Flower's simulation runtime: SuperLink, Ray), ``local`` (the same
+            apps in this process and a pool of workers, ``fedspeech.app.local_engine``) or
+            ``auto`` (``choose_engine``).
 
     Raises:
         ConfigError: bad run config, a resume that changes what defines the run, or problems
@@ -167,8 +162,7 @@ def simulate(
     from fedspeech.app.flower_launch import federation_config
     from fedspeech.config import project_dir
 
-    if engine not in ENGINES:
-        raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    engine = choose_engine(engine, client_gpus)
     project = project_dir()
     if resume:
         cfg, n, run_dir = _resumed_config(project, preset, overrides, out, num_supernodes)
@@ -191,6 +185,29 @@ def simulate(
         preload=PRELOAD_DP if cfg.sample_level_dp else PRELOAD,
     ) as pool:
         return _launch(cfg, n, run_dir, federation, pool, output)
+
+
+def choose_engine(engine: str, client_gpus: float = 0.0) -> str:
+    """The engine a run takes: ``engine`` itself, or for ``auto`` the local engine unless the run
+    needs Ray: GPU shares (``client_gpus``) or a Ray cluster (``RAY_ADDRESS`` names one).
+
+    The local engine trains the same model and reports the same epsilon as Flower's runtime
+    (``tests/test_federation.py``) and starts in ~2 s instead of ~7 s (docs/benchmarks.md).
+
+    Raises:
+        ConfigError: an engine not in ``ENGINES``.
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    cluster = os.environ.get("RAY_ADDRESS", "") not in ("", "local")
+    if client_gpus or cluster:
+        why = "GPU shares (--client-gpus)" if client_gpus else "the Ray cluster in RAY_ADDRESS"
+        log.info("engine: Flower's runtime, for %s", why)
+        return "flower"
+    log.info("engine: local (--engine flower runs Flower's runtime: SuperLink, Ray actors)")
+    return "local"
 
 
 def _launch(
@@ -388,6 +405,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
+
+
+def add_engine_option(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` (``simulate`` and ``demo``)."""
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="local: the ServerApp and ClientApps in this process and a pool of worker "
+        "processes, without Flower's runtime processes (~2 s start-up instead of ~7 s); flower: "
+        "Flower's simulation runtime (a local SuperLink, Ray actors; GPU shares, Ray clusters); "
+        "auto: flower when --client-gpus or RAY_ADDRESS asks for Ray, local otherwise",
+    )
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
