@@ -1,7 +1,7 @@
 """Benchmark: where the local engine's seconds go, step by step (fed_overhead.py's workload).
 
     python benchmarks/local_timeline.py [--clients 8] [--rounds 3] [--utterances 1200]
-        [--new-store | --hung-server] [--keep DIR]
+        [--new-store | --hung-server | --no-tracking] [--keep DIR]
 
 One ``fedspeech simulate --engine local`` run of ``benchmarks/fed_overhead.py``'s simulation (8
 DP clients x 3 rounds by default). The server runs in this process, so each of its steps is timed
@@ -13,14 +13,15 @@ bookkeeping, the final model; the workers' start-up is timed from the pool's war
 before). By default the MLflow store exists already (another process creates its tables first),
 as for a user's second run; ``--new-store`` times the run that creates it; ``--hung-server``
 tracks to a server on 127.0.0.1 that accepts connections and never answers (each MLflow request
-then waits for the tracker's 10 s timeout).
+then waits for the tracker's 10 s timeout); ``--no-tracking`` records the run in its folder only
+(``tracking-uri`` empty: no MLflow import at all), which gives the overhead without MLflow's.
 
 The overhead's floor at this size is the later of "server ready" and "workers ready" (round 1
 cannot start before both), plus what each round and the end add: docs/benchmarks.md.
 
 Where ``/proc/stat`` exists, another process samples how busy the machine's cores are every 0.1 s
 (the simulating process must stay single-threaded: ``fedspeech.app.zygote``), and the last lines
-give the idle core-seconds before round 1, during the rounds and after them. Even a schedule that
+give the idle core-seconds before round 1, in each round and after the last. Even a schedule that
 left no core idle would take the run's CPU-seconds / cores: that bound, over the run's ideal time
 (as ``fed_overhead.py`` computes it), is the best overhead ratio this run's work allows here.
 """
@@ -244,7 +245,14 @@ def main() -> None:
         action="store_true",
         help="track to an MLflow URL on 127.0.0.1 that accepts connections and never answers",
     )
+    parser.add_argument(
+        "--no-tracking",
+        action="store_true",
+        help="no MLflow: the run is recorded in its folder only (tracking-uri empty)",
+    )
     args = parser.parse_args()
+    if sum((args.new_store, args.hung_server, args.no_tracking)) > 1:
+        parser.error("choose at most one of --new-store, --hung-server, --no-tracking")
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="fedspeech-local-timeline-") as tmp:
         work = args.keep.resolve() if args.keep else Path(tmp)
@@ -258,7 +266,9 @@ def main() -> None:
         }
         cfg = RunConfig.from_flat({**overrides, "num-partitions": args.clients})
         warm_feature_cache(cfg, work / "data", args.clients)
-        if not args.new_store and not args.hung_server:
+        if args.no_tracking:
+            overrides["tracking-uri"] = ""
+        elif not args.new_store and not args.hung_server:
             create_store(overrides["tracking-uri"])
         with contextlib.ExitStack() as stack:
             if args.hung_server:
@@ -266,11 +276,13 @@ def main() -> None:
             samples = stack.enter_context(cpu_sampled(work / "cpu.txt"))
             timeline, history = one_run(args, work, overrides)
         idle = idle_core_seconds(samples, timeline.t0, phases(timeline)) if samples else None
-    store = (
-        "a hung MLflow server"
-        if args.hung_server
-        else f"{'a new' if args.new_store else 'an existing'} MLflow store"
-    )
+    if args.no_tracking:
+        store = "no MLflow (the run folder only)"
+    elif args.hung_server:
+        store = "a hung MLflow server"
+    else:
+        store = f"{'a new' if args.new_store else 'an existing'} MLflow store"
+
     print(f"local engine, {args.clients} DP clients x {args.rounds} rounds, {store}")
     print(f"{'from':>7} {'to':>7} {'seconds':>8}  step")
     for start, end, label in sorted(timeline.events):
@@ -289,11 +301,14 @@ def main() -> None:
 
 
 def phases(timeline: Timeline) -> list[tuple[str, float, float]]:
-    """(label, from, to) of the run's start (to round 1), its rounds, and what follows them."""
-    rounds = [(start, end) for start, end, label in timeline.events if label.startswith("round: ")]
-    first, last = min(start for start, _ in rounds), max(end for _, end in rounds)
+    """(label, from, to) of the run's start (to round 1), each round (from its clients' start to
+    the next round's, its bookkeeping included), and what follows the last round."""
+    starts = sorted(start for start, _, label in timeline.events if label == "round: clients train")
+    last = max(end for start, end, label in timeline.events if label.startswith("round: "))
     end = max(end for _, end, _ in timeline.events)
-    return [("before round 1", 0.0, first), ("rounds", first, last), ("after", last, end)]
+    bounds = [*starts, last]
+    rounds = [(f"round {i + 1}", a, b) for i, (a, b) in enumerate(itertools.pairwise(bounds))]
+    return [("before round 1", 0.0, starts[0]), *rounds, ("after", last, end)]
 
 
 if __name__ == "__main__":

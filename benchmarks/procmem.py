@@ -118,6 +118,7 @@ def classify(cmdline: str) -> str:
         ("flower-superexec", "superexec"),
         ("flwr-serverapp", "serverapp"),
         ("flwr-simulation", "simulation"),
+        ("multiprocessing.forkserver", "local workers"),  # the local engine's, and its workers
         ("ClientAppActor", "ray actor"),
         ("raylet", "ray raylet"),
         ("gcs_server", "ray gcs"),

@@ -1,8 +1,8 @@
 """Benchmark: does a round cost the same with 10, 100 or 1000 virtual clients at a fixed cohort?
 
     python benchmarks/scale.py [--populations 10 100 1000] [--cohort 10] [--rounds 6]
-        [--per-client 2] [--hidden-size 16] [--secure-aggregation] [--data-dir DIR]
-        [--keep DIR] [--json FILE]
+        [--per-client 2] [--hidden-size 16] [--secure-aggregation] [--engine flower|local]
+        [--data-dir DIR] [--keep DIR] [--json FILE]
 
 One ``fedspeech simulate`` per population N, one after the other in this run, each with N
 simulated SuperNodes (one IID partition of ``--per-client`` synthetic utterances each) of which
@@ -25,15 +25,25 @@ across the clients) is built once, each population uses its first ``N x per-clie
 utterances, and the features are extracted before the clock starts (``--data-dir`` keeps both
 for the next run). With ``--secure-aggregation`` every round runs
 SecAgg+ (``secure-aggregation = true``).
+
+``--engine`` picks the simulation engine (default ``flower``, what the figures in
+docs/benchmarks.md were measured on; ``local``: ``fedspeech.app.local_engine``). The local
+engine's processes (this one, its forkserver and workers) start no session of their own, so the
+benchmark runs itself again with ``FEDSPEECH_SCALE_TAG`` in its environment and samples every
+process that carries it; the sampler's thread makes the engine start a fresh forkserver instead
+of forking this process (``fedspeech.app.zygote``), which costs its workers their start-up
+imports once, in round 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +59,7 @@ from fedspeech_features.manifest import read_manifest, write_manifest
 
 GOAL_RATIO, GOAL_RSS_BYTES = 1.2, 4 * 1024**3
 EVAL_UTTERANCES = 8
+TAG = "FEDSPEECH_SCALE_TAG"  # marks the processes of a local-engine run (see the docstring)
 
 # Tiny per-client work: what is measured is the federation, not the training.
 SETTINGS: dict[str, Any] = {
@@ -116,8 +127,12 @@ def run_population(
     log_file = work / f"flwr-n{n}.log"
     launched = time.time()
     start = time.perf_counter()
-    with TreeMemorySampler(f"FLWR_HOME={run_dir / '.flwr'}") as sampler:
-        outcome = simulate(overrides=overrides, num_supernodes=n, out=run_dir, output=log_file)
+    flower = f"FLWR_HOME={run_dir / '.flwr'}"
+    needle = flower if args.engine == "flower" else f"{TAG}={os.environ[TAG]}"
+    with TreeMemorySampler(needle) as sampler:
+        outcome = simulate(
+            overrides=overrides, num_supernodes=n, out=run_dir, output=log_file, engine=args.engine
+        )
     wall = time.perf_counter() - start
     if not outcome.finished:
         tail = log_file.read_text(errors="replace")[-3000:]
@@ -160,9 +175,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> bool:
     ]
     mode = "SecAgg+" if args.secure_aggregation else "plain FedAvg"
     print(
-        f"setup: {args.rounds} rounds, {args.per_client} utterances per client, BiGRU 1x"
-        f"{args.hidden_size}, 1 epoch, non-private, {mode}; steady = mean of rounds "
-        f"2..{args.rounds}"
+        f"setup: {args.engine} engine, {args.rounds} rounds, {args.per_client} utterances per "
+        f"client, BiGRU 1x{args.hidden_size}, 1 epoch, non-private, {mode}; steady = mean of "
+        f"rounds 2..{args.rounds}"
     )
     print(f"{'population':<20}" + "".join(f"{r['population']:>12}" for r in results))
     for label, cell in rows:
@@ -204,7 +219,11 @@ def main() -> None:
         "(0: every client its own; 10,000 clients x 2 would take ~20 min to synthesize)",
     )
     parser.add_argument("--secure-aggregation", action="store_true", help="rounds through SecAgg+")
+    parser.add_argument("--engine", choices=("flower", "local"), default="flower")
     args = parse_round_args(parser)
+    if args.engine == "local" and TAG not in os.environ:  # tag every process of the run
+        env = {**os.environ, TAG: uuid.uuid4().hex}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     with work_folders(args, "fedspeech-scale-") as (work, data_dir):
         start = time.perf_counter()
         _, eval_manifest, manifests = prepare(args, data_dir)
