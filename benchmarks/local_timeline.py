@@ -282,7 +282,6 @@ def main() -> None:
         store = "a hung MLflow server"
     else:
         store = f"{'a new' if args.new_store else 'an existing'} MLflow store"
-
     print(f"local engine, {args.clients} DP clients x {args.rounds} rounds, {store}")
     print(f"{'from':>7} {'to':>7} {'seconds':>8}  step")
     for start, end, label in sorted(timeline.events):

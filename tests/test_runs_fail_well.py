@@ -269,12 +269,8 @@ def test_sigint_and_sigterm_at_random_points_leave_no_process_and_end_killed(
     settings = {**TINY, "data-dir": str(data_dir), "num-partitions": 2, "num-server-rounds": 60}
     rng = random.Random(0)
     outcomes = []
-    command = [
-        str(FEDSPEECH),
-        "simulate",
-        "--engine",
-        "flower",
-    ]  # what it stops: Flower's processes
+    # what it stops: Flower's processes
+    command = [str(FEDSPEECH), "simulate", "--engine", "flower"]
     for attempt in range(10):
         run_dir = tmp_path / f"run{attempt}"
         uri = f"sqlite:///{tmp_path / f'mlflow{attempt}.db'}"
